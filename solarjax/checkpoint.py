@@ -1,0 +1,66 @@
+"""Parameter checkpoints (orbax) with the model config beside them, and load_model for any source.
+
+A solarjax parameter checkpoint is a directory:
+  model_config.json   the ModelConfig
+  params/             orbax StandardCheckpointer tree (restored straight into shards)
+  tokenizer.model ... tokenizer files, when the source had them
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from solarjax import hf
+from solarjax import model as model_lib
+from solarjax.config import ModelConfig
+from solarjax.sharding import param_shardings
+from solarjax.tensorfile import atomic_output_dir
+
+CONFIG_FILE = "model_config.json"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / "params").is_dir()
+
+
+def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=None, overwrite=False) -> Path:
+    with atomic_output_dir(path, overwrite) as tmp:
+        config.save(tmp / CONFIG_FILE)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp.absolute() / "params", params)
+        checkpointer.wait_until_finished()
+        hf.copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(path)
+
+
+def load_params(path: str | Path, mesh=None) -> tuple[ModelConfig, dict]:
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path}: not a solarjax checkpoint (expected {CONFIG_FILE} and params/)")
+    config = ModelConfig.load(path / CONFIG_FILE)
+    boxed = model_lib.abstract_params(config)
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: sharding, nn.unbox(boxed))
+    else:
+        shardings = nn.unbox(param_shardings(boxed, mesh))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+    params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
+    return config, params
+
+
+def load_model(path: str | Path, mesh=None) -> tuple[ModelConfig, dict]:
+    """(config, params) from an HF model directory or a solarjax checkpoint, placed on `mesh`'s
+    shards when one is given."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return load_params(path, mesh)
+    if (path / "config.json").is_file():
+        return hf.load_hf(path, mesh)
+    raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a solarjax "
+                            f"checkpoint ({CONFIG_FILE} + params/)")

@@ -1,0 +1,56 @@
+"""convert_weights.py: Hugging Face <-> solarjax weight conversion.
+
+  python convert_weights.py hf-to-jax --hf DIR --out DIR
+  python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama]
+                                      [--dtype float32|bfloat16|float16] [--shard-size 5GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from solarjax import checkpoint, hf
+from solarjax.config import ConfigError
+from solarjax.tensorfile import TensorFileError, parse_size
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-jax", help="HF Mistral/Llama directory -> solarjax checkpoint (orbax)")
+    a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors or .bin)")
+    a.add_argument("--out", required=True, help="solarjax checkpoint directory to create")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b = sub.add_parser("jax-to-hf", help="solarjax checkpoint -> HF directory (config.json + safetensors)")
+    b.add_argument("--ckpt", required=True, help="solarjax checkpoint directory")
+    b.add_argument("--out", required=True, help="HF model directory to create")
+    b.add_argument("--arch", choices=("mistral", "llama"), default=None,
+                   help="HF architecture; default: mistral if the model has a sliding window, else llama")
+    b.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default="float32")
+    b.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-jax":
+            config, params = hf.load_hf(args.hf)
+            checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite)
+        else:
+            shard_size = parse_size(args.shard_size)
+            config, params = checkpoint.load_params(args.ckpt)
+            hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
+                       tokenizer_dir=args.ckpt, overwrite=args.overwrite)
+    except (hf.ConversionError, ConfigError, TensorFileError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

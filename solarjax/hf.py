@@ -1,0 +1,370 @@
+"""Hugging Face <-> solarjax: config.json both ways, an explicit tensor name map, and tensor-by-tensor
+reading and writing of (sharded) safetensors.
+
+HF stores q_proj/k_proj already permuted for rotate-half RoPE, which is the convention model.py
+implements, so every weight converts by a rename, a transpose and a reshape. No torch at run time;
+torch is used only to read legacy pytorch_model.bin files when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from tqdm.auto import tqdm
+
+from solarjax import model as model_lib
+from solarjax.config import ConfigError, ModelConfig
+from solarjax.sharding import param_shardings
+from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
+                                 plan_shards, write_safetensors)
+
+ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+               "float16": np.dtype(np.float16)}
+# Buffers some older checkpoints carry that are recomputed, not learned.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """An HF checkpoint or config does not match what solarjax expects; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+def config_from_hf(d: dict, where: str = "config.json", param_dtype: str = "float32") -> ModelConfig:
+    archs = d.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ConversionError(f"{where}: architectures {archs} is not supported; expected one of "
+                              f"{sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[archs[0]]
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; expected 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise ConversionError(f"{where}: {key}={d[key]} is not supported; expected false")
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
+    if rope_type not in (None, "default"):
+        raise ConversionError(f"{where}: rope_scaling of type {rope_type!r} is not supported; "
+                              f"expected none (default RoPE)")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in d:
+            raise ConversionError(f"{where}: missing key {key!r}")
+    try:
+        return ModelConfig(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"), rope_theta=theta, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            sliding_window=d.get("sliding_window") if arch == "mistral" else None,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), param_dtype=param_dtype)
+    except ConfigError as e:
+        raise ConversionError(f"{where}: {e}") from None
+
+
+def default_arch(config: ModelConfig) -> str:
+    """Mistral when a sliding window must be expressed, else Llama (SOLAR's published form)."""
+    return "mistral" if config.sliding_window is not None else "llama"
+
+
+def config_to_hf(config: ModelConfig, arch: str, dtype: str = "float32") -> dict:
+    if arch not in ("mistral", "llama"):
+        raise ConversionError(f"--arch {arch!r} is not supported; expected 'mistral' or 'llama'")
+    max_pos, window = config.max_position_embeddings, config.sliding_window
+    if arch == "llama" and window is not None:
+        # Llama has no sliding window; with positions capped at the window the two models compute
+        # the same function, which is how SOLAR-10.7B was published (4096 positions, no window).
+        max_pos, window = min(max_pos, window), None
+    d = {
+        "architectures": ["MistralForCausalLM" if arch == "mistral" else "LlamaForCausalLM"],
+        "model_type": arch,
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_pos,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
+    }
+    if arch == "mistral":
+        d["sliding_window"] = window
+    else:
+        d.update(attention_bias=False, mlp_bias=False, rope_scaling=None, pretraining_tp=1)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# The name map
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    hf_name: str
+    path: tuple[str, ...]  # key path in the solarjax params tree
+    layer: int | None  # index on the stacked layer axis, None for unstacked leaves
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # solarjax shape of one layer's slice
+    transpose: bool  # HF Linear weights are [out, in]; solarjax kernels are [in, ...out]
+
+    def to_solarjax(self, hf_array: np.ndarray) -> np.ndarray:
+        """A view when possible (transpose and axis splits don't copy)."""
+        return hf_array.T.reshape(self.shape) if self.transpose else hf_array.reshape(self.shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        return array.reshape(self.hf_shape[::-1]).T if self.transpose else array.reshape(self.hf_shape)
+
+
+def weight_specs(config: ModelConfig) -> list[WeightSpec]:
+    """Every HF tensor of the model, in HF's order, with where it lives in solarjax."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    H, K, E = config.num_heads, config.num_kv_heads, config.head_dim
+    specs = [WeightSpec("model.embed_tokens.weight", ("embed_tokens",), None, (V, D), (V, D), False)]
+    per_layer = [
+        ("input_layernorm.weight", ("input_layernorm", "scale"), (D,), (D,), False),
+        ("self_attn.q_proj.weight", ("self_attn", "q_proj"), (H * E, D), (D, H, E), True),
+        ("self_attn.k_proj.weight", ("self_attn", "k_proj"), (K * E, D), (D, K, E), True),
+        ("self_attn.v_proj.weight", ("self_attn", "v_proj"), (K * E, D), (D, K, E), True),
+        ("self_attn.o_proj.weight", ("self_attn", "o_proj"), (D, H * E), (H, E, D), True),
+        ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (D,), (D,), False),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj"), (F, D), (D, F), True),
+        ("mlp.up_proj.weight", ("mlp", "up_proj"), (F, D), (D, F), True),
+        ("mlp.down_proj.weight", ("mlp", "down_proj"), (D, F), (F, D), True),
+    ]
+    for i in range(config.num_layers):
+        for suffix, path, hf_shape, shape, transpose in per_layer:
+            specs.append(WeightSpec(f"model.layers.{i}.{suffix}", ("layers",) + path, i, hf_shape, shape,
+                                    transpose))
+    specs.append(WeightSpec("model.norm.weight", ("norm", "scale"), None, (D,), (D,), False))
+    if not config.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", ("lm_head",), None, (V, D), (D, V), True))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class HFCheckpoint:
+    """The tensors of an HF model directory, opened lazily: safetensors (single or sharded, memory-
+    mapped) or, when torch is installed, pytorch_model.bin (loaded with weights_only=True)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise ConversionError(f"{self.path}: no config.json; expected a Hugging Face model directory")
+        try:
+            self.hf_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{config_file}: not valid JSON: {e}") from None
+        self._where: dict[str, str] = {}  # tensor name -> file name
+        self._files: dict[str, object] = {}
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    self._where = dict(json.loads(index.read_text())["weight_map"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ConversionError(f"{index}: not a valid index ({e})") from None
+                break
+            if (self.path / single).is_file():
+                self._where = {name: single for name in self._open(single).keys()}
+                break
+        else:
+            raise ConversionError(f"{self.path}: no model.safetensors, model.safetensors.index.json or "
+                                  f"pytorch_model.bin")
+        for name in set(self._where.values()):
+            self._open(name)  # validates every file's header and size up front
+
+    def _open(self, file_name: str):
+        if file_name not in self._files:
+            file = self.path / file_name
+            if not file.is_file():
+                raise ConversionError(f"{file}: listed in the index but missing")
+            if file_name.endswith(".safetensors"):
+                try:
+                    self._files[file_name] = SafetensorsFile(file)
+                except TensorFileError as e:
+                    raise ConversionError(str(e)) from None
+            else:
+                self._files[file_name] = _TorchFile(file)
+        return self._files[file_name]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[name]).info(name).shape)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._open(self._where[name]).get(name)
+
+    def check(self, config: ModelConfig) -> list[WeightSpec]:
+        """The name map for `config`, after checking that the tensors are exactly those, in shape."""
+        specs = weight_specs(config)
+        expected = {s.hf_name for s in specs}
+        for spec in specs:
+            if spec.hf_name not in self._where:
+                raise ConversionError(f"{self.path}: missing tensor {spec.hf_name!r} (shape {list(spec.hf_shape)})")
+            found = self.shape(spec.hf_name)
+            if found != spec.hf_shape:
+                raise ConversionError(f"{self.path}/{self._where[spec.hf_name]}: tensor {spec.hf_name!r} has "
+                                      f"shape {list(found)}, expected {list(spec.hf_shape)}")
+        for name in self._where:
+            tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+            if name not in expected and not tied_head and not name.endswith(_IGNORED_SUFFIXES):
+                raise ConversionError(f"{self.path}/{self._where[name]}: unexpected tensor {name!r}")
+        return specs
+
+
+class _TorchFile:
+    def __init__(self, path: Path):
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(f"{path}: reading pytorch_model.bin needs torch; install torch or convert "
+                                  f"the checkpoint to safetensors") from None
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for damaged files
+            raise ConversionError(f"{path}: cannot load: {e}") from None
+
+    def keys(self):
+        return list(self._tensors)
+
+    def info(self, name):
+        t = self._tensors[name]
+        return TensorInfo(name, tuple(t.shape), np.dtype(np.float32))
+
+    def get(self, name):
+        import torch
+        t = self._tensors[name]
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Reads an HF Mistral/Llama directory into (config, params).
+
+    With a mesh, each device's shard is read straight from the memory-mapped files into its place,
+    so no host ever holds a whole stacked layer leaf; without one, params land on the default device.
+    """
+    ckpt = HFCheckpoint(path)
+    config = config_from_hf(ckpt.hf_config, str(Path(path) / "config.json"), param_dtype)
+    specs = ckpt.check(config)
+    boxed = model_lib.abstract_params(config)
+    if mesh is not None:
+        shardings = param_shardings(boxed, mesh)
+    else:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    by_path: dict[tuple[str, ...], list[WeightSpec]] = {}
+    for spec in specs:
+        by_path.setdefault(spec.path, []).append(spec)
+    dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == "bfloat16" else np.dtype(param_dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))
+    flat_shardings = jax.tree.leaves(shardings)
+    out = []
+    bar = tqdm(total=len(specs), desc=f"reading {Path(path).name}", unit="tensor", disable=None)
+    for (key_path, leaf), sharding in zip(leaves, flat_shardings):
+        path_names = tuple(k.key for k in key_path)
+        group = by_path[path_names]
+
+        def read(index, group=group):
+            if group[0].layer is None:
+                return np.asarray(group[0].to_solarjax(ckpt.get(group[0].hf_name))[index], dtype)
+            rows = range(len(group))[index[0]]
+            return np.stack([np.asarray(group[i].to_solarjax(ckpt.get(group[i].hf_name))[index[1:]], dtype)
+                             for i in rows])
+
+        out.append(jax.make_array_from_callback(leaf.shape, sharding, read))
+        bar.update(len(group))
+    bar.close()
+    return config, jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _host_slice(leaf: jax.Array, spec: WeightSpec) -> np.ndarray:
+    """One HF tensor's worth of a params leaf on the host (one layer of a stacked leaf)."""
+    array = leaf[spec.layer] if spec.layer is not None else leaf
+    return np.asarray(jax.device_get(array))
+
+
+def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None = None,
+            dtype: str = "float32", shard_size: int = 5 * 10**9, tokenizer_dir: str | Path | None = None,
+            overwrite: bool = False) -> Path:
+    """Writes config.json and (sharded) safetensors, tensor by tensor, atomically."""
+    arch = arch or default_arch(config)
+    if dtype not in SAVE_DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {sorted(SAVE_DTYPES)}")
+    hf_config = config_to_hf(config, arch, dtype)
+    if arch == "llama" and config.sliding_window is not None:
+        print(f"note: Llama has no sliding window; writing max_position_embeddings="
+              f"{hf_config['max_position_embeddings']} so the model computes the same function", file=sys.stderr)
+    np_dtype = SAVE_DTYPES[dtype]
+    specs = weight_specs(config)
+    infos = [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs]
+    shards = plan_shards(infos, shard_size)
+    spec_by_name = {s.hf_name: s for s in specs}
+
+    def leaf(spec):
+        node = params
+        for key in spec.path:
+            node = node[key]
+        return node
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"writing {Path(out).name}", unit="B",
+                   unit_scale=True, disable=None)
+
+        def arrays(shard):
+            for info in shard:
+                spec = spec_by_name[info.name]
+                array = spec.to_hf(_host_slice(leaf(spec), spec)).astype(np_dtype)
+                bar.update(info.nbytes)
+                yield array
+
+        for name, shard in zip(names, shards):
+            write_safetensors(tmp / name, shard, arrays(shard), metadata={"format": "pt"})
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                     "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(out)
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
+    copied = []
+    if src is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).is_file():
+                shutil.copy2(Path(src) / name, dst / name)
+                copied.append(name)
+    return copied

@@ -1,0 +1,220 @@
+"""The Mistral/Llama decoder in Flax linen.
+
+Tensor names carry their shapes, and einsums use the same letters:
+  B batch   T query length   S key length   D embed (hidden)   V vocab   L layers
+  H query heads   K kv heads   G query heads per kv head (H = K*G)   E head_dim   F mlp (intermediate)
+
+Layers are stacked on one leading axis (nn.scan), so compile time does not grow with depth and
+depth up-scaling is a slice + concatenate on that axis. Parameters carry logical axis names;
+solarjax.sharding maps them to mesh axes with one rules table.
+
+Numerics follow HF transformers: RoPE in the "rotate half" convention (HF's stored q/k layout),
+RMSNorm statistics, softmax and logits in float32, other math in config.dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from solarjax.config import ModelConfig
+from solarjax.sharding import param_shardings
+
+_INIT = nn.initializers.normal(stddev=0.02)  # HF's initializer_range for Mistral/Llama
+_NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stays NaN-free
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_INIT):
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF's rotate-half layout: dims [0, E/2) pair with [E/2, E)."""
+    E = x_BTNE.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    angle_BTe = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    angle_BTE = jnp.concatenate([angle_BTe, angle_BTe], axis=-1)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_BTNE.astype(jnp.float32) * jnp.cos(angle_BTE) + rotated * jnp.sin(angle_BTE)
+    return out.astype(x_BTNE.dtype)
+
+
+def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, sliding_window: int | None) -> jax.Array:
+    """[B, T, S] bool: same segment, causal by position, and within the sliding window.
+
+    Positions restart at each packed document and rise by one per token inside it, so comparing
+    positions of the same segment is the same as comparing indices.
+    """
+    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+    mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_pos <= q_pos)
+    if sliding_window is not None:
+        mask_BTS &= q_pos - k_pos < sliding_window  # HF: key kept iff q - k < window
+    return mask_BTS
+
+
+def attend(q_BTHE, k_BSKE, v_BSKE, mask_BTS) -> jax.Array:
+    """Grouped-query attention; query head h reads kv head h // G, as HF's repeat_kv does."""
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    scores_BKGTS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTKGE, k_BSKE,
+                              preferred_element_type=jnp.float32) * (E ** -0.5)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+    out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs_BKGTS, v_BSKE)
+    return out_BTKGE.reshape(B, T, H, E)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x_BTD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return (scale_D * y.astype(x_BTD.dtype)).astype(self.config.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.config
+        D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = cfg.dtype
+        w_q = _param(self, "q_proj", (D, H, E), ("embed", "heads", "head_dim")).astype(dt)
+        w_k = _param(self, "k_proj", (D, K, E), ("embed", "kv_heads", "head_dim")).astype(dt)
+        w_v = _param(self, "v_proj", (D, K, E), ("embed", "kv_heads", "head_dim")).astype(dt)
+        w_o = _param(self, "o_proj", (H, E, D), ("heads", "head_dim", "embed")).astype(dt)
+        q_BTHE = rope(jnp.einsum("BTD,DHE->BTHE", x_BTD, w_q), positions_BT, cfg.rope_theta)
+        k_BTKE = rope(jnp.einsum("BTD,DKE->BTKE", x_BTD, w_k), positions_BT, cfg.rope_theta)
+        v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, w_v)
+        mask_BTT = attention_mask(positions_BT, positions_BT, segment_ids_BT, segment_ids_BT,
+                                  cfg.sliding_window)
+        out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask_BTT)
+        return jnp.einsum("BTHE,HED->BTD", out_BTHE, w_o)
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        D, F, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        w_gate = _param(self, "gate_proj", (D, F), ("embed", "mlp")).astype(dt)
+        w_up = _param(self, "up_proj", (D, F), ("embed", "mlp")).astype(dt)
+        w_down = _param(self, "down_proj", (F, D), ("mlp", "embed")).astype(dt)
+        h_BTF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BTD, w_gate)) * jnp.einsum("BTD,DF->BTF", x_BTD, w_up)
+        return jnp.einsum("BTF,FD->BTD", h_BTF, w_down)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; the scan carry is the residual stream."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.config
+        h_BTD = RMSNorm(cfg, name="input_layernorm")(x_BTD)
+        x_BTD = x_BTD + Attention(cfg, name="self_attn")(h_BTD, positions_BT, segment_ids_BT)
+        h_BTD = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
+        x_BTD = x_BTD + Mlp(cfg, name="mlp")(h_BTD)
+        # The one sharding hint per block: keeps the residual stream batch-sharded between layers.
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+        return x_BTD, None
+
+
+class Decoder(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        """Returns float32 logits [B, T, V].
+
+        positions_BT: position of each token in its document (default 0..T-1).
+        segment_ids_BT: document id per token; tokens attend only within their own document.
+        """
+        cfg = self.config
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+
+        embedding_VD = _param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.dtype)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BTD, _ = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+
+        x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
+        if cfg.tie_word_embeddings:
+            head_DV = embedding_VD.T
+        else:
+            head_DV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+        return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def _dummy_tokens() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes, dtypes and logical axes of every parameter (boxed), with nothing allocated."""
+    return jax.eval_shape(Decoder(config).init, jax.random.key(0), _dummy_tokens())["params"]
+
+
+def param_count(config: ModelConfig) -> int:
+    leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+    return int(sum(np.prod(leaf.shape) for leaf in leaves))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, mesh=None):
+    """Random parameters (HF's init: normal(0.02), norms at one). With a mesh, each device creates
+    only its own shard: the full model never exists on one host."""
+    def init(rng):
+        return nn.unbox(Decoder(config).init(rng, _dummy_tokens())["params"])
+    if mesh is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=param_shardings(abstract_params(config), mesh))(rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config, params, tokens_BT, positions_BT, segment_ids_BT):
+    return Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def logits(config: ModelConfig, params, token_ids, positions=None, segment_ids=None) -> jax.Array:
+    """Jitted float32 logits [B, T, V]; compiled once per config and input shape.
+
+    positions / segment_ids ([B, T] ints) describe packed documents; see Decoder.
+    """
+    tokens_BT = np.asarray(token_ids)
+    if tokens_BT.ndim != 2 or not np.issubdtype(tokens_BT.dtype, np.integer):
+        raise ValueError(f"token_ids must be integers of shape [batch, length], got {tokens_BT.dtype} "
+                         f"{list(tokens_BT.shape)}")
+    if tokens_BT.size and (tokens_BT.min() < 0 or tokens_BT.max() >= config.vocab_size):
+        bad = tokens_BT.max() if tokens_BT.max() >= config.vocab_size else tokens_BT.min()
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
+    return _forward(config, params, jnp.asarray(tokens_BT, jnp.int32), positions, segment_ids)

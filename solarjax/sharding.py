@@ -1,0 +1,92 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters and the few activation hints name logical axes (model.py); RULES says which mesh axis
+shards each. A dimension that the mesh axis does not divide stays replicated rather than failing,
+so e.g. an MQA model (1 kv head) still runs on a tensor-parallel mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes, in order of preference. One table for parameters and activations.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} has {math.prod(sizes)} "
+                         f"devices, but {len(devices)} are present")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for one array: each logical axis takes its mesh axes if they divide the dim
+    and are not used by an earlier dim."""
+    rules = dict(RULES)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no entry in solarjax.sharding.RULES")
+        target = rules.get(name) if name is not None else None
+        target = (target,) if isinstance(target, str) else (target or ())
+        chosen = tuple(a for a in target if a not in used and mesh.shape[a] > 1)
+        if chosen and dim % math.prod(mesh.shape[a] for a in chosen) == 0:
+            used.update(chosen)
+            spec.append(chosen[0] if len(chosen) == 1 else chosen)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(boxed_abstract, mesh: Mesh):
+    """NamedSharding for every leaf of a boxed (nn.Partitioned) abstract parameter tree."""
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            value = leaf.value
+            return NamedSharding(mesh, logical_to_spec(leaf.names, value.shape, mesh))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def activation_rules(mesh: Mesh):
+    """Rules for nn.logical_axis_rules, restricted to mesh axes that exist and are > 1."""
+    out = []
+    for name, target in RULES:
+        target = (target,) if isinstance(target, str) else (target or ())
+        kept = tuple(a for a in target if mesh.shape.get(a, 1) > 1)
+        out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
+    return tuple(out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [B, T]: rows split over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

@@ -1,0 +1,169 @@
+"""Reading and writing safetensors files tensor by tensor, with no torch.
+
+The safetensors package's numpy reader has no bfloat16, and its writer needs every tensor in memory
+at once; the format is simple (8-byte header length, JSON header, raw little-endian data), so this
+module memory-maps files for reading and streams tensors into a file whose header is written first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in DTYPES.items()}
+
+
+class TensorFileError(ValueError):
+    """A tensor file is malformed, truncated, or does not hold what was expected."""
+
+
+def dtype_code(dtype) -> str:
+    try:
+        return _CODES[np.dtype(dtype)]
+    except KeyError:
+        raise TensorFileError(f"dtype {np.dtype(dtype)} cannot be stored in safetensors") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: get() returns a read-only view, nothing is read up front."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise TensorFileError(f"{self.path}: truncated: {size} bytes, no safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise TensorFileError(f"{self.path}: truncated: header needs {8 + n} bytes, file has {size}")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TensorFileError(f"{self.path}: bad safetensors header: {e}") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._offset = 8 + n
+        self._entries: dict[str, tuple[TensorInfo, int]] = {}
+        for name, e in header.items():
+            if e.get("dtype") not in DTYPES:
+                raise TensorFileError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+            info = TensorInfo(name, tuple(e["shape"]), DTYPES[e["dtype"]])
+            start, end = e["data_offsets"]
+            if end - start != info.nbytes:
+                raise TensorFileError(f"{self.path}: tensor {name!r} has {end - start} bytes, "
+                                      f"shape {list(info.shape)} {e['dtype']} needs {info.nbytes}")
+            if self._offset + end > size:
+                raise TensorFileError(f"{self.path}: truncated: tensor {name!r} ends at byte "
+                                      f"{self._offset + end}, file has {size}")
+            self._entries[name] = (info, self._offset + start)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        info, start = self._entries[name]
+        raw = self._map[start:start + info.nbytes]
+        return raw.view(info.dtype).reshape(info.shape)
+
+
+def write_safetensors(path: str | Path, infos: list[TensorInfo], arrays: Iterable[np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes the header for `infos`, then each array as it arrives, so memory holds one tensor."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for info in infos:
+        header[info.name] = {"dtype": dtype_code(info.dtype), "shape": list(info.shape),
+                             "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        count = 0
+        for info, array in zip(infos, arrays):
+            if tuple(array.shape) != info.shape or array.dtype != info.dtype:
+                raise TensorFileError(f"{path}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
+                                      f"expected {info.dtype}{list(info.shape)}")
+            f.write(np.ascontiguousarray(array).data)
+            count += 1
+        if count != len(infos):
+            raise TensorFileError(f"{path}: got {count} tensors, expected {len(infos)}")
+
+
+def plan_shards(infos: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
+    """Groups tensors in order into shards of at most max_bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '123' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = str(text).strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ValueError(f"shard size {text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(value * units[unit])
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside `out`; renames it to `out` only if the block succeeds,
+    so a crash or an error never leaves a half-written output behind."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)

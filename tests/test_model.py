@@ -1,0 +1,126 @@
+"""The decoder against transformers' own Mistral and Llama, and invariants of our implementation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import solarjax
+from solarjax import model as model_lib
+from hf_models import hf_logits, make_hf_model, save_hf_model
+
+PARITY_CASES = {
+    # GQA, head_dim (32) != hidden/heads (16), a window shorter than the sequence, rope_theta != 1e4.
+    "mistral-gqa-window": ("mistral", dict(head_dim=32, sliding_window=8, rope_theta=50000.0), 24),
+    # MQA: one kv head for four query heads.
+    "llama-mqa": ("llama", dict(num_key_value_heads=1, rope_theta=10000.0), 16),
+    # Tied embeddings, head_dim 8 != 16, and full MHA (kv heads == heads).
+    "llama-tied-mha": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=4, head_dim=8,
+                                     rope_theta=1e6), 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_logits_match_transformers(case, tmp_path):
+    arch, overrides, length = PARITY_CASES[case]
+    hf_model = make_hf_model(arch, **overrides)
+    config, params = solarjax.load_model(save_hf_model(hf_model, tmp_path / "hf"))
+    assert config.sliding_window == overrides.get("sliding_window")
+    tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, length))
+    ours = np.asarray(solarjax.logits(config, params, tokens))
+    ref = hf_logits(hf_model, tokens)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
+
+
+def test_packed_batch_matches_each_document_alone(tmp_path):
+    """Documents packed in one row with restarting positions give each document's own logits."""
+    hf_model = make_hf_model("mistral", head_dim=32, sliding_window=6, rope_theta=50000.0)
+    config, params = solarjax.load_model(save_hf_model(hf_model, tmp_path / "hf"))
+    rng = np.random.RandomState(2)
+    rows = [[9, 7, 8], [12, 12]]  # document lengths per row, 24 tokens a row
+    docs = [[rng.randint(0, config.vocab_size, n) for n in row] for row in rows]
+    tokens = np.stack([np.concatenate(row) for row in docs])
+    positions = np.stack([np.concatenate([np.arange(len(d)) for d in row]) for row in docs])
+    segments = np.stack([np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(row)]) for row in docs])
+    ours = np.asarray(solarjax.logits(config, params, tokens, positions, segments))
+    for r, row in enumerate(docs):
+        start = 0
+        for doc in row:
+            ref = hf_logits(hf_model, doc[None])[0]
+            got = ours[r, start:start + len(doc)]
+            assert np.abs(got - ref).max() <= 1e-4, (r, start, np.abs(got - ref).max())
+            start += len(doc)
+
+
+def test_causal_and_window_mask():
+    """Changing a future token never changes earlier logits; a token past the window never matters."""
+    config = solarjax.preset("tiny").replace(sliding_window=4)
+    params = solarjax.init_params(config, jax.random.key(0))
+    tokens = np.random.RandomState(3).randint(0, config.vocab_size, (1, 12))
+    base = np.asarray(solarjax.logits(config, params, tokens))
+    changed = tokens.copy()
+    changed[0, 8] = (changed[0, 8] + 1) % config.vocab_size
+    out = np.asarray(solarjax.logits(config, params, changed))
+    np.testing.assert_array_equal(out[0, :8], base[0, :8])
+    assert np.abs(out[0, 8:] - base[0, 8:]).max() > 0
+    # With 2 layers and a window of 4, position 8 reaches at most 2 * 3 = 6 positions forward.
+    np.testing.assert_array_equal(out[0, 8 + 2 * 3 + 1:], base[0, 8 + 2 * 3 + 1:])
+
+
+def _loss_and_grads(config, params, tokens, jit: bool):
+    def f(p):
+        out = model_lib.Decoder(config).apply({"params": p}, tokens)
+        return jnp.mean(jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, tokens[..., None], -1)[..., 0])
+    f = jax.value_and_grad(f)
+    return (jax.jit(f) if jit else f)(params)
+
+
+@pytest.fixture(scope="module")
+def jitted_reference():
+    config = solarjax.preset("tiny").replace(sliding_window=5)
+    params = solarjax.init_params(config, jax.random.key(1))
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, config.vocab_size, (2, 10)))
+    return config, params, tokens, _loss_and_grads(config, params, tokens, jit=True)
+
+
+@pytest.mark.parametrize("variant", ["no-jit", "remat-full", "remat-dots", "remat-dots_no_batch"])
+def test_jit_and_remat_give_same_loss_and_gradients(variant, jitted_reference):
+    config, params, tokens, (ref_loss, ref_grads) = jitted_reference
+    if variant == "no-jit":
+        with jax.disable_jit():
+            loss, grads = _loss_and_grads(config, params, tokens, jit=False)
+    else:
+        loss, grads = _loss_and_grads(config.replace(remat=variant.split("-", 1)[1]), params, tokens, jit=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        assert np.abs(r).max() > 0, path
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_scan_stacks_layers_on_one_axis():
+    config = solarjax.preset("tiny").replace(num_layers=3)
+    boxed = model_lib.abstract_params(config)
+    q = boxed["layers"]["self_attn"]["q_proj"]
+    assert q.names == ("layers", "embed", "heads", "head_dim")
+    assert q.value.shape == (3, 64, 4, 16)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = solarjax.preset("tiny")
+    params = solarjax.init_params(config, jax.random.key(2))
+    tokens = np.random.RandomState(5).randint(0, config.vocab_size, (2, 8))
+    ref = np.asarray(solarjax.logits(config, params, tokens))
+    out = solarjax.logits(config.replace(dtype="bfloat16"), params, tokens)
+    assert out.dtype == jnp.float32
+    assert np.abs(np.asarray(out) - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_logits_rejects_bad_token_ids():
+    config = solarjax.preset("tiny")
+    params = solarjax.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="token id 256 is outside the vocabulary"):
+        solarjax.logits(config, params, np.array([[1, 256]]))
+    with pytest.raises(ValueError, match=r"shape \[batch, length\]"):
+        solarjax.logits(config, params, np.array([1, 2]))

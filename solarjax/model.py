@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.sharding import param_shardings
+from solarjax.sharding import constrain, param_shardings
 
 _INIT = nn.initializers.normal(stddev=0.02)  # HF's initializer_range for Mistral/Llama
 _NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -135,7 +135,7 @@ class Block(nn.Module):
         h_BTD = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
         x_BTD = x_BTD + Mlp(cfg, name="mlp")(h_BTD)
         # The one sharding hint per block: keeps the residual stream batch-sharded between layers.
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD, None
 
 

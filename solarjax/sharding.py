@@ -11,7 +11,7 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -44,10 +44,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} has {math.prod(sizes)} "
                          f"devices, but {len(devices)} are present")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    # Auto axes: GSPMD propagates shardings from parameters and the few hints in model.py.
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
     """PartitionSpec for one array: each logical axis takes its mesh axes if they divide the dim
     and are not used by an earlier dim."""
     rules = dict(RULES)
@@ -58,7 +59,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
             raise KeyError(f"logical axis {name!r} has no entry in solarjax.sharding.RULES")
         target = rules.get(name) if name is not None else None
         target = (target,) if isinstance(target, str) else (target or ())
-        chosen = tuple(a for a in target if a not in used and mesh.shape[a] > 1)
+        chosen = tuple(a for a in target if a not in used and mesh.shape.get(a, 1) > 1)
         if chosen and dim % math.prod(mesh.shape[a] for a in chosen) == 0:
             used.update(chosen)
             spec.append(chosen[0] if len(chosen) == 1 else chosen)
@@ -77,14 +78,16 @@ def param_shardings(boxed_abstract, mesh: Mesh):
     return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def activation_rules(mesh: Mesh):
-    """Rules for nn.logical_axis_rules, restricted to mesh axes that exist and are > 1."""
-    out = []
-    for name, target in RULES:
-        target = (target,) if isinstance(target, str) else (target or ())
-        kept = tuple(a for a in target if mesh.shape.get(a, 1) > 1)
-        out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
-    return tuple(out)
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding hint for an activation, by logical axes, under the mesh set with jax.set_mesh.
+
+    A no-op with no mesh set. The mesh is part of jit's trace context, so a function traced
+    without a mesh is traced again under one.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

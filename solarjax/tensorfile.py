@@ -114,7 +114,7 @@ def write_safetensors(path: str | Path, infos: list[TensorInfo], arrays: Iterabl
             if tuple(array.shape) != info.shape or array.dtype != info.dtype:
                 raise TensorFileError(f"{path}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
                                       f"expected {info.dtype}{list(info.shape)}")
-            f.write(np.ascontiguousarray(array).data)
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # bytes: bf16 has no buffer code
             count += 1
         if count != len(infos):
             raise TensorFileError(f"{path}: got {count} tensors, expected {len(infos)}")

@@ -1,0 +1,55 @@
+"""Model config: presets, exact parameter counts from shapes alone, and validation errors."""
+
+import jax
+import pytest
+
+import solarjax
+from solarjax.config import ConfigError, ModelConfig
+
+
+@pytest.mark.parametrize("name, count", [("mistral-7b", 7_241_732_096), ("solar-10.7b", 10_731_524_096)])
+def test_preset_parameter_counts_allocate_nothing(name, count):
+    before = sum(a.size for a in jax.live_arrays())
+    assert solarjax.param_count(solarjax.preset(name)) == count
+    assert sum(a.size for a in jax.live_arrays()) - before < 10_000
+
+
+def test_preset_reference_facts():
+    m, s = solarjax.preset("mistral-7b"), solarjax.preset("solar-10.7b")
+    assert (m.num_layers, s.num_layers) == (32, 48)
+    assert m.head_dim == s.head_dim == 128 and m.group_size == 4
+    assert m.sliding_window == 4096 and s.sliding_window is None
+    assert m.max_position_embeddings == 32768 and s.max_position_embeddings == 4096
+
+
+def test_round_trip_through_json(tmp_path):
+    c = solarjax.preset("tiny").replace(head_dim=8, sliding_window=3, remat="dots")
+    c.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == c
+    assert hash(c) == hash(ModelConfig.load(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_heads=5), "model.num_heads 5 must be a multiple of model.num_kv_heads 2"),
+    (dict(hidden_size=0), "model.hidden_size must be a positive integer, got 0"),
+    (dict(head_dim=7), "model.head_dim must be a positive even integer, got 7"),
+    (dict(sliding_window=0), "model.sliding_window must be null or a positive integer, got 0"),
+    (dict(dtype="float8"), "model.dtype must be one of"),
+    (dict(remat="everything"), "model.remat must be one of"),
+    (dict(rope_theta=-1.0), "model.rope_theta must be > 0"),
+    (dict(colour="red"), "unknown model config key 'colour'"),
+])
+def test_bad_values_are_named(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        solarjax.preset("tiny").replace(**changes)
+
+
+def test_from_dict_names_unknown_and_missing_keys(tmp_path):
+    d = solarjax.preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="unknown key 'hiden_size'"):
+        ModelConfig.from_dict({**d, "hiden_size": 3})
+    d.pop("vocab_size")
+    with pytest.raises(ConfigError, match="vocab_size"):
+        ModelConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt-5'"):
+        solarjax.preset("gpt-5")

@@ -1,0 +1,220 @@
+"""HF <-> solarjax conversion: bit-exact round trips, loading back into transformers, and clear errors."""
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import solarjax
+from solarjax import convert, hf
+from solarjax.tensorfile import SafetensorsFile
+from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
+
+
+def _hf_tensors(path):
+    """Every tensor of an HF directory, read by the safetensors package itself (not our reader)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _run(argv, capsys):
+    code = convert.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_round_trip_is_bit_exact_and_loads_in_transformers(dtype, sharded, tmp_path, capsys):
+    torch_dtype = getattr(torch, dtype)
+    model = make_hf_model("mistral", dtype=torch_dtype, head_dim=32, sliding_window=8, rope_theta=50000.0)
+    src = save_hf_model(model, tmp_path / "hf", **({"max_shard_size": "60KB"} if sharded else {}))
+    shutil.copy(tokenizer_file(), src / "tokenizer.model")
+    assert (src / "model.safetensors.index.json").exists() == sharded
+
+    code, err = _run(["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == tokenizer_file().read_bytes()
+    shard = ["--shard-size", "60KB"] if sharded else []
+    code, err = _run(["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back", "--dtype", dtype]
+                     + shard, capsys)
+    assert code == 0, err
+    back = tmp_path / "back"
+    assert (back / "model.safetensors.index.json").exists() == sharded
+    if sharded:
+        assert len(list(back.glob("model-*-of-*.safetensors"))) > 1
+    assert (back / "tokenizer.model").exists()
+
+    want, got = _hf_tensors(src), _hf_tensors(back)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch_dtype, name
+        assert torch.equal(got[name].view(torch.uint8 if dtype == "float32" else torch.int16).flatten(),
+                           tensor.view(torch.uint8 if dtype == "float32" else torch.int16).flatten()), name
+
+    # Both loaded the same way: a model cast with .to(bfloat16) also rounds its rotary buffer.
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                                 attn_implementation="eager").eval()
+    reloaded = load(back)
+    assert type(reloaded).__name__ == "MistralForCausalLM"
+    assert reloaded.config.sliding_window == 8 and reloaded.config.head_dim == 32
+    tokens = np.random.RandomState(0).randint(0, 128, (2, 20))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(load(src), tokens))
+
+
+def test_llama_round_trip_and_solar_form_from_mistral(tmp_path):
+    """A Llama model stays Llama; a Mistral model with a window is written as SOLAR's Llama form."""
+    llama = make_hf_model("llama", num_key_value_heads=1)
+    config, params = solarjax.load_hf(save_hf_model(llama, tmp_path / "llama"))
+    hf.save_hf(config, params, tmp_path / "llama-back")
+    assert json.loads((tmp_path / "llama-back" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+    mistral = make_hf_model("mistral", sliding_window=16, max_position_embeddings=256)
+    config, params = solarjax.load_hf(save_hf_model(mistral, tmp_path / "mistral"))
+    hf.save_hf(config, params, tmp_path / "as-llama", arch="llama")
+    d = json.loads((tmp_path / "as-llama" / "config.json").read_text())
+    assert d["architectures"] == ["LlamaForCausalLM"] and "sliding_window" not in d
+    assert d["max_position_embeddings"] == 16
+    as_llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as-llama", attn_implementation="eager").eval()
+    tokens = np.random.RandomState(0).randint(0, 128, (1, 16))
+    np.testing.assert_allclose(hf_logits(as_llama, tokens), hf_logits(mistral, tokens), atol=1e-5)
+
+
+def test_reads_pytorch_model_bin(tmp_path):
+    model = make_hf_model("llama", dtype=torch.bfloat16)
+    src = save_hf_model(model, tmp_path / "hf")
+    (src / "model.safetensors").unlink()
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    config, params = solarjax.load_model(src)
+    tokens = np.random.RandomState(0).randint(0, 128, (1, 12))
+    # A fresh float32 load: the bf16 model's rotary buffer was rounded to bf16 too.
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    ref = hf_logits(ref_model, tokens)
+    assert np.abs(np.asarray(solarjax.logits(config, params, tokens)) - ref).max() <= 1e-4
+
+
+def test_checkpoint_round_trip_through_load_model(tmp_path):
+    config = solarjax.preset("tiny")
+    params = solarjax.init_params(config, __import__("jax").random.key(0))
+    solarjax.save_params(tmp_path / "ckpt", config, params)
+    config2, params2 = solarjax.load_model(tmp_path / "ckpt")
+    assert config2 == config
+    for a, b in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(params2)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: each stops with one line naming the key or tensor, and leaves no output behind.
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    return save_hf_model(make_hf_model("mistral"), tmp_path / "hf")
+
+
+def _edit_config(path, **changes):
+    d = json.loads((path / "config.json").read_text())
+    d.update(changes)
+    (path / "config.json").write_text(json.dumps(d))
+
+
+def _rewrite_tensors(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _expect_error(tiny_hf, tmp_path, capsys, *patterns):
+    out = tmp_path / "out"
+    code, err = _run(["hf-to-jax", "--hf", tiny_hf, "--out", out], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for p in patterns:
+        assert p in lines[0], (p, lines[0])
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    return lines[0]
+
+
+def test_error_unknown_architecture(tiny_hf, tmp_path, capsys):
+    _edit_config(tiny_hf, architectures=["GPT2LMHeadModel"])
+    _expect_error(tiny_hf, tmp_path, capsys, "architectures", "GPT2LMHeadModel", "MistralForCausalLM")
+
+
+def test_error_rope_scaling(tiny_hf, tmp_path, capsys):
+    _edit_config(tiny_hf, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    _expect_error(tiny_hf, tmp_path, capsys, "rope_scaling", "'linear'")
+
+
+def test_error_missing_tensor(tiny_hf, tmp_path, capsys):
+    _rewrite_tensors(tiny_hf, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    _expect_error(tiny_hf, tmp_path, capsys, "missing tensor", "model.layers.1.mlp.up_proj.weight", "[96, 64]")
+
+
+def test_error_unexpected_tensor(tiny_hf, tmp_path, capsys):
+    _rewrite_tensors(tiny_hf, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}))
+    _expect_error(tiny_hf, tmp_path, capsys, "unexpected tensor", "model.layers.2.mlp.up_proj.weight")
+
+
+def test_error_wrong_shape(tiny_hf, tmp_path, capsys):
+    _edit_config(tiny_hf, intermediate_size=128)
+    _expect_error(tiny_hf, tmp_path, capsys, "model.layers.0.mlp.gate_proj.weight", "[96, 64]", "expected [128, 64]")
+
+
+def test_error_truncated_file(tiny_hf, tmp_path, capsys):
+    f = tiny_hf / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    line = _expect_error(tiny_hf, tmp_path, capsys, "model.safetensors", "truncated")
+    assert "tensor '" in line  # names the first tensor that does not fit
+
+
+def test_error_not_a_model_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _expect_error(tmp_path / "empty", tmp_path, capsys, "no config.json")
+
+
+def test_error_bad_shard_size_and_existing_output(tiny_hf, tmp_path, capsys):
+    assert _run(["hf-to-jax", "--hf", tiny_hf, "--out", tmp_path / "ckpt"], capsys)[0] == 0
+    code, err = _run(["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "o", "--shard-size", "5XB"],
+                     capsys)
+    assert code == 2 and "shard size '5XB'" in err
+    code, err = _run(["hf-to-jax", "--hf", tiny_hf, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert _run(["hf-to-jax", "--hf", tiny_hf, "--out", tmp_path / "ckpt", "--overwrite"], capsys)[0] == 0
+
+
+def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
+    config, params = solarjax.load_hf(tiny_hf)
+    calls = {"n": 0}
+    real = hf.write_safetensors
+
+    def failing(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "write_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save_hf(config, params, tmp_path / "out", shard_size=20_000)
+    assert calls["n"] == 2
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_safetensors_reader_matches_reference_library(tiny_hf):
+    """Our memory-mapped reader returns what the safetensors package returns."""
+    ours = SafetensorsFile(tiny_hf / "model.safetensors")
+    ref = load_file(tiny_hf / "model.safetensors")
+    assert sorted(ours.keys()) == sorted(ref)
+    for name, tensor in ref.items():
+        np.testing.assert_array_equal(ours.get(name), tensor.numpy())
+    (n,) = struct.unpack("<Q", (tiny_hf / "model.safetensors").read_bytes()[:8])
+    assert ours.metadata == {"format": "pt"} and n > 0

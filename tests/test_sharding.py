@@ -1,0 +1,66 @@
+"""Sharded execution on 8 simulated CPU devices equals single-device execution."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import solarjax
+from solarjax import sharding
+from solarjax.model import abstract_params
+
+
+def test_mesh_has_eight_devices():
+    assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
+
+
+def test_sharded_logits_equal_single_device_logits(tmp_path):
+    config = solarjax.preset("tiny").replace(sliding_window=6)
+    mesh = solarjax.make_mesh(data=2, fsdp=2, tensor=2)
+    params = solarjax.init_params(config, jax.random.key(0), mesh)
+    # Parameters are created in their shards: q_proj [L, D, H, E] splits D over fsdp and H over tensor.
+    q = params["layers"]["self_attn"]["q_proj"]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    assert params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
+
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (4, 16))
+    single = jax.device_put(params, jax.devices()[0])
+    ref = np.asarray(solarjax.logits(config, single, tokens))
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(tokens, sharding.batch_sharding(mesh))
+        out = solarjax.logits(config, params, batch)
+    assert out.sharding.mesh.shape == mesh.shape
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_load_hf_places_shards_on_the_mesh(tmp_path):
+    from hf_models import hf_logits, make_hf_model, save_hf_model
+    hf_model = make_hf_model("mistral", num_key_value_heads=2, sliding_window=8)
+    mesh = solarjax.make_mesh(data=1, fsdp=4, tensor=2)
+    config, params = solarjax.load_model(save_hf_model(hf_model, tmp_path / "hf"), mesh=mesh)
+    o = params["layers"]["self_attn"]["o_proj"]
+    assert o.sharding.spec == P(None, "tensor", None, "fsdp")
+    tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 12))
+    with jax.set_mesh(mesh):
+        out = np.asarray(solarjax.logits(config, params, tokens))
+    assert np.abs(out - hf_logits(hf_model, tokens)).max() <= 1e-4
+
+
+def test_indivisible_dims_stay_replicated():
+    """MQA: one kv head cannot split over tensor=2, so that dim stays whole instead of failing."""
+    config = solarjax.preset("tiny").replace(num_kv_heads=1)
+    mesh = solarjax.make_mesh(data=1, fsdp=4, tensor=2)
+    shardings = sharding.param_shardings(abstract_params(config), mesh)
+    assert shardings["layers"]["self_attn"]["k_proj"].spec == P(None, "fsdp", None, None)
+    assert shardings["layers"]["self_attn"]["q_proj"].spec == P(None, "fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((3, -1, 1), "does not fit 8 devices"),
+    ((-1, -1, 2), "at most one mesh axis may be -1"),
+    ((2, 2, 1), "has 4 devices, but 8 are present"),
+])
+def test_bad_mesh_sizes(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        solarjax.make_mesh(*sizes)

@@ -218,3 +218,17 @@ def test_safetensors_reader_matches_reference_library(tiny_hf):
         np.testing.assert_array_equal(ours.get(name), tensor.numpy())
     (n,) = struct.unpack("<Q", (tiny_hf / "model.safetensors").read_bytes()[:8])
     assert ours.metadata == {"format": "pt"} and n > 0
+
+
+def test_convert_weights_script_runs_as_a_program(tiny_hf, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "convert_weights.py"
+    run = subprocess.run([sys.executable, str(script), "hf-to-jax", "--hf", str(tiny_hf), "--out",
+                          str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert solarjax.load_model(tmp_path / "ckpt")[0].num_layers == 2
+    run = subprocess.run([sys.executable, str(script), "jax-to-hf", "--ckpt", str(tmp_path / "nope"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "not a solarjax checkpoint" in run.stderr

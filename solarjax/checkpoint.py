@@ -19,6 +19,7 @@ from solarjax import model as model_lib
 from solarjax.config import ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import atomic_output_dir
+from solarjax.upscale import UpscaleSpec, apply_plan, check_plan
 
 CONFIG_FILE = "model_config.json"
 
@@ -54,13 +55,24 @@ def load_params(path: str | Path, mesh=None) -> tuple[ModelConfig, dict]:
     return config, params
 
 
-def load_model(path: str | Path, mesh=None) -> tuple[ModelConfig, dict]:
+def load_model(path: str | Path, mesh=None, upscale: UpscaleSpec | None = None) -> tuple[ModelConfig, dict]:
     """(config, params) from an HF model directory or a solarjax checkpoint, placed on `mesh`'s
-    shards when one is given."""
+    shards when one is given, and grown by `upscale` (depth up-scaling or a layer plan) if given.
+
+    From HF, each new layer is read straight from its base layer's tensors into the devices'
+    shards: neither the base nor the grown model is ever whole on one host.
+    """
     path = Path(path)
     if is_checkpoint(path):
-        return load_params(path, mesh)
+        config, params = load_params(path, mesh)
+        if upscale is None:
+            return config, params
+        params, config = apply_plan(params, config, upscale.plan(config.num_layers), mesh)
+        return config, params
     if (path / "config.json").is_file():
-        return hf.load_hf(path, mesh)
+        if upscale is None:
+            return hf.load_hf(path, mesh)
+        base = hf.config_from_hf(hf.HFCheckpoint(path).hf_config, str(path / "config.json"))
+        return hf.load_hf(path, mesh, layer_map=check_plan(upscale.plan(base.num_layers), base.num_layers))
     raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json) nor a solarjax "
                             f"checkpoint ({CONFIG_FILE} + params/)")

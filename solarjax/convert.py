@@ -1,6 +1,8 @@
 """convert_weights.py: Hugging Face <-> solarjax weight conversion.
 
   python convert_weights.py hf-to-jax --hf DIR --out DIR
+  python convert_weights.py upscale --hf IN --out OUT (--n 32 --m 8 | --layers 0:24,8:32)
+                                    [--arch mistral|llama] [--dtype ...] [--shard-size 5GB]
   python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama]
                                       [--dtype float32|bfloat16|float16] [--shard-size 5GB]
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from solarjax import checkpoint, hf
+from solarjax import checkpoint, hf, upscale
 from solarjax.config import ConfigError
 from solarjax.tensorfile import TensorFileError, parse_size
 
@@ -31,6 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default="float32")
     b.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c = sub.add_parser("upscale", help="HF -> HF depth up-scaling, streamed tensor by tensor")
+    c.add_argument("--hf", required=True, help="base HF model directory (safetensors)")
+    c.add_argument("--out", required=True, help="HF model directory to create")
+    c.add_argument("--n", type=int, help="base depth (SOLAR: 32)")
+    c.add_argument("--m", type=int, help="layers dropped from each copy (SOLAR: 8)")
+    c.add_argument("--layers", help="explicit plan of base layer ranges, mergekit style: 0:24,8:32")
+    c.add_argument("--arch", choices=("mistral", "llama"), default=None,
+                   help="HF architecture; default: the base's; llama writes SOLAR's published form")
+    c.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None, help="default: the base's dtype")
+    c.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
@@ -40,12 +53,16 @@ def main(argv=None) -> int:
         if args.command == "hf-to-jax":
             config, params = hf.load_hf(args.hf)
             checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite)
+        elif args.command == "upscale":
+            spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers)
+            upscale.upscale_hf(args.hf, args.out, spec, arch=args.arch, dtype=args.dtype,
+                               shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
         else:
             shard_size = parse_size(args.shard_size)
             config, params = checkpoint.load_params(args.ckpt)
             hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
                        tokenizer_dir=args.ckpt, overwrite=args.overwrite)
-    except (hf.ConversionError, ConfigError, TensorFileError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (hf.ConversionError, upscale.UpscaleError, ConfigError, TensorFileError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}", file=sys.stderr)

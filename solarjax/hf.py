@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from solarjax import model as model_lib
@@ -129,6 +129,12 @@ class WeightSpec:
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         return array.reshape(self.hf_shape[::-1]).T if self.transpose else array.reshape(self.hf_shape)
 
+    def source_name(self, layer_map: list[int] | None) -> str:
+        """The base model's tensor this one is read from when new layer i is base layer_map[i]."""
+        if self.layer is None or layer_map is None:
+            return self.hf_name
+        return self.hf_name.replace(f"model.layers.{self.layer}.", f"model.layers.{layer_map[self.layer]}.", 1)
+
 
 def weight_specs(config: ModelConfig) -> list[WeightSpec]:
     """Every HF tensor of the model, in HF's order, with where it lives in solarjax."""
@@ -207,14 +213,24 @@ class HFCheckpoint:
                 self._files[file_name] = _TorchFile(file)
         return self._files[file_name]
 
+    @property
+    def is_safetensors(self) -> bool:
+        return all(name.endswith(".safetensors") for name in self._files)
+
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def file_of(self, name: str):
+        return self._open(self._where[name])
+
+    def info(self, name: str) -> TensorInfo:
+        return self.file_of(name).info(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._where[name]).info(name).shape)
+        return tuple(self.info(name).shape)
 
     def get(self, name: str) -> np.ndarray:
-        return self._open(self._where[name]).get(name)
+        return self.file_of(name).get(name)
 
     def check(self, config: ModelConfig) -> list[WeightSpec]:
         """The name map for `config`, after checking that the tensors are exactly those, in shape."""
@@ -250,8 +266,7 @@ class _TorchFile:
         return list(self._tensors)
 
     def info(self, name):
-        t = self._tensors[name]
-        return TensorInfo(name, tuple(t.shape), np.dtype(np.float32))
+        return TensorInfo(name, tuple(self._tensors[name].shape), self.get(name).dtype)
 
     def get(self, name):
         import torch
@@ -261,15 +276,20 @@ class _TorchFile:
         return t.numpy()
 
 
-def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32",
+            layer_map: list[int] | None = None) -> tuple[ModelConfig, dict]:
     """Reads an HF Mistral/Llama directory into (config, params).
 
     With a mesh, each device's shard is read straight from the memory-mapped files into its place,
     so no host ever holds a whole stacked layer leaf; without one, params land on the default device.
+    layer_map (from solarjax.upscale) builds a deeper model whose layer i is base layer layer_map[i].
     """
     ckpt = HFCheckpoint(path)
     config = config_from_hf(ckpt.hf_config, str(Path(path) / "config.json"), param_dtype)
-    specs = ckpt.check(config)
+    ckpt.check(config)
+    if layer_map is not None:
+        config = config.replace(num_layers=len(layer_map))
+    specs = weight_specs(config)
     boxed = model_lib.abstract_params(config)
     if mesh is not None:
         shardings = param_shardings(boxed, mesh)
@@ -279,7 +299,7 @@ def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32") -> tuple[
     by_path: dict[tuple[str, ...], list[WeightSpec]] = {}
     for spec in specs:
         by_path.setdefault(spec.path, []).append(spec)
-    dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == "bfloat16" else np.dtype(param_dtype)
+    dtype = jax.numpy.dtype(param_dtype)
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))
     flat_shardings = jax.tree.leaves(shardings)
@@ -290,11 +310,11 @@ def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32") -> tuple[
         group = by_path[path_names]
 
         def read(index, group=group):
+            def one(spec, sub):
+                return np.asarray(spec.to_solarjax(ckpt.get(spec.source_name(layer_map)))[sub], dtype)
             if group[0].layer is None:
-                return np.asarray(group[0].to_solarjax(ckpt.get(group[0].hf_name))[index], dtype)
-            rows = range(len(group))[index[0]]
-            return np.stack([np.asarray(group[i].to_solarjax(ckpt.get(group[i].hf_name))[index[1:]], dtype)
-                             for i in rows])
+                return one(group[0], index)
+            return np.stack([one(group[i], index[1:]) for i in range(len(group))[index[0]]])
 
         out.append(jax.make_array_from_callback(leaf.shape, sharding, read))
         bar.update(len(group))

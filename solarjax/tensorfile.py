@@ -89,35 +89,87 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self._entries[name][0]
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        info, start = self._entries[name]
+        return start, info.nbytes
+
     def get(self, name: str) -> np.ndarray:
         info, start = self._entries[name]
         raw = self._map[start:start + info.nbytes]
         return raw.view(info.dtype).reshape(info.shape)
 
 
+class SafetensorsWriter:
+    """Writes the header for `infos` up front, then takes each tensor in order, either as an array
+    or as a byte range copied from another file (copy_file_range: the bytes never enter Python), so
+    memory holds at most one tensor. Closing checks that every tensor arrived."""
+
+    def __init__(self, path: str | Path, infos: list[TensorInfo], metadata: dict[str, str] | None = None):
+        self.path, self.infos, self._next = Path(path), list(infos), 0
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for info in self.infos:
+            header[info.name] = {"dtype": dtype_code(info.dtype), "shape": list(info.shape),
+                                 "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+        self._file = open(self.path, "wb", buffering=0)  # unbuffered: copy_bytes writes at the fd's position
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def _expect(self) -> TensorInfo:
+        if self._next >= len(self.infos):
+            raise TensorFileError(f"{self.path}: more tensors than the {len(self.infos)} in its header")
+        self._next += 1
+        return self.infos[self._next - 1]
+
+    def write_array(self, array: np.ndarray) -> None:
+        info = self._expect()
+        if tuple(array.shape) != info.shape or array.dtype != info.dtype:
+            raise TensorFileError(f"{self.path}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
+                                  f"expected {info.dtype}{list(info.shape)}")
+        # Raw bytes: bfloat16 has no buffer-protocol code.
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+
+    def copy_bytes(self, src: SafetensorsFile, name: str) -> None:
+        """The tensor `name` of `src`, byte for byte; it must match the next header entry."""
+        info, (offset, nbytes) = self._expect(), src.byte_range(name)
+        have = src.info(name)
+        if have.shape != info.shape or have.dtype != info.dtype:
+            raise TensorFileError(f"{src.path}: tensor {name!r} is {have.dtype}{list(have.shape)}, "
+                                  f"expected {info.dtype}{list(info.shape)} for {info.name!r}")
+        with open(src.path, "rb", buffering=0) as f_in:
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(f_in.fileno(), self._file.fileno(), nbytes - done, offset + done)
+                except OSError:  # e.g. EXDEV on older kernels: copy through a bounded buffer instead
+                    n = self._file.write(os.pread(f_in.fileno(), min(nbytes - done, 64 << 20), offset + done))
+                if n == 0:
+                    raise TensorFileError(f"{src.path}: truncated while copying tensor {name!r}")
+                done += n
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self.infos):
+            raise TensorFileError(f"{self.path}: got {self._next} tensors, expected {len(self.infos)}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+
 def write_safetensors(path: str | Path, infos: list[TensorInfo], arrays: Iterable[np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-    """Writes the header for `infos`, then each array as it arrives, so memory holds one tensor."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for info in infos:
-        header[info.name] = {"dtype": dtype_code(info.dtype), "shape": list(info.shape),
-                             "data_offsets": [offset, offset + info.nbytes]}
-        offset += info.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        count = 0
-        for info, array in zip(infos, arrays):
-            if tuple(array.shape) != info.shape or array.dtype != info.dtype:
-                raise TensorFileError(f"{path}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
-                                      f"expected {info.dtype}{list(info.shape)}")
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # bytes: bf16 has no buffer code
-            count += 1
-        if count != len(infos):
-            raise TensorFileError(f"{path}: got {count} tensors, expected {len(infos)}")
+    """Streams `arrays` (in the order of `infos`) into a new safetensors file."""
+    with SafetensorsWriter(path, infos, metadata) as writer:
+        for array in arrays:
+            writer.write_array(array)
 
 
 def plan_shards(infos: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:

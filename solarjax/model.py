@@ -92,7 +92,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, kv_meta=None):
+        """kv: this layer's cache (k_BSKE, v_BSKE) or None; kv_meta: (key positions BS, key
+        segments BS, write index), shared by all layers. Returns (out_BTD, updated kv or None)."""
         cfg = self.config
         D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = cfg.dtype
@@ -103,10 +105,16 @@ class Attention(nn.Module):
         q_BTHE = rope(jnp.einsum("BTD,DHE->BTHE", x_BTD, w_q), positions_BT, cfg.rope_theta)
         k_BTKE = rope(jnp.einsum("BTD,DKE->BTKE", x_BTD, w_k), positions_BT, cfg.rope_theta)
         v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, w_v)
-        mask_BTT = attention_mask(positions_BT, positions_BT, segment_ids_BT, segment_ids_BT,
-                                  cfg.sliding_window)
-        out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask_BTT)
-        return jnp.einsum("BTHE,HED->BTD", out_BTHE, w_o)
+        if kv is None:
+            k_BSKE, v_BSKE, k_pos_BS, k_seg_BS = k_BTKE, v_BTKE, positions_BT, segment_ids_BT
+        else:
+            k_pos_BS, k_seg_BS, index = kv_meta
+            k_BSKE = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BTKE.astype(kv[0].dtype), index, axis=1)
+            v_BSKE = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BTKE.astype(kv[1].dtype), index, axis=1)
+            kv = (k_BSKE, v_BSKE)
+        mask_BTS = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, cfg.sliding_window)
+        out_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+        return jnp.einsum("BTHE,HED->BTD", out_BTHE, w_o), kv
 
 
 class Mlp(nn.Module):
@@ -128,26 +136,30 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, kv_meta=None):
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="input_layernorm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="self_attn")(h_BTD, positions_BT, segment_ids_BT)
+        h_BTD, kv = Attention(cfg, name="self_attn")(h_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
+        x_BTD = x_BTD + h_BTD
         h_BTD = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
         x_BTD = x_BTD + Mlp(cfg, name="mlp")(h_BTD)
         # The one sharding hint per block: keeps the residual stream batch-sharded between layers.
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-        return x_BTD, None
+        return x_BTD, kv
 
 
 class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        """Returns float32 logits [B, T, V].
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+        """Float32 logits [B, T, V], or (logits, cache) when a KV cache is given.
 
         positions_BT: position of each token in its document (default 0..T-1).
-        segment_ids_BT: document id per token; tokens attend only within their own document.
+        segment_ids_BT: document id per token; tokens attend only within their own document, and
+          segment 0 marks padding.
+        cache: from init_cache; the T tokens are written at cache["index"] and attend to every
+          filled slot of their segment.
         """
         cfg = self.config
         B, T = tokens_BT.shape
@@ -159,21 +171,42 @@ class Decoder(nn.Module):
         embedding_VD = _param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.dtype)
 
+        kv = kv_meta = None
+        if cache is not None:
+            index = cache["index"]
+            kv = (cache["k"], cache["v"])
+            kv_meta = (jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), index, 1),
+                       jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BT.astype(jnp.int32), index, 1),
+                       index)
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BTD, _ = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+        x_BTD, kv = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
 
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
         if cfg.tie_word_embeddings:
             head_DV = embedding_VD.T
         else:
             head_DV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
-        return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype),
-                          preferred_element_type=jnp.float32)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, {"k": kv[0], "v": kv[1], "pos": kv_meta[0], "seg": kv_meta[1], "index": index + T}
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache of `length` slots. Segment 0 marks empty slots, which no token attends to."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, config.dtype),  # [L, B, S, K, E]
+        "v": jnp.zeros(shape, config.dtype),  # [L, B, S, K, E]
+        "pos": jnp.zeros((batch, length), jnp.int32),  # [B, S] position of the token in each slot
+        "seg": jnp.zeros((batch, length), jnp.int32),  # [B, S] its segment, 0 = empty or padding
+        "index": jnp.zeros((), jnp.int32),  # next slot to write
+    }
 
 
 def _dummy_tokens() -> jax.Array:

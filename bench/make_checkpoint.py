@@ -1,0 +1,60 @@
+"""Writes a random HF checkpoint of a named preset shape (default: Mistral-7B in bfloat16, 14.5 GB),
+for benchmark B5. Values come from a 256 MB pool of N(0, 0.02) read at a random offset per tensor,
+so tensors differ from one another (and byte-identity checks mean something) without paying for
+7 billion fresh random draws.
+
+  python bench/make_checkpoint.py --out /tmp/mistral-7b-random [--preset mistral-7b] [--dtype bfloat16]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from solarjax import hf
+from solarjax.config import preset
+from solarjax.tensorfile import SafetensorsWriter, TensorInfo, atomic_output_dir, parse_size, plan_shards
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="mistral-7b")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(hf.SAVE_DTYPES))
+    p.add_argument("--shard-size", default="10GB", help="HF's Mistral-7B-v0.1 has shards of ~10 GB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    config = preset(args.preset)
+    dtype = hf.SAVE_DTYPES[args.dtype]
+    rng = np.random.default_rng(args.seed)
+    pool = (rng.standard_normal(128 << 20, dtype=np.float32) * 0.02).astype(dtype)
+    pool = np.concatenate([pool, pool])  # any window of up to len/2 values is contiguous
+    infos = [TensorInfo(s.hf_name, s.hf_shape, dtype) for s in hf.weight_specs(config)]
+    shards = plan_shards(infos, parse_size(args.shard_size))
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, "mistral", args.dtype), indent=2))
+        for name, shard in zip(names, shards):
+            with SafetensorsWriter(tmp / name, shard, {"format": "pt"}) as w:
+                for info in shard:
+                    size = int(np.prod(info.shape))
+                    parts, done = [], 0
+                    while done < size:
+                        n = min(size - done, len(pool) // 2)
+                        start = int(rng.integers(0, len(pool) // 2))
+                        parts.append(pool[start:start + n])
+                        done += n
+                    w.write_array(np.concatenate(parts).reshape(info.shape) if len(parts) > 1
+                                  else parts[0].reshape(info.shape))
+            print(f"wrote {name}", file=sys.stderr)
+        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                 "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    print(f"{args.out}: {sum(i.nbytes for i in infos) / 1e9:.2f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Sampling with a KV cache: one jitted prefill, then a jitted lax.while_loop that decodes every token,
+so Python runs once per request, not once per token.
+
+  python -m solarjax.sample (--ckpt DIR | --hf DIR) --prompt TEXT [--prompt TEXT ...] [--prompts-file F]
+      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--format text|json]
+
+Prompts of different lengths are left-padded to one bucketed length; padding has segment 0, so no
+real token attends to it, and each prompt's positions start at 0. The cache holds prompt + output,
+and the sliding window, when the model has one, is applied by masking within it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from solarjax.config import ModelConfig
+from solarjax.model import Decoder, init_cache
+
+
+class SamplingError(ValueError):
+    """A sampling option or prompt is out of range; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise SamplingError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 is off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def sample_logits(logits_BV, rng, temperature, top_k, top_p):
+    """Next tokens [B]: greedy when temperature is 0, else temperature, then top-k, then top-p
+    (the order HF applies them). The scalars are traced: changing them does not recompile."""
+    def greedy(_):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        V = logits_BV.shape[-1]
+        scaled = logits_BV / jnp.maximum(temperature, 1e-6)
+        desc = -jnp.sort(-scaled, axis=-1)
+        kth = desc[:, jnp.clip(top_k - 1, 0, V - 1)][:, None]
+        scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # smallest prefix whose mass reaches top_p
+        cutoff = jnp.take_along_axis(desc, jnp.maximum(keep.sum(-1, keepdims=True) - 1, 0), axis=-1)
+        scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP, segments_BP, rng, temperature,
+             top_k, top_p, eos_id):
+    """Runs the prompts through the model into a fresh cache and samples each row's first token."""
+    B, P = tokens_BP.shape
+    cache = init_cache(config, B, P + max_new)
+    logits_BPV, cache = Decoder(config).apply({"params": params}, tokens_BP, positions_BP, segments_BP, cache)
+    rng, key = jax.random.split(rng)
+    first_B = sample_logits(logits_BPV[:, -1], key, temperature, top_k, top_p)
+    return cache, first_B, rng
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B, rng, temperature, top_k, top_p,
+            eos_id):
+    """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS) and the number
+    of tokens produced per row before the loop stopped."""
+    model = Decoder(config)
+    B = first_B.shape[0]
+    out_BN = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first_B)
+
+    def cond(state):
+        i, _, _, _, done_B, _ = state
+        return (i < max_new) & ~jnp.all(done_B)
+
+    def body(state):
+        i, cache, out_BN, last_B, done_B, rng = state
+        positions_B1 = (lengths_B + i - 1)[:, None]
+        segments_B1 = jnp.where(done_B, 0, 1)[:, None].astype(jnp.int32)
+        logits_B1V, cache = model.apply({"params": params}, last_B[:, None], positions_B1, segments_B1, cache)
+        rng, key = jax.random.split(rng)
+        next_B = jnp.where(done_B, 0, sample_logits(logits_B1V[:, 0], key, temperature, top_k, top_p))
+        return i + 1, cache, out_BN.at[:, i].set(next_B), next_B, done_B | (next_B == eos_id), rng
+
+    state = (jnp.int32(1), cache, out_BN, first_B, first_B == eos_id, rng)
+    steps, _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return out_BN, steps
+
+
+def _bucket(n: int) -> int:
+    """Prompt lengths round up to 16, 32, 64, ...: few shapes, so few compilations."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sampling = Sampling(),
+             eos_id: int | None = 2) -> list[dict]:
+    """Generates for a batch of token-id prompts. Returns, per prompt, {"token_ids": generated ids
+    (through the EOS if one came), "timing": {"prefill_s", "decode_s", "decode_tokens_per_s"}},
+    timed after compilation."""
+    if not prompts:
+        raise SamplingError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise SamplingError(f"prompt {i} is empty")
+        if len(p) > config.max_position_embeddings:
+            raise SamplingError(f"prompt {i} has {len(p)} tokens, more than the model's maximum of "
+                                f"{config.max_position_embeddings} positions")
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise SamplingError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    # Positions never pass the model's maximum: the last prompt position + new tokens stays inside.
+    max_new = min(sampling.max_new_tokens, config.max_position_embeddings - int(lengths.max()))
+    max_new = max(max_new, 1)
+    B, P = len(prompts), _bucket(int(lengths.max()))
+    tokens = np.zeros((B, P), np.int32)
+    positions = np.zeros((B, P), np.int32)
+    segments = np.zeros((B, P), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = p
+        positions[b, P - len(p):] = np.arange(len(p))
+        segments[b, P - len(p):] = 1
+    knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
+             np.int32(-1 if eos_id is None else eos_id))
+    prefill_args = (params, tokens, positions, segments, jax.random.key(sampling.seed), *knobs)
+    prefill = _prefill.lower(config, max_new, *prefill_args).compile()
+    cache, first, rng = prefill_shapes = jax.eval_shape(lambda: _prefill(config, max_new, *prefill_args))
+    decode = _decode.lower(config, max_new, params, cache, first, lengths, rng, *knobs).compile()
+    del prefill_shapes
+    # Timed after compilation: what a second request of the same shape costs.
+    t0 = time.perf_counter()
+    cache, first, rng = jax.block_until_ready(prefill(*prefill_args))
+    t1 = time.perf_counter()
+    out, steps = jax.block_until_ready(decode(params, cache, first, lengths, rng, *knobs))
+    t2 = time.perf_counter()
+    prefill_s, decode_s = t1 - t0, t2 - t1
+    results, generated = [], 0
+    for row in np.asarray(out):
+        ids = row.tolist()
+        if eos_id is not None and eos_id in ids:
+            ids = ids[:ids.index(eos_id) + 1]
+        else:
+            ids = ids[:int(steps)]
+        generated += len(ids)
+        results.append({"token_ids": ids})
+    timing = {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": generated / decode_s}
+    for r in results:
+        r["timing"] = timing
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m solarjax.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="solarjax checkpoint directory")
+    src.add_argument("--hf", help="Hugging Face model directory")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    return p
+
+
+def main(argv=None) -> int:
+    from solarjax.checkpoint import load_model
+    from solarjax.tokenizer import Tokenizer, TokenizerError, default_tokenizer_path, load_tokenizer
+
+    args = _parser().parse_args(argv)
+    try:
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            try:
+                prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
+                            if line.strip()]
+            except OSError as e:
+                raise SamplingError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+        if not prompts:
+            raise SamplingError("give at least one --prompt or a --prompts-file")
+        for i, text in enumerate(prompts):
+            if not text.strip():
+                raise SamplingError(f"prompt {i} is empty")
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        path = Path(args.ckpt or args.hf)
+        config, params = load_model(path)
+        if (path / "tokenizer.model").is_file():
+            tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
+        else:
+            tokenizer = Tokenizer(default_tokenizer_path())
+            if tokenizer.vocab_size != config.vocab_size:
+                raise TokenizerError(f"{path} has no tokenizer.model, and the default Mistral tokenizer "
+                                     f"({tokenizer.vocab_size} pieces) does not fit its vocab of {config.vocab_size}")
+        results = generate(config, params, tokenizer.encode_batch(prompts), sampling, tokenizer.eos_id)
+    except (SamplingError, TokenizerError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for text, r in zip(prompts, results):
+        ids = [t for t in r["token_ids"] if t != tokenizer.eos_id]
+        completion = tokenizer.decode(ids)
+        if args.format == "json":
+            print(json.dumps({"prompt": text, "completion": completion, **r}))
+        else:
+            print(text + completion + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The sampler: greedy equals transformers' generate, the KV cache equals recomputation, sampling rules."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import solarjax
+from solarjax import sample
+from solarjax.model import Decoder, abstract_params, init_cache
+from solarjax.sharding import param_shardings
+from solarjax.sample import Sampling, SamplingError
+from hf_models import make_hf_model, save_hf_model, tokenizer_file
+
+PROMPT_LENGTHS = (5, 11, 8)
+NEW = 12
+
+
+def _hf_greedy(model, prompts, new, eos):
+    """HF generate on a left-padded batch, cut after each row's first EOS."""
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), P), dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=eos)[:, P:].tolist()
+    return [row[:row.index(eos) + 1] if eos in row else row for row in out]
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("mistral", dict(sliding_window=7, head_dim=32)),  # the window is shorter than prompt + output
+    ("llama", dict(num_key_value_heads=1)),
+])
+def test_greedy_matches_transformers_generate(arch, overrides, tmp_path):
+    hf_model = make_hf_model(arch, **overrides)
+    config, params = solarjax.load_model(save_hf_model(hf_model, tmp_path / "hf"))
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=2)]
+    assert ours == _hf_greedy(hf_model, prompts, NEW, eos=2)
+    # The batch does not change any prompt's output.
+    alone = sample.generate(config, params, prompts[1:2], Sampling(max_new_tokens=NEW), eos_id=2)
+    assert alone[0]["token_ids"] == ours[1]
+
+
+def test_cached_decoding_equals_full_recomputation():
+    config = solarjax.preset("tiny").replace(sliding_window=6)
+    params = solarjax.init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (2, 14)))
+    apply = jax.jit(Decoder(config).apply)
+    full = apply({"params": params}, tokens)
+    cache = init_cache(config, 2, 14)
+    logits, cache = apply({"params": params}, tokens[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache=cache)
+    steps = [logits]
+    for t in range(8, 14):
+        pos = jnp.full((2, 1), t, jnp.int32)
+        logits, cache = apply({"params": params}, tokens[:, t:t + 1], pos, cache=cache)
+        steps.append(logits)
+    assert int(cache["index"]) == 14
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_top_k_and_top_p_stay_inside_their_sets():
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
+    keys = jax.random.split(jax.random.key(1), 500)
+    draw = jax.jit(jax.vmap(lambda k, t, kk, p: sample.sample_logits(logits, k, t, kk, p),
+                            in_axes=(0, None, None, None)))
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    got = np.asarray(draw(keys, 1.0, 5, 1.0))
+    for b in range(4):
+        assert set(got[:, b]) <= set(top5[b]) and len(set(got[:, b])) > 1
+    # top-p: only the smallest set of most likely tokens whose mass reaches p.
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    got = np.asarray(draw(keys, 1.0, 0, 0.6))
+    for b in range(4):
+        order = np.argsort(-probs[b])
+        n = int(np.searchsorted(np.cumsum(probs[b][order]), 0.6) + 1)
+        assert set(got[:, b]) <= set(order[:n])
+    # temperature -> 0 is greedy.
+    assert (np.asarray(draw(keys[:20], 1e-6, 0, 1.0)) == np.argmax(np.asarray(logits), -1)).all()
+
+
+def test_seed_gives_the_same_text_and_temperature_zero_is_greedy():
+    config = solarjax.preset("tiny")
+    params = solarjax.init_params(config, jax.random.key(2))
+    prompts = [[1, 5, 9, 4], [1, 7]]
+    a = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_id=None)
+    b = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_id=None)
+    c = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=4), eos_id=None)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] != [r["token_ids"] for r in c]
+    assert all(len(r["token_ids"]) == NEW for r in a)
+    greedy = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+    cold = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1e-6, seed=5),
+                           eos_id=None)
+    assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
+
+
+def test_same_code_on_a_tensor_parallel_mesh():
+    config = solarjax.preset("tiny").replace(sliding_window=5)
+    params = solarjax.init_params(config, jax.random.key(3))
+    prompts = [[1, 2, 3, 4, 5], [1, 9]]
+    ref = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+    mesh = solarjax.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+    sharded = jax.device_put(params, param_shardings(abstract_params(config), mesh))
+    assert sharded["layers"]["mlp"]["up_proj"].sharding.spec[2] == "tensor"
+    with jax.set_mesh(mesh):
+        out = sample.generate(config, sharded, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+    assert [r["token_ids"] for r in out] == [r["token_ids"] for r in ref]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(temperature=-0.5), "temperature must be >= 0 (0 is greedy), got -0.5"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+])
+def test_bad_sampling_options(kwargs, message):
+    with pytest.raises(SamplingError) as e:
+        Sampling(**kwargs)
+    assert message in str(e.value)
+
+
+def test_bad_prompts():
+    config = solarjax.preset("tiny").replace(max_position_embeddings=32)
+    params = jax.eval_shape(lambda: solarjax.init_params(config, jax.random.key(0)))
+    with pytest.raises(SamplingError, match="prompt 1 is empty"):
+        sample.generate(config, params, [[1, 2], []])
+    with pytest.raises(SamplingError, match="prompt 0 has 40 tokens, more than the model's maximum of 32"):
+        sample.generate(config, params, [[1] * 40])
+    with pytest.raises(SamplingError, match=r"token id 300 outside the vocabulary \[0, 256\)"):
+        sample.generate(config, params, [[1, 300]])
+
+
+@pytest.fixture(scope="module")
+def mistral_vocab_model(tmp_path_factory):
+    """A tiny model with the real Mistral vocabulary and tokenizer."""
+    path = tmp_path_factory.mktemp("vocab") / "hf"
+    save_hf_model(make_hf_model("mistral", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                                head_dim=8, num_hidden_layers=1), path)
+    shutil.copy(tokenizer_file(), path / "tokenizer.model")
+    return path
+
+
+def test_cli_json(mistral_vocab_model, capsys):
+    code = sample.main(["--hf", str(mistral_vocab_model), "--prompt", "The capital of France is",
+                        "--prompt", "Hi", "--max-new-tokens", "5", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["The capital of France is", "Hi"]
+    for r in lines:
+        assert 1 <= len(r["token_ids"]) <= 5 and isinstance(r["completion"], str)
+        assert set(r["timing"]) == {"prefill_s", "decode_s", "decode_tokens_per_s"}
+        assert r["timing"]["decode_tokens_per_s"] > 0
+
+
+def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
+    def run(*args):
+        code = sample.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+    code, err = run("--hf", mistral_vocab_model, "--prompt", "  ")
+    assert code == 2 and "prompt 0 is empty" in err
+    code, err = run("--hf", mistral_vocab_model, "--prompt", "x", "--top-p", "2")
+    assert code == 2 and "top_p must be in (0, 1], got 2.0" in err
+    no_tok = tmp_path / "no-tok"
+    save_hf_model(make_hf_model("llama"), no_tok)  # vocab 128, no tokenizer.model
+    code, err = run("--hf", no_tok, "--prompt", "x")
+    assert code == 2 and "has no tokenizer.model" in err and "32000 pieces" in err and "vocab of 128" in err

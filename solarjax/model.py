@@ -150,6 +150,9 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
+    # False: layers as separate modules layers_0..layers_{L-1} (see unstack_layers). Decoding on CPU
+    # uses it because XLA:CPU copies each layer's slice of a stacked weight on every scan step.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
@@ -181,10 +184,18 @@ class Decoder(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BTD, kv = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
+        if self.scan_layers:
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, kv = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
+        else:
+            new_kv = []
+            for i in range(cfg.num_layers):
+                kv_i = None if kv is None else (kv[0][i], kv[1][i])
+                x_BTD, kv_i = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT, kv_i, kv_meta)
+                new_kv.append(kv_i)
+            kv = None if kv is None else (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
 
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
         if cfg.tie_word_embeddings:
@@ -197,16 +208,33 @@ class Decoder(nn.Module):
         return logits_BTV, {"k": kv[0], "v": kv[1], "pos": kv_meta[0], "seg": kv_meta[1], "index": index + T}
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache of `length` slots. Segment 0 marks empty slots, which no token attends to."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+def init_cache(config: ModelConfig, batch: int, length: int, stacked: bool = True) -> dict:
+    """An empty KV cache of `length` slots. Segment 0 marks empty slots, which no token attends to.
+    stacked=False gives a tuple of per-layer arrays, for Decoder(scan_layers=False)."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    if stacked:
+        k = jnp.zeros((config.num_layers,) + shape, config.dtype)  # [L, B, S, K, E]
+        v = jnp.zeros((config.num_layers,) + shape, config.dtype)  # [L, B, S, K, E]
+    else:
+        k = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))  # L x [B, S, K, E]
+        v = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))  # L x [B, S, K, E]
     return {
-        "k": jnp.zeros(shape, config.dtype),  # [L, B, S, K, E]
-        "v": jnp.zeros(shape, config.dtype),  # [L, B, S, K, E]
+        "k": k,
+        "v": v,
         "pos": jnp.zeros((batch, length), jnp.int32),  # [B, S] position of the token in each slot
         "seg": jnp.zeros((batch, length), jnp.int32),  # [B, S] its segment, 0 = empty or padding
         "index": jnp.zeros((), jnp.int32),  # next slot to write
     }
+
+
+def unstack_layers(params) -> dict:
+    """The stacked "layers" subtree split into layers_0..layers_{L-1}, for Decoder(scan_layers=False).
+    Costs one copy of the layer weights."""
+    stacked = params["layers"]
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)})
+    return out
 
 
 def _dummy_tokens() -> jax.Array:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.model import Decoder, init_cache
+from solarjax.model import Decoder, init_cache, unstack_layers
 
 
 class SamplingError(ValueError):
@@ -77,8 +77,9 @@ def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP,
              top_k, top_p, eos_id):
     """Runs the prompts through the model into a fresh cache and samples each row's first token."""
     B, P = tokens_BP.shape
-    cache = init_cache(config, B, P + max_new)
-    logits_BPV, cache = Decoder(config).apply({"params": params}, tokens_BP, positions_BP, segments_BP, cache)
+    stacked = "layers" in params
+    cache = init_cache(config, B, P + max_new, stacked)
+    logits_BPV, cache = Decoder(config, stacked).apply({"params": params}, tokens_BP, positions_BP, segments_BP, cache)
     rng, key = jax.random.split(rng)
     first_B = sample_logits(logits_BPV[:, -1], key, temperature, top_k, top_p)
     return cache, first_B, rng
@@ -89,7 +90,7 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
             eos_id):
     """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS) and the number
     of tokens produced per row before the loop stopped."""
-    model = Decoder(config)
+    model = Decoder(config, scan_layers="layers" in params)
     B = first_B.shape[0]
     out_BN = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first_B)
 
@@ -109,6 +110,9 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
     state = (jnp.int32(1), cache, out_BN, first_B, first_B == eos_id, rng)
     steps, _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, state)
     return out_BN, steps
+
+
+_unstack = jax.jit(unstack_layers)
 
 
 def _bucket(n: int) -> int:
@@ -144,6 +148,11 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
         tokens[b, P - len(p):] = p
         positions[b, P - len(p):] = np.arange(len(p))
         segments[b, P - len(p):] = 1
+    if jax.default_backend() == "cpu" and "layers" in params:
+        # XLA:CPU copies a layer's weights out of the stacked array at every scan step, which
+        # doubled the weight traffic of a decode step (bench/b3_b4_decode.py); one copy up front
+        # into per-layer arrays pays for itself after a token or two.
+        params = _unstack(params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
              np.int32(-1 if eos_id is None else eos_id))
     prefill_args = (params, tokens, positions, segments, jax.random.key(sampling.seed), *knobs)

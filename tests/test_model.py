@@ -124,3 +124,15 @@ def test_logits_rejects_bad_token_ids():
         solarjax.logits(config, params, np.array([[1, 256]]))
     with pytest.raises(ValueError, match=r"shape \[batch, length\]"):
         solarjax.logits(config, params, np.array([1, 2]))
+
+
+def test_unstacked_layers_equal_scanned_layers():
+    """Decoder(scan_layers=False) on unstack_layers(params) computes what the scanned model does."""
+    config = solarjax.preset("tiny").replace(num_layers=3, sliding_window=4)
+    params = solarjax.init_params(config, jax.random.key(5))
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 9)))
+    unstacked = model_lib.unstack_layers(params)
+    assert sorted(k for k in unstacked if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
+    np.testing.assert_array_equal(unstacked["layers_2"]["mlp"]["up_proj"], params["layers"]["mlp"]["up_proj"][2])
+    out = jax.jit(model_lib.Decoder(config, scan_layers=False).apply)({"params": unstacked}, tokens)
+    np.testing.assert_allclose(out, solarjax.logits(config, params, tokens), atol=1e-5)

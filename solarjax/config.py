@@ -126,3 +126,39 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it becomes batches (solarjax/data.py)."""
+    sources: tuple[str, ...] = ()  # files, globs, directories (save_to_disk), or hub names; () = built-in corpus
+    text_field: str = "text"  # column holding the text, for json/csv/parquet/saved datasets
+    validation: tuple[str, ...] = ()  # its own sources, or ...
+    validation_fraction: float = 0.0  # ... a held-out share of the documents
+    tokenizer: str | None = None  # .model file or a directory with tokenizer.model; None = Mistral's
+    seq_len: int = 512
+    cache_dir: str = "~/.cache/solarjax/tokens"
+    num_proc: int = 2  # tokenizer processes
+    seed: int = 0
+    add_bos: bool = True
+    add_eos: bool = True
+
+    def __post_init__(self):
+        for name in ("sources", "validation"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"data.{name} must be a list of paths, globs or dataset names, got {value!r}")
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.validation and self.validation_fraction:
+            raise ConfigError("give data.validation sources or data.validation_fraction, not both")
+        if not isinstance(self.num_proc, int) or self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be a positive integer, got {self.num_proc!r}")
+        if not self.text_field:
+            raise ConfigError("data.text_field must name a column")

@@ -1,0 +1,363 @@
+"""The tokenized data pipeline: sources -> HF datasets -> SentencePiece ids, once, into a token cache
+on disk -> packed sequences -> deterministic per-process batches.
+
+- Tokenize once: `datasets.map(batched=True, num_proc=...)`, BOS/EOS around each document, written to
+  `cache_dir/<fingerprint>/` as a flat memory-mapped token array (tokens.bin) plus document offsets
+  (offsets.npy). The fingerprint covers the sources (path, size, mtime), the tokenizer file and the
+  options, so a second run with the same inputs reuses the cache without tokenizing.
+- Packing: documents (in cache order) form one stream cut into windows of seq_len; each piece of a
+  document in a window gets its own segment id and positions restarting at 0, so attention never
+  crosses documents, and a long document is split, never dropped. The last window is padded with
+  segment 0.
+- Batches: step k's global batch is a pure function of (seed, k): window rows
+  perm_e[j*G:(j+1)*G] with e, j = divmod(k, steps_per_epoch) and perm_e a seeded permutation per
+  epoch. Each process takes its contiguous block of rows. Resuming at step k replays nothing.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from solarjax.config import DataConfig
+from solarjax.tokenizer import Tokenizer, load_tokenizer
+
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
+           ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class DataError(ValueError):
+    """A data source is missing, empty or malformed; the message names the file or field."""
+
+
+def default_corpus_files() -> list[Path]:
+    """The built-in corpus: the standard library's top-level Python modules: real English prose in
+    code, comments and docstrings, about 5 MB, that every Python installation has; sorted."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "files" (one format), "disk" (save_to_disk directory) or "hub" (a dataset name)
+    format: str | None
+    paths: tuple[str, ...]
+
+
+def resolve_sources(sources: tuple[str, ...]) -> list[Source]:
+    """Expands globs and directories and groups files by format. () means the built-in corpus."""
+    if not sources:
+        return [Source("files", "text", tuple(str(p) for p in default_corpus_files()))]
+    by_format: dict[str, list[str]] = {}
+    out: list[Source] = []
+
+    def add_file(f: Path):
+        fmt = FORMATS.get(f.suffix.lower())
+        if fmt is None:
+            raise DataError(f"{f}: unknown file type {f.suffix!r}; expected one of {sorted(FORMATS)}")
+        by_format.setdefault(fmt, []).append(str(f))
+
+    for s in sources:
+        p = Path(os.path.expanduser(s))
+        if any(c in s for c in "*?["):
+            matches = sorted(globlib.glob(os.path.expanduser(s), recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise DataError(f"{s}: no file matches this pattern")
+            for f in files:
+                add_file(f)
+        elif p.is_dir():
+            if any((p / m).is_file() for m in _SAVED_DATASET_MARKERS):
+                out.append(Source("disk", None, (str(p),)))
+            else:
+                files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+                if not files:
+                    raise DataError(f"{p}: directory has no {'/'.join(sorted(FORMATS))} files")
+                for f in files:
+                    add_file(f)
+        elif p.is_file():
+            add_file(p)
+        elif s.startswith((".", "/", "~")) or p.suffix.lower() in FORMATS or os.sep in s and len(s.split("/")) > 2:
+            raise DataError(f"{s}: no such file or directory")
+        else:
+            out.append(Source("hub", None, (s,)))
+    return [Source("files", fmt, tuple(paths)) for fmt, paths in sorted(by_format.items())] + out
+
+
+def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps([s.kind, s.format]).encode())
+        for path in s.paths:
+            if s.kind == "hub":
+                h.update(path.encode())
+                continue
+            for f in ([Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*"))):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
+    h.update(hashlib.sha256(tokenizer.path.read_bytes()).digest())
+    h.update(json.dumps([cfg.text_field, cfg.add_bos, cfg.add_eos, 1]).encode())  # 1: cache format version
+    return h.hexdigest()[:20]
+
+
+def _load(source: Source, text_field: str, hf_cache: Path):
+    import datasets
+    try:
+        if source.kind == "files":
+            # Undecodable bytes become U+FFFD, and _Tokenize skips (and counts) those documents.
+            kwargs = {"sample_by": "document", "encoding_errors": "replace"} if source.format == "text" else {}
+            ds = datasets.load_dataset(source.format, data_files=list(source.paths), split="train",
+                                       cache_dir=str(hf_cache), **kwargs)
+        elif source.kind == "disk":
+            ds = datasets.load_from_disk(source.paths[0])
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            ds = datasets.load_dataset(source.paths[0], split="train", cache_dir=str(hf_cache))
+    except DataError:
+        raise
+    except Exception as e:  # datasets/pyarrow raise many types; name the source either way
+        raise DataError(f"{', '.join(source.paths[:3])}: cannot load ({type(e).__name__}: {e})") from None
+    if source.format != "text" and text_field not in ds.column_names:
+        raise DataError(f"{', '.join(source.paths[:3])}: no text field {text_field!r}; columns are "
+                        f"{ds.column_names} (set data.text_field)")
+    if source.format == "text" and text_field != "text":
+        ds = ds.rename_column("text", text_field)
+    ds = ds.select_columns([text_field])
+    # Loaders disagree on string vs large_string; one type lets sources be concatenated.
+    return ds.cast(datasets.Features({text_field: datasets.Value("large_string")}))
+
+
+class _Tokenize:
+    """The map function: picklable (worker processes load the SentencePiece model themselves)."""
+
+    def __init__(self, tokenizer_path: str, field: str, bos: bool, eos: bool):
+        self.tokenizer_path, self.field, self.bos, self.eos = tokenizer_path, field, bos, eos
+        self._tok = None
+
+    def __call__(self, batch):
+        if self._tok is None:
+            self._tok = Tokenizer(self.tokenizer_path)
+        ids, status = [], []
+        for text in batch[self.field]:
+            if text is None or not text.strip():
+                ids.append([]), status.append(1)  # empty
+                continue
+            if "\ufffd" in text:  # bytes that were not UTF-8 in the file (see _load)
+                ids.append([]), status.append(2)
+                continue
+            ids.append(self._tok.encode(text, bos=self.bos, eos=self.eos))
+            status.append(0)
+        return {"ids": ids, "status": status}
+
+
+# ---------------------------------------------------------------------------------------------
+# The token cache
+
+
+class TokenCache:
+    """tokens.bin (flat uint16/uint32 ids, memory-mapped) + offsets.npy (document starts, n_docs + 1)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.offsets = np.load(self.path / "offsets.npy")
+        n = int(self.offsets[-1])
+        self.tokens = (np.memmap(self.path / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
+                       if n else np.zeros(0, self.meta["dtype"]))
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def doc(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer) -> TokenCache:
+    """Tokenizes `sources` into the cache, or returns the existing cache for the same inputs."""
+    resolved = resolve_sources(sources)
+    root = Path(os.path.expanduser(cfg.cache_dir))
+    path = root / fingerprint(resolved, tokenizer, cfg)
+    if (path / "meta.json").is_file():
+        return TokenCache(path)
+    import datasets
+    # datasets' own arrow caches go beside ours, so one cache_dir holds (and frees) everything.
+    parts = [_load(s, cfg.text_field, root / "hf") for s in resolved]
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(ds) == 0:
+        raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: the dataset is empty")
+    mapped = ds.map(_Tokenize(str(tokenizer.path), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
+                    batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
+                    remove_columns=ds.column_names, desc="tokenizing")
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    tmp = root / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        offsets, counts = [0], {"empty": 0, "not_utf8": 0}
+        with open(tmp / "tokens.bin", "wb") as f:
+            for batch in tqdm(mapped.iter(batch_size=1024), total=math.ceil(len(mapped) / 1024),
+                              desc="writing token cache", unit="batch", disable=None):
+                for ids, status in zip(batch["ids"], batch["status"]):
+                    if status:
+                        counts["empty" if status == 1 else "not_utf8"] += 1
+                        continue
+                    f.write(np.asarray(ids, dtype).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+        if len(offsets) == 1:
+            raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text "
+                            f"({counts['empty']} empty, {counts['not_utf8']} not UTF-8)")
+        if counts["not_utf8"]:
+            print(f"warning: skipped {counts['not_utf8']} documents with bytes that are not UTF-8", file=sys.stderr)
+        np.save(tmp / "offsets.npy", np.asarray(offsets, np.int64))
+        meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.path), "dtype": dtype,
+                "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():  # another process finished first: same inputs, same bytes
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenCache(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and batches
+
+
+class PackedSequences:
+    """Documents `doc_ids` of a cache, in that order, as one stream cut into windows of seq_len."""
+
+    def __init__(self, cache: TokenCache, doc_ids: np.ndarray, seq_len: int):
+        self.cache, self.doc_ids, self.seq_len = cache, np.asarray(doc_ids, np.int64), seq_len
+        lengths = cache.offsets[self.doc_ids + 1] - cache.offsets[self.doc_ids]
+        self._cum = np.concatenate([[0], np.cumsum(lengths)])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._cum[-1])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_tokens / self.seq_len)
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, segment_ids, positions), each [seq_len] int32; segment 0 is padding."""
+        T = self.seq_len
+        tokens, segments, positions = (np.zeros(T, np.int32) for _ in range(3))
+        start, end = i * T, min((i + 1) * T, self.n_tokens)
+        d = int(np.searchsorted(self._cum, start, side="right")) - 1
+        s, piece = start, 0
+        while s < end:
+            doc = int(self.doc_ids[d])
+            a = s - int(self._cum[d])
+            n = min(int(self._cum[d + 1]) - s, end - s)
+            at = s - start
+            tokens[at:at + n] = self.cache.tokens[self.cache.offsets[doc] + a:self.cache.offsets[doc] + a + n]
+            piece += 1
+            segments[at:at + n] = piece
+            positions[at:at + n] = np.arange(n)
+            s += n
+            d += 1
+        return tokens, segments, positions
+
+
+class Batches:
+    """Global batch k = rows perm_e[j*G:(j+1)*G], (e, j) = divmod(k, steps_per_epoch); this process
+    builds rows [p*G/P, (p+1)*G/P) of it. The n % G windows left over by an epoch's permutation
+    are skipped in that epoch only (each epoch skips others)."""
+
+    def __init__(self, packed: PackedSequences, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        if global_batch < 1 or global_batch % process_count:
+            raise DataError(f"global batch {global_batch} must be a positive multiple of the process count "
+                            f"{process_count}")
+        if len(packed) < global_batch:
+            raise DataError(f"the data has {len(packed)} sequences of {packed.seq_len} tokens, fewer than one "
+                            f"global batch of {global_batch}")
+        self.packed, self.global_batch, self.seed = packed, global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.steps_per_epoch = len(packed) // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def rows(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.packed))
+            self._perm_epoch = epoch
+        G, local = self.global_batch, self.global_batch // self.process_count
+        rows = self._perm[j * G:(j + 1) * G]
+        return rows[self.process_index * local:(self.process_index + 1) * local]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: tokens, segment_ids, positions, [G/P, T] int32."""
+        seqs = [self.packed.sequence(int(r)) for r in self.rows(step)]
+        return {"tokens": np.stack([s[0] for s in seqs]), "segment_ids": np.stack([s[1] for s in seqs]),
+                "positions": np.stack([s[2] for s in seqs])}
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0):
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train: PackedSequences
+    validation: PackedSequences | None
+
+    def batches(self, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> Batches:
+        return Batches(self.train, global_batch, seed, process_index, process_count)
+
+
+def load_data(cfg: DataConfig, vocab_size: int | None = None) -> Data:
+    """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if vocab_size is not None:
+        tokenizer.check_fits(vocab_size)
+    cache = build_cache(cfg.sources, cfg, tokenizer)
+    all_docs = np.arange(cache.n_docs)
+    validation = None
+    if cfg.validation:
+        val_cache = build_cache(cfg.validation, cfg, tokenizer)
+        validation = PackedSequences(val_cache, np.arange(val_cache.n_docs), cfg.seq_len)
+        train_docs = all_docs
+    elif cfg.validation_fraction:
+        n_val = max(1, round(cfg.validation_fraction * cache.n_docs))
+        if n_val >= cache.n_docs:
+            raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {cache.n_docs} documents "
+                            f"leaves none for training")
+        held_out = np.zeros(cache.n_docs, bool)
+        held_out[np.random.default_rng([cfg.seed, 1]).permutation(cache.n_docs)[:n_val]] = True
+        validation = PackedSequences(cache, all_docs[held_out], cfg.seq_len)
+        train_docs = all_docs[~held_out]
+    else:
+        train_docs = all_docs
+    return Data(tokenizer, PackedSequences(cache, train_docs, cfg.seq_len), validation)

@@ -40,12 +40,9 @@ def copy_bandwidth(nbytes=1 << 29, repeats=5) -> float:
 
 
 def hf_generate(model, prompts, new):
-    P = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), P), dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        mask[b, P - len(p):] = 1
+    tokens, _, segments = sample.left_pad(prompts)
+    ids, mask = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(segments > 0, dtype=torch.long)
+    P = tokens.shape[1]
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,

@@ -115,6 +115,18 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
 _unstack = jax.jit(unstack_layers)
 
 
+def left_pad(prompts: list[list[int]], length: int | None = None):
+    """(tokens, positions, segments), int32 [B, length]: prompts right-aligned, padding with token 0
+    and segment 0, positions from 0 at each prompt's first token."""
+    length = length or max(len(p) for p in prompts)
+    tokens, positions, segments = (np.zeros((len(prompts), length), np.int32) for _ in range(3))
+    for b, p in enumerate(prompts):
+        tokens[b, length - len(p):] = p
+        positions[b, length - len(p):] = np.arange(len(p))
+        segments[b, length - len(p):] = 1
+    return tokens, positions, segments
+
+
 def _bucket(n: int) -> int:
     """Prompt lengths round up to 16, 32, 64, ...: few shapes, so few compilations."""
     return max(16, 1 << (n - 1).bit_length())
@@ -140,14 +152,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     # Positions never pass the model's maximum: the last prompt position + new tokens stays inside.
     max_new = min(sampling.max_new_tokens, config.max_position_embeddings - int(lengths.max()))
     max_new = max(max_new, 1)
-    B, P = len(prompts), _bucket(int(lengths.max()))
-    tokens = np.zeros((B, P), np.int32)
-    positions = np.zeros((B, P), np.int32)
-    segments = np.zeros((B, P), np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = p
-        positions[b, P - len(p):] = np.arange(len(p))
-        segments[b, P - len(p):] = 1
+    tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
         # XLA:CPU copies a layer's weights out of the stacked array at every scan step, which
         # doubled the weight traffic of a decode step (bench/b3_b4_decode.py); one copy up front

@@ -22,12 +22,9 @@ NEW = 12
 
 def _hf_greedy(model, prompts, new, eos):
     """HF generate on a left-padded batch, cut after each row's first EOS."""
-    P = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), P), dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        mask[b, P - len(p):] = 1
+    tokens, _, segments = sample.left_pad(prompts)
+    ids, mask = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(segments > 0, dtype=torch.long)
+    P = tokens.shape[1]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                              pad_token_id=0, eos_token_id=eos)[:, P:].tolist()

@@ -13,8 +13,7 @@ import argparse
 import sys
 
 from solarjax import checkpoint, hf, upscale
-from solarjax.config import ConfigError
-from solarjax.tensorfile import TensorFileError, parse_size
+from solarjax.tensorfile import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
             config, params = checkpoint.load_params(args.ckpt)
             hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
                        tokenizer_dir=args.ckpt, overwrite=args.overwrite)
-    except (hf.ConversionError, upscale.UpscaleError, ConfigError, TensorFileError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # every solarjax input error is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}", file=sys.stderr)

@@ -209,3 +209,16 @@ def test_batches_reject_too_little_data(corpus, tmp_path):
         Batches(packed, global_batch=4, seed=0)
     with pytest.raises(DataError, match="global batch 3 must be a positive multiple of the process count 2"):
         Batches(packed, global_batch=3, seed=0, process_count=2)
+
+
+def test_tokenizer_from_a_model_directory(tmp_path):
+    import shutil
+    from hf_models import tokenizer_file
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(TokenizerError, match="no tokenizer.model in this directory"):
+        load_tokenizer(tmp_path / "hf")
+    shutil.copy(tokenizer_file(), tmp_path / "hf" / "tokenizer.model")
+    assert load_tokenizer(tmp_path / "hf").encode(SENTENCE) == load_tokenizer().encode(SENTENCE)
+    (tmp_path / "junk.model").write_text("not a model")
+    with pytest.raises(TokenizerError, match="junk.model: not a SentencePiece model"):
+        load_tokenizer(tmp_path / "junk.model")

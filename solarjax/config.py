@@ -73,24 +73,14 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown model config key {unknown[0]!r}")
-        return dataclasses.replace(self, **changes)
+        return _build(type(self), {**self.to_dict(), **changes}, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "model") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a required key is missing
-            raise ConfigError(f"{where}: {e}") from None
+        return _build(cls, d, where)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -162,3 +152,165 @@ class DataConfig:
             raise ConfigError(f"data.num_proc must be a positive integer, got {self.num_proc!r}")
         if not self.text_field:
             raise ConfigError("data.text_field must name a column")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and decay (solarjax/optim.py)."""
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant, after the warmup
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final learning rate / peak
+    weight_decay: float = 0.1  # not applied to norm scales
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("learning_rate", "eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("warmup_steps",):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the starting weights come from: random (from=None) or an HF dir / solarjax checkpoint,
+    optionally grown by depth up-scaling (upscale: {n, m} or {layers: "0:24,8:32"})."""
+    source: str | None = None  # YAML key "from"
+    upscale: dict | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.upscale is not None:
+            unknown = sorted(set(self.upscale) - {"n", "m", "layers"})
+            if unknown:
+                raise ConfigError(f"init.upscale: unknown key {unknown[0]!r} (known: layers, m, n)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig | None  # None: taken from init.from
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    init: InitConfig = InitConfig()
+    run_dir: str = "runs/demo"
+    steps: int = 100
+    global_batch: int = 8
+    log_every: int = 10
+    eval_every: int = 50  # 0: never
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
+    # Model fields the YAML may set alongside init.from: how to run, not what the model is.
+    RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.model is None and self.init.source is None:
+            raise ConfigError("give a model (model.preset or its fields) or init.from")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["init"]["from"] = d["init"].pop("source")
+        runtime = d.pop("model_runtime")
+        if d["model"] is None:
+            d["model"] = runtime
+        return d
+
+
+def _build(cls, d, where: str):
+    """cls(**d), naming unknown and missing keys; "1e-4" becomes a float for float fields (YAML 1.1,
+    which PyYAML reads, takes 1e-4 without a dot for a string)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+    d = dict(d)
+    for name, value in d.items():
+        if isinstance(value, str) and str(fields[name].type).startswith("float"):
+            try:
+                d[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{name} must be a number, got {value!r}") from None
+    try:
+        return cls(**d)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d or {})
+    sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
+    kwargs = {name: _build(cls, d.pop(name) or {}, name) for name, cls in sections.items() if name in d}
+    init = dict(d.pop("init", None) or {})
+    if "from" in init:
+        init["source"] = init.pop("from")
+    kwargs["init"] = _build(InitConfig, init, "init")
+    model = dict(d.pop("model", None) or {})
+    name = model.pop("preset", None)
+    if kwargs["init"].source is not None:
+        taken = sorted(set(model) - set(TrainConfig.RUNTIME_MODEL_KEYS))
+        if name is not None or taken:
+            raise ConfigError(f"model.{name and 'preset' or taken[0]} is taken from init.from; only "
+                              f"{', '.join(TrainConfig.RUNTIME_MODEL_KEYS)} may be set beside it")
+        kwargs["model"] = None
+        kwargs["model_runtime"] = model
+    elif name is not None:
+        kwargs["model"] = preset(name).replace(**model)
+    else:
+        kwargs["model"] = ModelConfig.from_dict(model)
+    return _build(TrainConfig, {**d, **kwargs}, "config")
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML file plus dotted overrides like optim.learning_rate=1e-4 (values parsed as YAML)."""
+    import yaml
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.learning_rate=1e-4)")
+        node = d
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return train_config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

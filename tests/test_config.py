@@ -37,7 +37,8 @@ def test_round_trip_through_json(tmp_path):
     (dict(dtype="float8"), "model.dtype must be one of"),
     (dict(remat="everything"), "model.remat must be one of"),
     (dict(rope_theta=-1.0), "model.rope_theta must be > 0"),
-    (dict(colour="red"), "unknown model config key 'colour'"),
+    (dict(colour="red"), "model: unknown key 'colour'"),
+    (dict(rope_theta="fast"), "model.rope_theta must be a number, got 'fast'"),
 ])
 def test_bad_values_are_named(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

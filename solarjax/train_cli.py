@@ -1,0 +1,57 @@
+"""The training entry point behind train.py.
+
+  python train.py --config configs/X.yaml [dotted.key=value ...]
+  multi-host on CPU/GPU clusters without auto-detection:
+  python train.py --config ... --coordinator HOST:PORT --num-processes N --process-id I
+On TPU pods, SLURM and Open MPI, --distributed auto lets jax.distributed find its peers.
+Running the same command again resumes from the run directory's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file (configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. optim.learning_rate=1e-4")
+    p.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: jax.distributed.initialize() detects TPU pods, SLURM, Open MPI")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for an explicit multi-process run")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import jax
+    from solarjax.config import ConfigError, load_train_config
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            print("error: --coordinator needs --num-processes and --process-id", file=sys.stderr)
+            return 2
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed == "auto":
+        jax.distributed.initialize()
+    from solarjax.trainer import NonFiniteLossError, Trainer
+    try:
+        trainer = Trainer(cfg)
+        print(f"model: {trainer.model_config.num_layers} layers, {trainer.flops_per_token // 6:,} parameters; "
+              f"data: {trainer.data.train.n_tokens:,} tokens in {len(trainer.data.train):,} sequences; "
+              f"mesh {dict(trainer.mesh.shape)}; run dir {cfg.run_dir}", file=sys.stderr)
+        record = trainer.run()
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if record:
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"), file=sys.stderr)
+    return 0

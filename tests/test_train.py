@@ -1,0 +1,167 @@
+"""The training job: configs parse, loss falls, resume is exact, sharded equals single-device,
+init from HF with depth up-scaling, NaN detection, stop on SIGTERM and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import solarjax
+from solarjax.config import ConfigError, load_train_config, train_config_from_dict
+from solarjax.trainer import NonFiniteLossError, Trainer
+from hf_models import make_hf_model, save_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"preset": "tiny", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(40):  # a small, very learnable language: repeated short phrases
+        (folder / f"d{i:02d}.txt").write_text(" ".join(" ".join(words[:rng.randint(3, 8)]) for _ in range(30)))
+    return folder
+
+
+def _config(tmp_path, corpus, **over):
+    d = {"model": dict(TINY), "data": {"sources": [str(corpus)], "seq_len": 64, "num_proc": 1,
+                                       "cache_dir": str(tmp_path / "cache"), "validation_fraction": 0.1},
+         "optim": {"learning_rate": 1e-2, "warmup_steps": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+         "run_dir": str(tmp_path / "run"), "steps": 8, "global_batch": 4, "log_every": 2, "eval_every": 4,
+         "eval_batches": 1, "checkpoint_every": 4}
+    for key, value in over.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return train_config_from_dict(d)
+
+
+def _one_device_mesh():
+    return solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(path):
+    cfg = load_train_config(path)
+    assert cfg.steps > 0 and (cfg.model is not None or cfg.init.source is not None)
+
+
+def test_loss_falls(tmp_path, corpus):
+    trainer = Trainer(_config(tmp_path, corpus, steps=30, log_every=5, eval_every=30), _one_device_mesh())
+    record = trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert losses[0] > 9 and record["loss"] < losses[0] - 3, losses
+    assert record["eval_loss"] < 8 and np.isfinite(record["eval_perplexity"])
+    # The final export loads like any checkpoint and samples.
+    config, params = solarjax.load_model(tmp_path / "run" / "final")
+    assert config.num_layers == 2 and (tmp_path / "run" / "final" / "tokenizer.model").exists()
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    straight = Trainer(_config(tmp_path / "a", corpus), _one_device_mesh())
+    straight.run()
+    first = Trainer(_config(tmp_path / "b", corpus), _one_device_mesh())
+    first.run(until=3)
+    assert first.checkpoints.latest_step() == 3 and not (tmp_path / "b" / "run" / "final").exists()
+    resumed = Trainer(_config(tmp_path / "b", corpus), _one_device_mesh())
+    assert int(resumed.state["step"]) == 3
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    def losses(p):
+        lines = [json.loads(x) for x in (p / "run" / "metrics.jsonl").read_text().splitlines()]
+        return {m["step"]: m["loss"] for m in lines if "loss" in m}
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert set(a) <= set(b) and all(a[k] == b[k] for k in a)  # b also logged where it stopped, step 3
+
+
+def test_sharded_training_equals_single_device(tmp_path, corpus):
+    single = Trainer(_config(tmp_path / "a", corpus, steps=2, eval_every=0), _one_device_mesh())
+    single.run()
+    mesh = solarjax.make_mesh(2, 2, 2)
+    sharded = Trainer(_config(tmp_path / "b", corpus, steps=2, eval_every=0), mesh)
+    q = sharded.state["params"]["layers"]["self_attn"]["q_proj"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    mu = sharded.state["opt_state"][1][0].mu["layers"]["self_attn"]["q_proj"]
+    assert mu.sharding.spec == q.sharding.spec  # optimizer state lives in the parameters' shards
+    sharded.run()
+    for a, b in zip(jax.tree.leaves(single.state["params"]), jax.tree.leaves(sharded.state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_init_from_hf_with_depth_upscaling(tmp_path, corpus):
+    hf_dir = save_hf_model(make_hf_model("mistral", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                                         head_dim=8, num_hidden_layers=4), tmp_path / "hf")
+    cfg = _config(tmp_path, corpus, steps=2, eval_every=0)
+    d = cfg.to_dict()
+    d["model"] = {"remat": "full"}
+    d["init"] = {"from": str(hf_dir), "upscale": {"n": 4, "m": 1}}
+    cfg = train_config_from_dict(d)
+    trainer = Trainer(cfg, _one_device_mesh())
+    assert trainer.model_config.num_layers == 6 and trainer.model_config.remat == "full"
+    _, grown = solarjax.load_model(hf_dir, upscale=solarjax.upscale.UpscaleSpec(n=4, m=1))
+    for a, b in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(grown)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(trainer.run()["loss"])
+
+
+def test_non_finite_loss_names_the_step(tmp_path, corpus):
+    cfg = _config(tmp_path, corpus, **{"optim.learning_rate": 1e8, "optim.grad_clip": 0.0,
+                                       "optim.warmup_steps": 0, "steps": 8, "log_every": 1, "eval_every": 0})
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step \d"):
+        Trainer(cfg, _one_device_mesh()).run()
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("model: {preset: tiny}\noptim: {lr: 1}\n", [], "optim: unknown key 'lr'"),
+    ("model: {preset: tiny}\n", ["optim.learning_rate"], "is not KEY=VALUE"),
+    ("model: {preset: tiny}\ninit: {from: /x}\n", [], "model.preset is taken from init.from"),
+    ("model: {preset: tiny}\nsteps: 0\n", [], "steps must be a positive integer, got 0"),
+    ("model: {preset: tiny, num_heads: 5}\n", [], "model.num_heads 5 must be a multiple"),
+    ("model: [1, 2\n", [], "not valid YAML"),
+    ("model: {preset: tiny}\noptim: {learning_rate: fast}\n", [], "optim.learning_rate must be a number, got 'fast'"),
+])
+def test_config_errors_name_the_key(tmp_path, text, overrides, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_train_config(tmp_path / "c.yaml", overrides)
+    assert message in str(e.value)
+    assert overrides or "c.yaml" in str(e.value)  # file errors name the file, override errors the override
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, corpus):
+    cfg = tmp_path / "job.yaml"
+    d = _config(tmp_path, corpus, steps=400, log_every=1, checkpoint_every=1000, eval_every=0).to_dict()
+    cfg.write_text(json.dumps(d))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM at step" in err
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 3 <= stopped < 400
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())[-1] == stopped
+    run = subprocess.run(cmd + ["steps=" + str(stopped + 2)], capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, stopped + 3))

@@ -122,10 +122,18 @@ def test_cache_is_reused_without_tokenizing(corpus, tmp_path, monkeypatch):
 
 
 def test_parallel_tokenization_equals_serial(corpus, tmp_path):
+    """num_proc=2 in a fresh interpreter: datasets.map forks, which JAX's threads make unsafe here."""
+    import subprocess
+    import sys
     folder, _ = corpus
     serial = data.load_data(_cfg(tmp_path / "a", [folder], seq_len=16)).train.cache
-    parallel = data.load_data(DataConfig(sources=(str(folder),), cache_dir=str(tmp_path / "b"), num_proc=2,
-                                         seq_len=16)).train.cache
+    code = ("import sys; from solarjax import data; from solarjax.config import DataConfig; "
+            "c = data.load_data(DataConfig(sources=(sys.argv[1],), cache_dir=sys.argv[2], num_proc=2)).train.cache; "
+            "print(c.path)")
+    run = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "b")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    parallel = data.TokenCache(run.stdout.strip().splitlines()[-1])
     np.testing.assert_array_equal(parallel.tokens, serial.tokens)
     np.testing.assert_array_equal(parallel.offsets, serial.offsets)
 

@@ -29,13 +29,24 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=None, overwrite=False) -> Path:
+    path = Path(path)
+    if jax.process_count() > 1:
+        # Every process writes its shards; orbax coordinates them and commits atomically itself.
+        if jax.process_index() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            config.save(path / CONFIG_FILE)
+            hf.copy_tokenizer_files(tokenizer_dir, path)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path.absolute() / "params", params, force=overwrite)
+        checkpointer.wait_until_finished()
+        return path
     with atomic_output_dir(path, overwrite) as tmp:
         config.save(tmp / CONFIG_FILE)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.absolute() / "params", params)
         checkpointer.wait_until_finished()
         hf.copy_tokenizer_files(tokenizer_dir, tmp)
-    return Path(path)
+    return path
 
 
 def load_params(path: str | Path, mesh=None) -> tuple[ModelConfig, dict]:

@@ -9,7 +9,6 @@ so tensors differ from one another (and byte-identity checks mean something) wit
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 

@@ -105,12 +105,17 @@ class Trainer:
         return config, params
 
     def _saved_model_config(self) -> ModelConfig:
+        """The resumed run's model; the config may change how it runs (dtype, remat), not what it is."""
         saved = ModelConfig.load(self.run_dir / ckpt_lib.CONFIG_FILE)
-        if self.cfg.model is not None and self.cfg.init.upscale is None and self.cfg.model != saved:
-            key = next(f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.cfg.model, f.name))
-            raise ConfigError(f"{self.run_dir} holds a run with model.{key}={getattr(saved, key)!r}, but the config "
-                              f"says {getattr(self.cfg.model, key)!r}; use another run_dir or the same model")
-        return saved.replace(**self.cfg.model_runtime)
+        runtime = TrainConfig.RUNTIME_MODEL_KEYS
+        if self.cfg.model is None or self.cfg.init.upscale is not None:  # the config names the base model
+            return saved.replace(**self.cfg.model_runtime)
+        for f in dataclasses.fields(saved):
+            ours, theirs = getattr(self.cfg.model, f.name), getattr(saved, f.name)
+            if f.name not in runtime and ours != theirs:
+                raise ConfigError(f"{self.run_dir} holds a run with model.{f.name}={theirs!r}, but the config says "
+                                  f"{ours!r}; use another run_dir or the same model")
+        return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
 
     def _new_state(self, params):
         return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,15 +217,15 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
 
 
 def model_card(src, base_config: ModelConfig, config: ModelConfig, spec: UpscaleSpec, arch: str, dtype: str) -> str:
-    plan = spec.plan(base_config.num_layers)
-    index = check_plan(plan, base_config.num_layers)
+    index = check_plan(spec.plan(base_config.num_layers), base_config.num_layers)
+    architecture = hf.config_to_hf(config, arch)["architectures"][0]
     return f"""---
 tags: [depth-up-scaling, solarjax]
 ---
 # Depth up-scaled from `{Path(src).name}`
 
 Made by solarjax on {datetime.date.today().isoformat()}: {spec.describe(base_config.num_layers)}.
-{base_config.num_layers} base layers -> {config.num_layers} layers ({hf.config_to_hf(config, arch)["architectures"][0]}, {dtype}).
+{base_config.num_layers} base layers -> {config.num_layers} layers ({architecture}, {dtype}).
 Embeddings, final norm and lm_head are the base model's. New layer i takes base layer:
 
 `{index}`

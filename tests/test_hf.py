@@ -82,7 +82,8 @@ def test_llama_round_trip_and_solar_form_from_mistral(tmp_path):
     d = json.loads((tmp_path / "as-llama" / "config.json").read_text())
     assert d["architectures"] == ["LlamaForCausalLM"] and "sliding_window" not in d
     assert d["max_position_embeddings"] == 16
-    as_llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as-llama", attn_implementation="eager").eval()
+    as_llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as-llama",
+                                                                 attn_implementation="eager").eval()
     tokens = np.random.RandomState(0).randint(0, 128, (1, 16))
     np.testing.assert_allclose(hf_logits(as_llama, tokens), hf_logits(mistral, tokens), atol=1e-5)
 

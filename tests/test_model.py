@@ -1,6 +1,5 @@
 """The decoder against transformers' own Mistral and Llama, and invariants of our implementation."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

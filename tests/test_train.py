@@ -165,3 +165,11 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, corpus):
     assert run.returncode == 0, run.stderr
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, stopped + 3))
+
+
+def test_resume_refuses_another_model_but_allows_runtime_changes(tmp_path, corpus):
+    Trainer(_config(tmp_path, corpus, steps=1, eval_every=0), _one_device_mesh()).run()
+    with pytest.raises(ConfigError, match=r"holds a run with model.hidden_size=32, but the config says 64"):
+        Trainer(_config(tmp_path, corpus, steps=2, **{"model.hidden_size": 64}), _one_device_mesh())
+    resumed = Trainer(_config(tmp_path, corpus, steps=2, **{"model.remat": "full"}), _one_device_mesh())
+    assert resumed.model_config.remat == "full" and int(resumed.state["step"]) == 1

@@ -33,7 +33,7 @@ from solarjax import data as data_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax.model import Decoder, abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
-from solarjax.sharding import make_mesh, param_shardings
+from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
@@ -76,7 +76,7 @@ class Trainer:
             self.state = jax.jit(self._new_state, out_shardings=self._state_shardings(), donate_argnums=0)(params)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
+        self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.train_step = jax.jit(self._train_step, in_shardings=(self._state_shardings(), self.batch_sharding),
                                   out_shardings=(self._state_shardings(), replicated), donate_argnums=0)

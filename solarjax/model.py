@@ -153,6 +153,7 @@ class Decoder(nn.Module):
     # False: layers as separate modules layers_0..layers_{L-1} (see unstack_layers). Decoding on CPU
     # uses it because XLA:CPU copies each layer's slice of a stacked weight on every scan step.
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per scan iteration; only compile_for_topology's FLOP count changes it
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
@@ -187,7 +188,7 @@ class Decoder(nn.Module):
         if self.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
+                             unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
             x_BTD, kv = layers(cfg, name="layers")(x_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
         else:
             new_kv = []

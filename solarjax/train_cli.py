@@ -1,6 +1,7 @@
 """The training entry point behind train.py.
 
   python train.py --config configs/X.yaml [dotted.key=value ...]
+  python train.py --config configs/X.yaml --compile-only --topology v5p-128   (AOT, needs libtpu)
   multi-host on CPU/GPU clusters without auto-detection:
   python train.py --config ... --coordinator HOST:PORT --num-processes N --process-id I
 On TPU pods, SLURM and Open MPI, --distributed auto lets jax.distributed find its peers.
@@ -23,6 +24,9 @@ def _parser():
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for an explicit multi-process run")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the train step ahead of time for --topology and report memory and FLOPs")
+    p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p-128 or v5p:4x4x4 (needs libtpu)")
     return p
 
 
@@ -35,6 +39,18 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.compile_only:
+        import json
+        from solarjax.trainer import compile_for_topology
+        if not args.topology:
+            print("error: --compile-only needs --topology (e.g. v5p-128)", file=sys.stderr)
+            return 2
+        try:
+            print(json.dumps(compile_for_topology(cfg, args.topology), indent=2))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             print("error: --coordinator needs --num-processes and --process-id", file=sys.stderr)

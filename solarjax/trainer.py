@@ -37,10 +37,10 @@ from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
-def loss_and_count(config: ModelConfig, params, batch):
+def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1):
     """Mean next-token cross entropy over positions whose next token is in the same document."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
-    logits_BTV = Decoder(config).apply({"params": params}, tokens_BT, batch["positions"], seg_BT)
+    logits_BTV = Decoder(config, scan_unroll=unroll).apply({"params": params}, tokens_BT, batch["positions"], seg_BT)
     valid_BT = (seg_BT[:, 1:] == seg_BT[:, :-1]) & (seg_BT[:, 1:] > 0)
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1], tokens_BT[:, 1:])
     count = valid_BT.sum()
@@ -49,6 +49,42 @@ def loss_and_count(config: ModelConfig, params, batch):
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def new_state(optimizer, params) -> dict:
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(model_config: ModelConfig, optimizer, mesh) -> dict:
+    """Params by their logical axes; the optimizer's moments in the same shards as their params."""
+    params = nn.unbox(param_shardings(abstract_params(model_config), mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(abstract_params(model_config)))
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params, "opt_state": opt, "step": replicated}
+
+
+def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
+    shapes = jax.eval_shape(lambda p: new_state(optimizer, p), nn.unbox(abstract_params(model_config)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        state_shardings(model_config, optimizer, mesh))
+
+
+def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1):
+    """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
+    and donated state buffers."""
+    def train_step(state, batch):
+        grad_fn = jax.value_and_grad(lambda p: loss_and_count(model_config, p, batch, unroll), has_aux=True)
+        (loss, count), grads = grad_fn(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+               "step": state["step"] + 1}
+        return new, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
+                     "lr": lr_schedule(state["step"])}
+    shardings = state_shardings(model_config, optimizer, mesh)
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
 class Trainer:
@@ -70,16 +106,17 @@ class Trainer:
         resume_step = self.checkpoints.latest_step()
         if resume_step is not None:
             self.model_config = self._saved_model_config()
-            self.state = self.checkpoints.restore(resume_step, args=ocp.args.StandardRestore(self._abstract_state()))
+            target = abstract_state(self.model_config, self.optimizer, self.mesh)
+            self.state = self.checkpoints.restore(resume_step, args=ocp.args.StandardRestore(target))
         else:
             self.model_config, params = self._initial_params()
-            self.state = jax.jit(self._new_state, out_shardings=self._state_shardings(), donate_argnums=0)(params)
+            self.state = jax.jit(lambda p: new_state(self.optimizer, p), donate_argnums=0,
+                                 out_shardings=state_shardings(self.model_config, self.optimizer, self.mesh))(params)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_step = jax.jit(self._train_step, in_shardings=(self._state_shardings(), self.batch_sharding),
-                                  out_shardings=(self._state_shardings(), replicated), donate_argnums=0)
+        self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = 6 * param_count(self.model_config)
         if jax.process_index() == 0:
@@ -116,33 +153,6 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} holds a run with model.{f.name}={theirs!r}, but the config says "
                                   f"{ours!r}; use another run_dir or the same model")
         return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
-
-    def _new_state(self, params):
-        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    def _state_shardings(self):
-        params = nn.unbox(param_shardings(abstract_params(self.model_config), self.mesh))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        abstract_opt = jax.eval_shape(self.optimizer.init, nn.unbox(abstract_params(self.model_config)))
-        opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, params,
-                                    transform_non_params=lambda _: replicated)
-        return {"params": params, "opt_state": opt, "step": replicated}
-
-    def _abstract_state(self):
-        shapes = jax.eval_shape(self._new_state, nn.unbox(abstract_params(self.model_config)))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                            self._state_shardings())
-
-    # -- steps --------------------------------------------------------------------------------
-
-    def _train_step(self, state, batch):
-        grad_fn = jax.value_and_grad(lambda p: loss_and_count(self.model_config, p, batch), has_aux=True)
-        (loss, count), grads = grad_fn(state["params"])
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-               "step": state["step"] + 1}
-        return new, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
-                     "lr": self.schedule(state["step"])}
 
     def _eval_step(self, params, batch):
         loss, count = loss_and_count(self.model_config, params, batch)
@@ -254,3 +264,98 @@ class Trainer:
         ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True)
         if jax.process_index() == 0:
             shutil.copy(self.data.tokenizer.path, final / "tokenizer.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a TPU slice, on any machine with libtpu installed (no TPU needed)
+
+HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}  # per chip
+
+
+def topology_name(name: str) -> tuple[str, str]:
+    """'v5p-128' (TensorCores, as Cloud names slices) or 'v5p:4x4x4' -> (generation, 'v5p:4x4x4')."""
+    if ":" in name:
+        return name.split(":")[0], name
+    gen, _, count = name.partition("-")
+    if gen not in HBM_GIB or not count.isdigit():
+        raise ConfigError(f"--topology {name!r} is not like v5p-128, v4-32, v5e-16 or v5p:4x4x4")
+    chips = int(count) // 2 if gen in ("v4", "v5p") else int(count)  # v4/v5p count 2 cores a chip
+    # Cloud's shapes: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... and 2x2, 2x4, 4x4, 4x8, ...
+    dims = ([2, 2, 1] if chips >= 4 else [1, 1, 1]) if gen in ("v4", "v5p") else [1, 1]
+    while math.prod(dims) < chips:
+        smallest = min(dims)
+        dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+    if math.prod(dims) != chips:
+        raise ConfigError(f"--topology {name!r}: {chips} chips is not a power of two")
+    return gen, f"{gen}:{'x'.join(map(str, dims))}"
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """6 FLOPs per weight that multiplies (the untied embedding table is a gather and does not),
+    plus 12 * L * (H * E) * T for attention scores and values (PaLM's count)."""
+    weights = param_count(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    return 6 * weights + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+
+
+def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
+    """Lowers and compiles the train step for a TPU topology with libtpu's compiler and reports
+    per-chip memory and FLOPs. The model comes from cfg.model, or from init.from's config."""
+    import os
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask here
+    from jax.experimental import topologies
+    gen, name = topology_name(topology)
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu missing or the name unknown to it
+        raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); "
+                          f"install the tpu extra: pip install -e '.[tpu]'") from None
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
+    model_config = cfg.model
+    if model_config is None:
+        source = Path(cfg.init.source)
+        if ckpt_lib.is_checkpoint(source):
+            model_config = ModelConfig.load(source / ckpt_lib.CONFIG_FILE)
+        else:
+            from solarjax import hf
+            model_config = hf.config_from_hf(json.loads((source / "config.json").read_text()))
+        model_config = model_config.replace(**cfg.model_runtime)
+    if cfg.init.upscale:
+        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
+        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
+             for k in ("tokens", "segment_ids", "positions")}
+
+    def compile_step(config: ModelConfig, unroll: int = 1):
+        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll)
+        compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return compiled, float(cost.get("flops", 0.0)) * len(topo.devices)
+
+    start = time.perf_counter()
+    report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
+              "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len}
+    try:
+        compiled, _ = compile_step(model_config)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {**report, "fits": False, "error": str(e).splitlines()[0]}
+    seconds = time.perf_counter() - start
+    # XLA counts a while loop's body once, so the scanned step's own count misses L-1 layers.
+    # Fully unrolled 1- and 2-layer variants give the per-layer and the fixed cost instead.
+    one, two = (compile_step(model_config.replace(num_layers=n), unroll=n)[1] for n in (1, 2))
+    compiled_flops = one + (model_config.num_layers - 1) * (two - one)
+    mem = compiled.memory_analysis()
+    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    model_flops = model_flops_per_token(model_config, cfg.data.seq_len) * cfg.global_batch * cfg.data.seq_len
+    return {
+        **report, "fits": per_chip <= HBM_GIB[gen] * 2**30, "compile_s": round(seconds, 1),
+        "per_chip_gib": {"arguments": mem.argument_size_in_bytes / 2**30, "temp": mem.temp_size_in_bytes / 2**30,
+                         "total": per_chip / 2**30, "hbm": HBM_GIB[gen]},
+        "hbm_headroom": 1 - per_chip / (HBM_GIB[gen] * 2**30),
+        "compiled_flops_per_step": compiled_flops,
+        "model_flops_per_step": model_flops,
+        "flop_ratio": compiled_flops / model_flops,
+    }

@@ -36,7 +36,10 @@ REMAT_POLICIES = {
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_INIT):
     cfg = module.config
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+    # Keeps each layer's slice of a stacked weight in its shards inside the scan, so it is gathered
+    # there, one layer at a time, instead of the whole stack being gathered before the loop.
+    return constrain(value, axes)
 
 
 def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:

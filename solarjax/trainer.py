@@ -328,7 +328,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
 
     def compile_step(config: ModelConfig, unroll: int = 1):
         step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll)
-        compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
+            compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return compiled, float(cost.get("flops", 0.0)) * len(topo.devices)

@@ -33,7 +33,7 @@ def main(argv=None):
     pool = np.concatenate([pool, pool])  # any window of up to len/2 values is contiguous
     infos = [TensorInfo(s.hf_name, s.hf_shape, dtype) for s in hf.weight_specs(config)]
     shards = plan_shards(infos, parse_size(args.shard_size))
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = hf.shard_file_names(len(shards))
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, "mistral", args.dtype), indent=2))
         for name, shard in zip(names, shards):
@@ -49,9 +49,7 @@ def main(argv=None):
                     w.write_array(np.concatenate(parts).reshape(info.shape) if len(parts) > 1
                                   else parts[0].reshape(info.shape))
             print(f"wrote {name}", file=sys.stderr)
-        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
-                 "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf.write_index(tmp, shards, names)
     print(f"{args.out}: {sum(i.nbytes for i in infos) / 1e9:.2f} GB", file=sys.stderr)
 
 

@@ -357,8 +357,7 @@ def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None
 
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        names = shard_file_names(len(shards))
         bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"writing {Path(out).name}", unit="B",
                    unit_scale=True, disable=None)
 
@@ -372,12 +371,24 @@ def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None
         for name, shard in zip(names, shards):
             write_safetensors(tmp / name, shard, arrays(shard), metadata={"format": "pt"})
         bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
-                     "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp, shards, names)
         copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(out)
+
+
+def shard_file_names(count: int) -> list[str]:
+    """HF's names: model.safetensors alone, else model-0000i-of-0000n.safetensors."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(directory: Path, shards: list[list[TensorInfo]], names: list[str]) -> None:
+    """model.safetensors.index.json, which HF expects when there is more than one shard."""
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for shard in shards for i in shard)},
+                 "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:

@@ -190,8 +190,7 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     infos = [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs]
     sources = {s.hf_name: s.source_name(index) for s in specs}
     shards = plan_shards(infos, shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = hf.shard_file_names(len(shards))
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, arch, dtype_name), indent=2) + "\n")
         bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"up-scaling to {len(index)} layers", unit="B",
@@ -207,10 +206,7 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
                         writer.write_array(np.asarray(base.get(name), np_dtype))
                     bar.update(info.nbytes)
         bar.close()
-        if len(shards) > 1:
-            index_json = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
-                          "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+        hf.write_index(tmp, shards, names)
         hf.copy_tokenizer_files(src, tmp)
         (tmp / "README.md").write_text(model_card(src, base_config, config, spec, arch, dtype_name))
     return Path(out)

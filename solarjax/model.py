@@ -42,6 +42,33 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return constrain(value, axes)
 
 
+def _weight(module: nn.Module, name: str, in_dims: tuple, out_dims: tuple, in_axes: tuple, out_axes: tuple):
+    """A projection weight in the module's layout: [*in, *out] for training, [*out, *in] (HF's) in
+    the decode layout. Cast to the compute dtype."""
+    if module.decode_layout:
+        return _param(module, name, out_dims + in_dims, out_axes + in_axes).astype(module.config.dtype)
+    return _param(module, name, in_dims + out_dims, in_axes + out_axes).astype(module.config.dtype)
+
+
+def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
+    """x [..., *in] times w -> [..., *out], contracting x's last n_in dims with w's in-dims.
+
+    out_in (the decode layout, w [*out, *in]) computes W @ x^T: XLA:CPU's GEMM repacks its right
+    operand on every call, so with the few decoded rows there, the large weight streams through
+    as stored; 1.6x faster at 16 rows than x @ W (bench/b3_b4_decode.py). The barriers stop XLA
+    from rewriting the product back into x @ W^T.
+    """
+    lead, in_dims = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    if not out_in:
+        dims = ((tuple(range(len(lead), x.ndim)), tuple(range(n_in))), ((), ()))
+        return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
+    out_dims = w.shape[:w.ndim - n_in]
+    w2 = w.reshape(-1, int(np.prod(in_dims)))
+    x2t = jax.lax.optimization_barrier(x.reshape(-1, w2.shape[1]).T)
+    y = jax.lax.optimization_barrier(jnp.matmul(w2, x2t, preferred_element_type=out_dtype)).T
+    return y.reshape(lead + out_dims)
+
+
 def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, HF's rotate-half layout: dims [0, E/2) pair with [E/2, E)."""
     E = x_BTNE.shape[-1]
@@ -67,16 +94,30 @@ def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, sliding_window: int |
     return mask_BTS
 
 
-def attend(q_BTHE, k_BSKE, v_BSKE, mask_BTS) -> jax.Array:
-    """Grouped-query attention; query head h reads kv head h // G, as HF's repeat_kv does."""
+def attend(q_BTHE, k, v, mask_BTS, cached=False) -> jax.Array:
+    """Grouped-query attention; query head h reads kv head h // G, as HF's repeat_kv does.
+
+    k and v are [B, S, K, E] as projected, or in the KV cache's layout when cached: k [B, K, E, S],
+    v [B, K, S, E], with the queries as [B, K, G*T, E] rows: two plain batched matmuls, which
+    XLA:CPU then runs without copying the cache at every decoded token (4x faster at 16 rows).
+    """
     B, T, H, E = q_BTHE.shape
-    K = k_BSKE.shape[2]
-    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-    scores_BKGTS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTKGE, k_BSKE,
-                              preferred_element_type=jnp.float32) * (E ** -0.5)
+    K = k.shape[1 if cached else 2]
+    G = H // K
+    q_BTKGE = q_BTHE.reshape(B, T, K, G, E)
+    if cached:
+        q_BKXE = q_BTKGE.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # X = (G, T)
+        scores_BKXS = jnp.einsum("BKXE,BKES->BKXS", q_BKXE, k, preferred_element_type=jnp.float32)
+        scores_BKGTS = scores_BKXS.reshape(B, K, G, T, -1) * (E ** -0.5)
+    else:
+        scores_BKGTS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTKGE, k, preferred_element_type=jnp.float32) * (E ** -0.5)
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
-    out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs_BKGTS, v_BSKE)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v.dtype)
+    if cached:
+        out_BKXE = jnp.einsum("BKXS,BKSE->BKXE", probs_BKGTS.reshape(B, K, G * T, -1), v)
+        out_BTKGE = out_BKXE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4)
+    else:
+        out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs_BKGTS, v)
     return out_BTKGE.reshape(B, T, H, E)
 
 
@@ -93,59 +134,64 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     config: ModelConfig
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, kv_meta=None):
-        """kv: this layer's cache (k_BSKE, v_BSKE) or None; kv_meta: (key positions BS, key
+        """kv: this layer's cache (k_BKES, v_BKSE) or None; kv_meta: (key positions BS, key
         segments BS, write index), shared by all layers. Returns (out_BTD, updated kv or None)."""
         cfg = self.config
         D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dt = cfg.dtype
-        w_q = _param(self, "q_proj", (D, H, E), ("embed", "heads", "head_dim")).astype(dt)
-        w_k = _param(self, "k_proj", (D, K, E), ("embed", "kv_heads", "head_dim")).astype(dt)
-        w_v = _param(self, "v_proj", (D, K, E), ("embed", "kv_heads", "head_dim")).astype(dt)
-        w_o = _param(self, "o_proj", (H, E, D), ("heads", "head_dim", "embed")).astype(dt)
-        q_BTHE = rope(jnp.einsum("BTD,DHE->BTHE", x_BTD, w_q), positions_BT, cfg.rope_theta)
-        k_BTKE = rope(jnp.einsum("BTD,DKE->BTKE", x_BTD, w_k), positions_BT, cfg.rope_theta)
-        v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, w_v)
+        w_q = _weight(self, "q_proj", (D,), (H, E), ("embed",), ("heads", "head_dim"))
+        w_k = _weight(self, "k_proj", (D,), (K, E), ("embed",), ("kv_heads", "head_dim"))
+        w_v = _weight(self, "v_proj", (D,), (K, E), ("embed",), ("kv_heads", "head_dim"))
+        w_o = _weight(self, "o_proj", (H, E), (D,), ("heads", "head_dim"), ("embed",))
+        project = functools.partial(_project, out_in=self.decode_layout)
+        q_BTHE = rope(project(x_BTD, w_q, 1), positions_BT, cfg.rope_theta)
+        k_BTKE = rope(project(x_BTD, w_k, 1), positions_BT, cfg.rope_theta)
+        v_BTKE = project(x_BTD, w_v, 1)
         if kv is None:
-            k_BSKE, v_BSKE, k_pos_BS, k_seg_BS = k_BTKE, v_BTKE, positions_BT, segment_ids_BT
+            k, v, k_pos_BS, k_seg_BS = k_BTKE, v_BTKE, positions_BT, segment_ids_BT
         else:
             k_pos_BS, k_seg_BS, index = kv_meta
-            k_BSKE = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BTKE.astype(kv[0].dtype), index, axis=1)
-            v_BSKE = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BTKE.astype(kv[1].dtype), index, axis=1)
-            kv = (k_BSKE, v_BSKE)
+            k_BKET = k_BTKE.transpose(0, 2, 3, 1).astype(kv[0].dtype)
+            v_BKTE = v_BTKE.transpose(0, 2, 1, 3).astype(kv[1].dtype)
+            kv = k, v = (jax.lax.dynamic_update_slice_in_dim(kv[0], k_BKET, index, axis=3),
+                         jax.lax.dynamic_update_slice_in_dim(kv[1], v_BKTE, index, axis=2))
         mask_BTS = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, cfg.sliding_window)
-        out_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
-        return jnp.einsum("BTHE,HED->BTD", out_BTHE, w_o), kv
+        out_BTHE = attend(q_BTHE, k, v, mask_BTS, cached=kv is not None)
+        return project(out_BTHE, w_o, 2), kv
 
 
 class Mlp(nn.Module):
     config: ModelConfig
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, x_BTD):
-        cfg = self.config
-        D, F, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
-        w_gate = _param(self, "gate_proj", (D, F), ("embed", "mlp")).astype(dt)
-        w_up = _param(self, "up_proj", (D, F), ("embed", "mlp")).astype(dt)
-        w_down = _param(self, "down_proj", (F, D), ("mlp", "embed")).astype(dt)
-        h_BTF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BTD, w_gate)) * jnp.einsum("BTD,DF->BTF", x_BTD, w_up)
-        return jnp.einsum("BTF,FD->BTD", h_BTF, w_down)
+        D, F = self.config.hidden_size, self.config.intermediate_size
+        w_gate = _weight(self, "gate_proj", (D,), (F,), ("embed",), ("mlp",))
+        w_up = _weight(self, "up_proj", (D,), (F,), ("embed",), ("mlp",))
+        w_down = _weight(self, "down_proj", (F,), (D,), ("mlp",), ("embed",))
+        project = functools.partial(_project, n_in=1, out_in=self.decode_layout)
+        h_BTF = jax.nn.silu(project(x_BTD, w_gate)) * project(x_BTD, w_up)
+        return project(h_BTF, w_down)
 
 
 class Block(nn.Module):
     """Pre-norm decoder block; the scan carry is the residual stream."""
     config: ModelConfig
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, kv_meta=None):
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="input_layernorm")(x_BTD)
-        h_BTD, kv = Attention(cfg, name="self_attn")(h_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
+        attention = Attention(cfg, self.decode_layout, name="self_attn")
+        h_BTD, kv = attention(h_BTD, positions_BT, segment_ids_BT, kv, kv_meta)
         x_BTD = x_BTD + h_BTD
         h_BTD = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
-        x_BTD = x_BTD + Mlp(cfg, name="mlp")(h_BTD)
+        x_BTD = x_BTD + Mlp(cfg, self.decode_layout, name="mlp")(h_BTD)
         # The one sharding hint per block: keeps the residual stream batch-sharded between layers.
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD, kv
@@ -153,13 +199,14 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
-    # False: layers as separate modules layers_0..layers_{L-1} (see unstack_layers). Decoding on CPU
-    # uses it because XLA:CPU copies each layer's slice of a stacked weight on every scan step.
-    scan_layers: bool = True
+    # The decode layout (see decode_params): layers as separate modules layers_0..layers_{L-1},
+    # because XLA:CPU copies each layer's slice of a stacked weight on every scan step, and
+    # projection weights stored [out, in] (see _project). The sampler uses it on CPU.
+    decode_layout: bool = False
     scan_unroll: int = 1  # layers per scan iteration; only compile_for_topology's FLOP count changes it
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, last_only=False):
         """Float32 logits [B, T, V], or (logits, cache) when a KV cache is given.
 
         positions_BT: position of each token in its document (default 0..T-1).
@@ -167,6 +214,7 @@ class Decoder(nn.Module):
           segment 0 marks padding.
         cache: from init_cache; the T tokens are written at cache["index"] and attend to every
           filled slot of their segment.
+        last_only: logits of the last position only ([B, 1, V]), as a sampler's prefill needs.
         """
         cfg = self.config
         B, T = tokens_BT.shape
@@ -188,7 +236,7 @@ class Decoder(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if self.scan_layers:
+        if not self.decode_layout:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                              unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
@@ -197,16 +245,18 @@ class Decoder(nn.Module):
             new_kv = []
             for i in range(cfg.num_layers):
                 kv_i = None if kv is None else (kv[0][i], kv[1][i])
-                x_BTD, kv_i = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT, kv_i, kv_meta)
+                x_BTD, kv_i = block(cfg, True, name=f"layers_{i}")(x_BTD, positions_BT, segment_ids_BT, kv_i, kv_meta)
                 new_kv.append(kv_i)
             kv = None if kv is None else (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
 
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
         if cfg.tie_word_embeddings:
-            head_DV = embedding_VD.T
+            head = embedding_VD if self.decode_layout else embedding_VD.T
         else:
-            head_DV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            head = _weight(self, "lm_head", (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",))
+        logits_BTV = _project(x_BTD, head.astype(cfg.dtype), 1, self.decode_layout, jnp.float32)
         if cache is None:
             return logits_BTV
         return logits_BTV, {"k": kv[0], "v": kv[1], "pos": kv_meta[0], "seg": kv_meta[1], "index": index + T}
@@ -214,14 +264,15 @@ class Decoder(nn.Module):
 
 def init_cache(config: ModelConfig, batch: int, length: int, stacked: bool = True) -> dict:
     """An empty KV cache of `length` slots. Segment 0 marks empty slots, which no token attends to.
-    stacked=False gives a tuple of per-layer arrays, for Decoder(scan_layers=False)."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    stacked=False gives a tuple of per-layer arrays, for Decoder(decode_layout=True)."""
+    k_shape = (batch, config.num_kv_heads, config.head_dim, length)  # [B, K, E, S], see attend
+    v_shape = (batch, config.num_kv_heads, length, config.head_dim)  # [B, K, S, E]
     if stacked:
-        k = jnp.zeros((config.num_layers,) + shape, config.dtype)  # [L, B, S, K, E]
-        v = jnp.zeros((config.num_layers,) + shape, config.dtype)  # [L, B, S, K, E]
+        k = jnp.zeros((config.num_layers,) + k_shape, config.dtype)
+        v = jnp.zeros((config.num_layers,) + v_shape, config.dtype)
     else:
-        k = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))  # L x [B, S, K, E]
-        v = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))  # L x [B, S, K, E]
+        k = tuple(jnp.zeros(k_shape, config.dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(v_shape, config.dtype) for _ in range(config.num_layers))
     return {
         "k": k,
         "v": v,
@@ -231,13 +282,26 @@ def init_cache(config: ModelConfig, batch: int, length: int, stacked: bool = Tru
     }
 
 
-def unstack_layers(params) -> dict:
-    """The stacked "layers" subtree split into layers_0..layers_{L-1}, for Decoder(scan_layers=False).
-    Costs one copy of the layer weights."""
-    stacked = params["layers"]
-    L = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)})
+def decode_params(config: ModelConfig, params) -> dict:
+    """Training-layout parameters in the decode layout (Decoder(decode_layout=True)): the stacked
+    layers split into layers_0..layers_{L-1} and each weight's axes reordered as that layout
+    declares them, matched by logical axis name. Costs one copy of the weights; under a mesh the
+    copy keeps each weight's sharding by name."""
+    names = lambda tree: jax.tree.map(lambda p: p.names, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    train = names(abstract_params(config))
+    decode = names(abstract_params(config, decode_layout=True))
+
+    def relayout(a, t, d):
+        return constrain(a.transpose([t.index(n) for n in d]), d)
+
+    out = {}
+    for key, value in params.items():
+        if key != "layers":
+            out[key] = jax.tree.map(relayout, value, train[key], decode[key])
+            continue
+        for i in range(config.num_layers):  # t[1:]: a layer's axes without the leading "layers"
+            out[f"layers_{i}"] = jax.tree.map(lambda a, t, d: relayout(a[i], t[1:], d), value, train[key],
+                                              decode[f"layers_{i}"])
     return out
 
 
@@ -245,9 +309,9 @@ def _dummy_tokens() -> jax.Array:
     return jnp.zeros((1, 1), jnp.int32)
 
 
-def abstract_params(config: ModelConfig):
+def abstract_params(config: ModelConfig, decode_layout: bool = False):
     """Shapes, dtypes and logical axes of every parameter (boxed), with nothing allocated."""
-    return jax.eval_shape(Decoder(config).init, jax.random.key(0), _dummy_tokens())["params"]
+    return jax.eval_shape(Decoder(config, decode_layout).init, jax.random.key(0), _dummy_tokens())["params"]
 
 
 def param_count(config: ModelConfig) -> int:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.model import Decoder, init_cache, unstack_layers
+from solarjax.model import Decoder, decode_params, init_cache
 
 
 class SamplingError(ValueError):
@@ -79,9 +79,10 @@ def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP,
     B, P = tokens_BP.shape
     stacked = "layers" in params
     cache = init_cache(config, B, P + max_new, stacked)
-    logits_BPV, cache = Decoder(config, stacked).apply({"params": params}, tokens_BP, positions_BP, segments_BP, cache)
+    logits_B1V, cache = Decoder(config, not stacked).apply({"params": params}, tokens_BP, positions_BP, segments_BP,
+                                                           cache, last_only=True)
     rng, key = jax.random.split(rng)
-    first_B = sample_logits(logits_BPV[:, -1], key, temperature, top_k, top_p)
+    first_B = sample_logits(logits_B1V[:, 0], key, temperature, top_k, top_p)
     return cache, first_B, rng
 
 
@@ -90,7 +91,7 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
             eos_id):
     """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS) and the number
     of tokens produced per row before the loop stopped."""
-    model = Decoder(config, scan_layers="layers" in params)
+    model = Decoder(config, decode_layout="layers" not in params)
     B = first_B.shape[0]
     out_BN = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first_B)
 
@@ -112,7 +113,7 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
     return out_BN, steps
 
 
-_unstack = jax.jit(unstack_layers)
+_decode_params = jax.jit(decode_params, static_argnums=0)
 
 
 def left_pad(prompts: list[list[int]], length: int | None = None):
@@ -154,10 +155,9 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     max_new = max(max_new, 1)
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
-        # XLA:CPU copies a layer's weights out of the stacked array at every scan step, which
-        # doubled the weight traffic of a decode step (bench/b3_b4_decode.py); one copy up front
-        # into per-layer arrays pays for itself after a token or two.
-        params = _unstack(params)
+        # The decode layout (model.decode_params) halves XLA:CPU's time per decoded token
+        # (bench/b3_b4_decode.py); one copy of the weights up front pays for itself within a token or two.
+        params = _decode_params(config, params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
              np.int32(-1 if eos_id is None else eos_id))
     prefill_args = (params, tokens, positions, segments, jax.random.key(sampling.seed), *knobs)

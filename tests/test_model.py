@@ -125,13 +125,16 @@ def test_logits_rejects_bad_token_ids():
         solarjax.logits(config, params, np.array([1, 2]))
 
 
-def test_unstacked_layers_equal_scanned_layers():
-    """Decoder(scan_layers=False) on unstack_layers(params) computes what the scanned model does."""
-    config = solarjax.preset("tiny").replace(num_layers=3, sliding_window=4)
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_layout_equals_train_layout(tied):
+    """Decoder(decode_layout=True) on decode_params(params) computes what the training layout does."""
+    config = solarjax.preset("tiny").replace(num_layers=3, sliding_window=4, tie_word_embeddings=tied)
     params = solarjax.init_params(config, jax.random.key(5))
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 9)))
-    unstacked = model_lib.unstack_layers(params)
+    unstacked = model_lib.decode_params(config, params)
     assert sorted(k for k in unstacked if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
-    np.testing.assert_array_equal(unstacked["layers_2"]["mlp"]["up_proj"], params["layers"]["mlp"]["up_proj"][2])
-    out = jax.jit(model_lib.Decoder(config, scan_layers=False).apply)({"params": unstacked}, tokens)
+    np.testing.assert_array_equal(unstacked["layers_2"]["mlp"]["up_proj"], params["layers"]["mlp"]["up_proj"][2].T)
+    np.testing.assert_array_equal(unstacked["layers_1"]["self_attn"]["o_proj"],
+                                  params["layers"]["self_attn"]["o_proj"][1].transpose(2, 0, 1))
+    out = jax.jit(model_lib.Decoder(config, decode_layout=True).apply)({"params": unstacked}, tokens)
     np.testing.assert_allclose(out, solarjax.logits(config, params, tokens), atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 import solarjax
 from solarjax import sample
-from solarjax.model import Decoder, abstract_params, init_cache
+from solarjax.model import Decoder, abstract_params, decode_params, init_cache
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
 from hf_models import make_hf_model, save_hf_model, tokenizer_file
@@ -47,13 +47,16 @@ def test_greedy_matches_transformers_generate(arch, overrides, tmp_path):
     assert alone[0]["token_ids"] == ours[1]
 
 
-def test_cached_decoding_equals_full_recomputation():
+@pytest.mark.parametrize("decode_layout", [False, True])
+def test_cached_decoding_equals_full_recomputation(decode_layout):
     config = solarjax.preset("tiny").replace(sliding_window=6)
     params = solarjax.init_params(config, jax.random.key(0))
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (2, 14)))
-    apply = jax.jit(Decoder(config).apply)
-    full = apply({"params": params}, tokens)
-    cache = init_cache(config, 2, 14)
+    full = jax.jit(Decoder(config).apply)({"params": params}, tokens)
+    if decode_layout:
+        params = decode_params(config, params)
+    apply = jax.jit(Decoder(config, decode_layout).apply, static_argnames="last_only")
+    cache = init_cache(config, 2, 14, stacked=not decode_layout)
     logits, cache = apply({"params": params}, tokens[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache=cache)
     steps = [logits]
     for t in range(8, 14):
@@ -62,6 +65,11 @@ def test_cached_decoding_equals_full_recomputation():
         steps.append(logits)
     assert int(cache["index"]) == 14
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    # A prefill that keeps only the last position's logits, as the sampler's does.
+    cache = init_cache(config, 2, 14, stacked=not decode_layout)
+    last, _ = apply({"params": params}, tokens[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache=cache,
+                    last_only=True)
+    np.testing.assert_allclose(last[:, 0], full[:, 7], atol=1e-5)
 
 
 def test_top_k_and_top_p_stay_inside_their_sets():
@@ -109,6 +117,9 @@ def test_same_code_on_a_tensor_parallel_mesh():
     assert sharded["layers"]["mlp"]["up_proj"].sharding.spec[2] == "tensor"
     with jax.set_mesh(mesh):
         out = sample.generate(config, sharded, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+        # The decode layout keeps the weights sharded: up_proj is [F, D] there, F still on "tensor".
+        relaid = jax.jit(decode_params, static_argnums=0)(config, sharded)
+    assert relaid["layers_1"]["mlp"]["up_proj"].sharding.spec[0] == "tensor"
     assert [r["token_ids"] for r in out] == [r["token_ids"] for r in ref]
 
 

@@ -58,14 +58,15 @@ def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
     as stored; 1.6x faster at 16 rows than x @ W (bench/b3_b4_decode.py). The barriers stop XLA
     from rewriting the product back into x @ W^T.
     """
-    lead, in_dims = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    lead, n = x.shape[:x.ndim - n_in], int(np.prod(x.shape[x.ndim - n_in:]))
+    x2 = x.reshape(-1, n)  # one matrix product, whatever the weight's rank: XLA:CPU copied
+    # multi-axis operands (o_proj, [H, E, D]) and their gradients into matrices at every call.
     if not out_in:
-        dims = ((tuple(range(len(lead), x.ndim)), tuple(range(n_in))), ((), ()))
-        return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
+        y = jnp.matmul(x2, w.reshape(n, -1), preferred_element_type=out_dtype)
+        return y.reshape(lead + w.shape[n_in:])
     out_dims = w.shape[:w.ndim - n_in]
-    w2 = w.reshape(-1, int(np.prod(in_dims)))
-    x2t = jax.lax.optimization_barrier(x.reshape(-1, w2.shape[1]).T)
-    y = jax.lax.optimization_barrier(jnp.matmul(w2, x2t, preferred_element_type=out_dtype)).T
+    x2t = jax.lax.optimization_barrier(x2.T)
+    y = jax.lax.optimization_barrier(jnp.matmul(w.reshape(-1, n), x2t, preferred_element_type=out_dtype)).T
     return y.reshape(lead + out_dims)
 
 
@@ -121,6 +122,30 @@ def attend(q_BTHE, k, v, mask_BTS, cached=False) -> jax.Array:
     return out_BTKGE.reshape(B, T, H, E)
 
 
+def self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, sliding_window: int | None) -> jax.Array:
+    """Attention of a sequence to itself (training, scoring, prefill without a cache), in query
+    chunks: the chunk of queries [s, e) reads only keys [b, e), where b = s - window + 1 (or 0), and
+    is recomputed in the backward pass instead of saving its probabilities. Exact, because a key
+    with a later index, or one a window or more earlier, is always masked: positions rise by one
+    per token within a document (see attention_mask). Half the score FLOPs of the full square at
+    T = 512, and no [B, H, T, T] array is kept: 10% off a CPU training step (bench/b1_b2_train.py).
+    """
+    T = q_BTHE.shape[1]
+    chunk = max(128, -(-T // 8))  # at most 8 chunks, so compile time stays flat in T
+
+    @jax.checkpoint
+    def one(q, k, v, q_pos, k_pos, q_seg, k_seg):
+        return attend(q, k, v, attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window))
+
+    outs = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        b = 0 if sliding_window is None else max(0, s - sliding_window + 1)
+        outs.append(one(q_BTHE[:, s:e], k_BTKE[:, b:e], v_BTKE[:, b:e], positions_BT[:, s:e], positions_BT[:, b:e],
+                        segment_ids_BT[:, s:e], segment_ids_BT[:, b:e]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class RMSNorm(nn.Module):
     config: ModelConfig
 
@@ -151,15 +176,15 @@ class Attention(nn.Module):
         k_BTKE = rope(project(x_BTD, w_k, 1), positions_BT, cfg.rope_theta)
         v_BTKE = project(x_BTD, w_v, 1)
         if kv is None:
-            k, v, k_pos_BS, k_seg_BS = k_BTKE, v_BTKE, positions_BT, segment_ids_BT
+            out_BTHE = self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg.sliding_window)
         else:
             k_pos_BS, k_seg_BS, index = kv_meta
             k_BKET = k_BTKE.transpose(0, 2, 3, 1).astype(kv[0].dtype)
             v_BKTE = v_BTKE.transpose(0, 2, 1, 3).astype(kv[1].dtype)
             kv = k, v = (jax.lax.dynamic_update_slice_in_dim(kv[0], k_BKET, index, axis=3),
                          jax.lax.dynamic_update_slice_in_dim(kv[1], v_BKTE, index, axis=2))
-        mask_BTS = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, cfg.sliding_window)
-        out_BTHE = attend(q_BTHE, k, v, mask_BTS, cached=kv is not None)
+            mask_BTS = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, cfg.sliding_window)
+            out_BTHE = attend(q_BTHE, k, v, mask_BTS, cached=True)
         return project(out_BTHE, w_o, 2), kv
 
 

@@ -41,8 +41,11 @@ def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1):
     """Mean next-token cross entropy over positions whose next token is in the same document."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
     logits_BTV = Decoder(config, scan_unroll=unroll).apply({"params": params}, tokens_BT, batch["positions"], seg_BT)
-    valid_BT = (seg_BT[:, 1:] == seg_BT[:, :-1]) & (seg_BT[:, 1:] > 0)
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1], tokens_BT[:, 1:])
+    # Labels shift left rather than the logits: slicing [B, T, V] logits copies all of them.
+    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
+    next_seg_BT = jnp.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))  # 0 after the last position: no target
+    valid_BT = (next_seg_BT == seg_BT) & (next_seg_BT > 0)
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, next_BT)
     count = valid_BT.sum()
     return jnp.where(valid_BT, nll_BT, 0).sum() / jnp.maximum(count, 1), count
 

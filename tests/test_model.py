@@ -17,6 +17,9 @@ PARITY_CASES = {
     # Tied embeddings, head_dim 8 != 16, and full MHA (kv heads == heads).
     "llama-tied-mha": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=4, head_dim=8,
                                      rope_theta=1e6), 16),
+    # Longer than one attention chunk (128): three query chunks, the later ones skipping keys
+    # that fell out of the window.
+    "mistral-long-window": ("mistral", dict(sliding_window=100, max_position_embeddings=512), 300),
 }
 
 
@@ -51,6 +54,31 @@ def test_packed_batch_matches_each_document_alone(tmp_path):
             got = ours[r, start:start + len(doc)]
             assert np.abs(got - ref).max() <= 1e-4, (r, start, np.abs(got - ref).max())
             start += len(doc)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_chunked_self_attention_equals_the_full_square(window):
+    """self_attend (query chunks that skip masked key ranges, rematerialized) gives the values and
+    gradients of plain attention over the full [T, T] mask, for packed documents."""
+    B, T, H, K, E = 2, 300, 4, 2, 8
+    rng = np.random.RandomState(4)
+    q, k, v = (jnp.asarray(rng.randn(B, T, n, E).astype(np.float32)) for n in (H, K, K))
+    lengths = [[120, 100, 80], [300]]
+    segments = jnp.asarray([np.repeat(np.arange(1, len(r) + 1), r) for r in lengths])
+    positions = jnp.asarray([np.concatenate([np.arange(n) for n in r]) for r in lengths])
+
+    def full(q, k, v):
+        return model_lib.attend(q, k, v, model_lib.attention_mask(positions, positions, segments, segments, window))
+
+    def chunked(q, k, v):
+        return model_lib.self_attend(q, k, v, positions, segments, window)
+
+    np.testing.assert_allclose(jax.jit(chunked)(q, k, v), jax.jit(full)(q, k, v), atol=1e-5)
+    cot = jnp.asarray(rng.randn(B, T, H, E).astype(np.float32))
+    grads = [jax.jit(jax.grad(lambda *a, f=f: (f(*a) * cot).sum(), argnums=(0, 1, 2)))(q, k, v)
+             for f in (chunked, full)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_causal_and_window_mask():

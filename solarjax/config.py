@@ -219,6 +219,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50  # 0: never
     eval_batches: int = 2
+    sample_prompts: tuple[str, ...] = ()  # at each eval, greedy completions of these are logged
+    sample_tokens: int = 32
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
@@ -226,12 +228,18 @@ class TrainConfig:
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "global_batch", "log_every", "eval_batches", "sample_tokens", "checkpoint_every",
+                     "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        prompts = (self.sample_prompts,) if isinstance(self.sample_prompts, str) else tuple(self.sample_prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError(f"sample_prompts[{i}] must be a non-empty string, got {prompt!r}")
+        object.__setattr__(self, "sample_prompts", prompts)
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder, decode_params, init_cache
@@ -171,6 +172,9 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     t1 = time.perf_counter()
     out, steps = jax.block_until_ready(decode(params, cache, first, lengths, rng, *knobs))
     t2 = time.perf_counter()
+    # On a mesh spanning processes, each holds only its shards of the tokens.
+    out, steps = (x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+                  for x in (out, steps))
     prefill_s, decode_s = t1 - t0, t2 - t1
     results, generated = [], 0
     for row in np.asarray(out):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
+from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax.model import Decoder, abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
@@ -121,7 +122,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
-        self.flops_per_token = 6 * param_count(self.model_config)
+        self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         if jax.process_index() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
@@ -178,6 +179,17 @@ class Trainer:
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
+    def samples(self) -> list[dict]:
+        """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
+        cfg, tokenizer = self.cfg, self.data.tokenizer
+        if not cfg.sample_prompts:
+            return []
+        results = sample_lib.generate(self.model_config, self.state["params"],
+                                      tokenizer.encode_batch(list(cfg.sample_prompts)),
+                                      sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_id)
+        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t != tokenizer.eos_id])}
+                for prompt, r in zip(cfg.sample_prompts, results)]
+
     def save(self, step: int) -> None:
         self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
 
@@ -222,6 +234,12 @@ class Trainer:
                         if result:
                             self._write(metrics_file, {"step": done, **result})
                             record.update(result)
+                        samples = self.samples()
+                        if samples:
+                            self._write(metrics_file, {"step": done, "samples": samples})
+                            if jax.process_index() == 0:
+                                bar.write("\n".join(f"[step {done}] {s['prompt']!r} -> {s['completion']!r}"
+                                                     for s in samples))
                     if at_checkpoint:
                         self.save(done)
                     bar.update(1)

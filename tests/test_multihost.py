@@ -1,6 +1,6 @@
 """A real two-process run: jax.distributed over localhost with gloo collectives, 2 CPU devices per
 process, a (data 1, fsdp 4, tensor 1) mesh across both. Each process builds only its rows; the
-result equals one process training on 4 devices."""
+result, and the samples logged at eval, equal one process training on 4 devices."""
 
 import json
 import socket
@@ -25,7 +25,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
-    over = {"steps": 3, "eval_every": 0, "checkpoint_every": 3, "mesh.fsdp": 4}
+    over = {"steps": 3, "eval_every": 3, "checkpoint_every": 3, "mesh.fsdp": 4, "sample_prompts": ["alpha beta"],
+            "sample_tokens": 4}
     single = Trainer(_config(tmp_path / "single", corpus, **over), solarjax.make_mesh(1, 4, 1, jax.devices()[:4]))
     single_loss = single.run()["loss"]
 
@@ -42,3 +43,8 @@ def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
     for r in results:
         np.testing.assert_allclose(r["loss"], single_loss, rtol=1e-5)
     assert (tmp_path / "multi" / "run" / "checkpoints" / "3").is_dir()
+    # The eval's samples (the sampler on a mesh that spans both processes) equal the single run's.
+    def samples(run):
+        lines = [json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [r["samples"] for r in lines if "samples" in r]
+    assert samples("multi") == samples("single") and len(samples("single")) == 1

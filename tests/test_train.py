@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import solarjax
+from solarjax import sample
 from solarjax.config import ConfigError, load_train_config, train_config_from_dict
 from solarjax.trainer import NonFiniteLossError, Trainer
 from hf_models import make_hf_model, save_hf_model
@@ -59,15 +60,24 @@ def test_every_config_parses(path):
 
 
 def test_loss_falls(tmp_path, corpus):
-    trainer = Trainer(_config(tmp_path, corpus, steps=30, log_every=5, eval_every=30), _one_device_mesh())
+    prompts = ["alpha beta", "gamma"]
+    trainer = Trainer(_config(tmp_path, corpus, steps=30, log_every=5, eval_every=30, sample_prompts=prompts,
+                              sample_tokens=6), _one_device_mesh())
     record = trainer.run()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert losses[0] > 9 and record["loss"] < losses[0] - 3, losses
     assert record["eval_loss"] < 8 and np.isfinite(record["eval_perplexity"])
-    # The final export loads like any checkpoint and samples.
+    # The final export loads like any checkpoint and samples: what the eval at the last step logged.
     config, params = solarjax.load_model(tmp_path / "run" / "final")
     assert config.num_layers == 2 and (tmp_path / "run" / "final" / "tokenizer.model").exists()
+    logged = [r for r in lines if "samples" in r]
+    assert [r["step"] for r in logged] == [30] and [s["prompt"] for s in logged[0]["samples"]] == prompts
+    tokenizer = trainer.data.tokenizer
+    direct = sample.generate(config, params, tokenizer.encode_batch(prompts), sample.Sampling(max_new_tokens=6),
+                             tokenizer.eos_id)
+    expected = [tokenizer.decode([t for t in r["token_ids"] if t != tokenizer.eos_id]) for r in direct]
+    assert [s["completion"] for s in logged[0]["samples"]] == expected and all(expected)
 
 
 def test_resume_is_exact(tmp_path, corpus):
@@ -133,6 +143,7 @@ def test_non_finite_loss_names_the_step(tmp_path, corpus):
     ("model: {preset: tiny, num_heads: 5}\n", [], "model.num_heads 5 must be a multiple"),
     ("model: [1, 2\n", [], "not valid YAML"),
     ("model: {preset: tiny}\noptim: {learning_rate: fast}\n", [], "optim.learning_rate must be a number, got 'fast'"),
+    ("model: {preset: tiny}\nsample_prompts: ['ok', '  ']\n", [], "sample_prompts[1] must be a non-empty string"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     (tmp_path / "c.yaml").write_text(text)

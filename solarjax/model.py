@@ -55,7 +55,7 @@ def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
 
     out_in (the decode layout, w [*out, *in]) computes W @ x^T: XLA:CPU's GEMM repacks its right
     operand on every call, so with the few decoded rows there, the large weight streams through
-    as stored; 1.6x faster at 16 rows than x @ W (bench/b3_b4_decode.py). The barriers stop XLA
+    as stored; 1.6x faster at 16 rows than x @ W (bench/gemm_shapes.py). The barriers stop XLA
     from rewriting the product back into x @ W^T.
     """
     lead, n = x.shape[:x.ndim - n_in], int(np.prod(x.shape[x.ndim - n_in:]))

@@ -371,4 +371,17 @@ def logits(config: ModelConfig, params, token_ids, positions=None, segment_ids=N
     if tokens_BT.size and (tokens_BT.min() < 0 or tokens_BT.max() >= config.vocab_size):
         bad = tokens_BT.max() if tokens_BT.max() >= config.vocab_size else tokens_BT.min()
         raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
+    if positions is not None:
+        _check_positions(np.asarray(positions), None if segment_ids is None else np.asarray(segment_ids))
     return _forward(config, params, jnp.asarray(tokens_BT, jnp.int32), positions, segment_ids)
+
+
+def _check_positions(pos_BT: np.ndarray, seg_BT: np.ndarray | None) -> None:
+    """The Decoder's contract (attention_mask, self_attend): within a document, positions rise by
+    one per token."""
+    same_doc = np.ones_like(pos_BT[:, 1:], bool) if seg_BT is None else (seg_BT[:, 1:] == seg_BT[:, :-1])
+    bad = np.argwhere(same_doc & (pos_BT[:, 1:] != pos_BT[:, :-1] + 1))
+    if len(bad):
+        b, t = bad[0]
+        raise ValueError(f"positions must rise by one per token within a document: row {b}, index {t + 1} has "
+                         f"position {pos_BT[b, t + 1]} after {pos_BT[b, t]} (give segment_ids to start a new one)")

@@ -151,6 +151,11 @@ def test_logits_rejects_bad_token_ids():
         solarjax.logits(config, params, np.array([[1, 256]]))
     with pytest.raises(ValueError, match=r"shape \[batch, length\]"):
         solarjax.logits(config, params, np.array([1, 2]))
+    with pytest.raises(ValueError, match="row 0, index 2 has position 5 after 1"):
+        solarjax.logits(config, params, np.array([[1, 2, 3]]), positions=np.array([[0, 1, 5]]))
+    # A new document (segment) may restart its positions.
+    solarjax.logits(config, params, np.array([[1, 2, 3]]), positions=np.array([[0, 1, 0]]),
+                    segment_ids=np.array([[1, 1, 2]]))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -11,9 +11,7 @@ multiplies (not the embedding table, a gather) plus PaLM's attention term.
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-import solarjax
+from bench_small import best_time, models
 from solarjax.config import OptimConfig
 from solarjax.optim import make_optimizer
 from solarjax.trainer import loss_and_count, model_flops_per_token
@@ -32,13 +30,7 @@ B, T = 4, 512
 def matmul_peak(n=2048, repeats=5) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), repeats)
 
 
 def main(argv=None):
@@ -46,11 +38,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    config = solarjax.preset("bench-small")
-    params = solarjax.init_params(config, jax.random.key(0))
-    tmp = Path(tempfile.mkdtemp())
-    solarjax.save_hf(config, params, tmp / "hf", arch="mistral")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32)
+    config, params, hf_model = models("mistral")
     hf_model.train()
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (B, T)).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones((B, T), jnp.int32),

@@ -14,9 +14,7 @@ makes all its tokens; medians of --runs alternating runs.
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 import transformers
 
 import solarjax
+from bench_small import best_time, models
 from solarjax import sample
 
 
@@ -31,12 +30,7 @@ def copy_bandwidth(nbytes=1 << 29, repeats=5) -> float:
     """Bytes per second moved by a large numpy copy, counting the read and the write."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+    return 2 * nbytes / best_time(lambda: np.copyto(dst, src), repeats)
 
 
 def hf_generate(model, prompts, new):
@@ -62,11 +56,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    config = solarjax.preset("bench-small")
-    params = solarjax.init_params(config, jax.random.key(0))
-    tmp = Path(tempfile.mkdtemp())
-    solarjax.save_hf(config, params, tmp / "hf", arch="llama")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
+    config, params, hf_model = models("llama")
+    hf_model.eval()
     rng = np.random.RandomState(0)
     cases = {
         "B3": ([rng.randint(3, config.vocab_size, 32).tolist()], 256),

@@ -6,24 +6,14 @@ through 8 layers' up/down weights (not in cache), as x @ W and as the sampler's 
   python bench/gemm_shapes.py
 """
 
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench_small import best_time
 from solarjax.model import _project
-
-
-def best(f, n=10):
-    f()
-    t_best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        t_best = min(t_best, time.perf_counter() - t)
-    return t_best
 
 
 def training_shapes(n=2048):
@@ -41,9 +31,9 @@ def training_shapes(n=2048):
         a, b = np.random.randn(*sa).astype(np.float32), np.random.randn(*sb).astype(np.float32)
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         f = jax.jit(lambda x, y, eq=eq: jnp.einsum(eq, x, y))
-        t_xla = best(lambda: f(ja, jb).block_until_ready())
+        t_xla = best_time(lambda: f(ja, jb).block_until_ready())
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        t_torch = best(lambda: torch.einsum(eq, ta, tb))
+        t_torch = best_time(lambda: torch.einsum(eq, ta, tb))
         print(f"| {name} | {flops / t_xla / 1e9:.0f} | {flops / t_torch / 1e9:.0f} |")
 
 
@@ -67,10 +57,10 @@ def decode_shapes(layers=8, d=512, f=1536, rows=16):
     jx, args_xw = jnp.asarray(x), ([jnp.asarray(u) for u in ups], [jnp.asarray(w) for w in downs])
     args_wx = ([jnp.asarray(u.T.copy()) for u in ups], [jnp.asarray(w.T.copy()) for w in downs])
     f_xw, f_wx = jax.jit(x_w), jax.jit(w_xt)
-    t_xw = best(lambda: f_xw(jx, *args_xw).block_until_ready())
-    t_wx = best(lambda: f_wx(jx, *args_wx).block_until_ready())
+    t_xw = best_time(lambda: f_xw(jx, *args_xw).block_until_ready())
+    t_wx = best_time(lambda: f_wx(jx, *args_wx).block_until_ready())
     tu, td = [torch.from_numpy(u) for u in ups], [torch.from_numpy(w) for w in downs]
-    t_torch = best(lambda: x_w(torch.from_numpy(x), tu, td))
+    t_torch = best_time(lambda: x_w(torch.from_numpy(x), tu, td))
     print(f"\n| decode, {rows} rows, {layers} layers' up and down | GFLOP/s |\n|---|---|")
     print(f"| XLA, x @ W | {flops / t_xw / 1e9:.0f} |\n| XLA, W @ x^T (decode layout) | {flops / t_wx / 1e9:.0f} |")
     print(f"| torch, x @ W | {flops / t_torch / 1e9:.0f} |")

@@ -46,8 +46,10 @@ def _weight(module: nn.Module, name: str, in_dims: tuple, out_dims: tuple, in_ax
     """A projection weight in the module's layout: [*in, *out] for training, [*out, *in] (HF's) in
     the decode layout. Cast to the compute dtype."""
     if module.decode_layout:
-        return _param(module, name, out_dims + in_dims, out_axes + in_axes).astype(module.config.dtype)
-    return _param(module, name, in_dims + out_dims, in_axes + out_axes).astype(module.config.dtype)
+        shape, axes = out_dims + in_dims, out_axes + in_axes
+    else:
+        shape, axes = in_dims + out_dims, in_axes + out_axes
+    return _param(module, name, shape, axes).astype(module.config.dtype)
 
 
 def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
@@ -281,7 +283,7 @@ class Decoder(nn.Module):
             head = embedding_VD if self.decode_layout else embedding_VD.T
         else:
             head = _weight(self, "lm_head", (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",))
-        logits_BTV = _project(x_BTD, head.astype(cfg.dtype), 1, self.decode_layout, jnp.float32)
+        logits_BTV = _project(x_BTD, head.astype(cfg.dtype), 1, self.decode_layout, jnp.float32)  # astype: a tied table
         if cache is None:
             return logits_BTV
         return logits_BTV, {"k": kv[0], "v": kv[1], "pos": kv_meta[0], "seg": kv_meta[1], "index": index + T}

@@ -300,6 +300,25 @@ def train_config_from_dict(d: dict) -> TrainConfig:
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """A YAML file plus dotted overrides like optim.learning_rate=1e-4 (values parsed as YAML)."""
+    d = load_config_dict(path, overrides)
+    if "stages" in d:
+        raise ConfigError(f"{path}: a recipe of stages; load it with load_job")
+    try:
+        return train_config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> "TrainConfig | RecipeConfig":
+    """What train.py runs: one training run, or a recipe when the YAML has `stages`."""
+    d = load_config_dict(path, overrides)
+    try:
+        return recipe_config_from_dict(d) if "stages" in d else train_config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
     import yaml
     try:
         d = yaml.safe_load(Path(path).read_text()) or {}
@@ -307,6 +326,8 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
         raise ConfigError(f"{path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(d).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -318,7 +339,85 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(value)
-    try:
-        return train_config_from_dict(d)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: stages of training in one run directory (solarjax/recipe.py runs them)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    name: str
+    train: TrainConfig  # run_dir is the recipe's run_dir/name; init.from an earlier stage is its final/
+    from_stage: str | None = None  # the earlier stage whose final parameters init.from names
+    match_flops: str | None = None  # steps chosen so that this stage's model FLOPs equal that stage's
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    run_dir: str
+    stages: tuple[StageConfig, ...]
+    export: str | None = None  # a stage whose final parameters are written as an HF directory to run_dir/hf
+
+    def stage(self, name: str) -> StageConfig:
+        return next(s for s in self.stages if s.name == name)
+
+
+STAGE_KEYS = ("match_flops",)  # keys of a stage that are not TrainConfig keys
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_config_from_dict(d: dict) -> RecipeConfig:
+    """Top-level keys are every stage's defaults; each stage overrides them and sets its own `init`.
+    `init.from: NAME` of an earlier stage starts from that stage's final
+    parameters, taking the model from it; `match_flops: NAME` sets steps to equal NAME's model FLOPs."""
+    d = dict(d)
+    stages, export = d.pop("stages"), d.pop("export", None)
+    run_dir = d.pop("run_dir", TrainConfig.run_dir)
+    if "init" in d:  # one place per stage, so an override can't be shadowed by a stage's own init
+        raise ConfigError("init: in a recipe each stage sets its own init (e.g. stages.upscaled.init.from=DIR)")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError("stages must be a mapping of stage names to their settings, e.g. "
+                          "{base: {steps: 100}, upscaled: {init: {from: base, upscale: {n: 8, m: 2}}}}")
+    built: list[StageConfig] = []
+    for name, over in stages.items():
+        where = f"stages.{name}"
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"stage name {name!r} must be a plain identifier (letters, digits, _)")
+        if not isinstance(over or {}, dict):
+            raise ConfigError(f"{where} must be a mapping, got {over!r}")
+        over = dict(over or {})
+        if "run_dir" in over:
+            raise ConfigError(f"{where}.run_dir: a stage runs in {run_dir}/{name}; set run_dir at the top")
+        extra = {k: over.pop(k) for k in STAGE_KEYS if k in over}
+        merged = _merge(d, {k: v for k, v in over.items() if k != "init"})
+        init = dict(over.get("init") or {})
+        earlier = [s.name for s in built]
+        from_stage = init.get("from") if init.get("from") in earlier else None
+        if init.get("from") in list(stages)[len(built):]:
+            raise ConfigError(f"{where}.init.from: stage {init['from']!r} does not run before {name!r} "
+                              f"(order: {', '.join(stages)})")
+        if from_stage is not None:
+            init["from"] = str(Path(run_dir) / from_stage / "final")
+        if init.get("from") is not None:  # the model comes from there: keep only how it runs
+            model = merged.get("model") or {}
+            merged["model"] = {k: v for k, v in model.items() if k in TrainConfig.RUNTIME_MODEL_KEYS}
+        match = extra.get("match_flops")
+        if match is not None and match not in earlier:
+            raise ConfigError(f"{where}.match_flops: {match!r} is not a stage that runs before {name!r} "
+                              f"(earlier: {', '.join(earlier) or 'none'})")
+        try:
+            train = train_config_from_dict({**merged, "init": init, "run_dir": str(Path(run_dir) / name)})
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        built.append(StageConfig(name, train, from_stage, match))
+    if export is not None and export not in stages:
+        raise ConfigError(f"export: {export!r} is not a stage (stages: {', '.join(stages)})")
+    return RecipeConfig(str(run_dir), tuple(built), export)

@@ -27,15 +27,16 @@ def _parser():
     p.add_argument("--compile-only", action="store_true",
                    help="compile the train step ahead of time for --topology and report memory and FLOPs")
     p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p-128 or v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--stage", help="with --compile-only and a recipe: the stage to compile (default: the last)")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import jax
-    from solarjax.config import ConfigError, load_train_config
+    from solarjax.config import ConfigError, RecipeConfig, load_job
     try:
-        cfg = load_train_config(args.config, args.overrides)
+        cfg = load_job(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +47,12 @@ def main(argv=None) -> int:
             print("error: --compile-only needs --topology (e.g. v5p-128)", file=sys.stderr)
             return 2
         try:
+            if isinstance(cfg, RecipeConfig):
+                from solarjax.recipe import stage_train_config
+                names = [s.name for s in cfg.stages]
+                if args.stage is not None and args.stage not in names:
+                    raise ConfigError(f"--stage {args.stage!r} is not a stage of {args.config} ({', '.join(names)})")
+                cfg = stage_train_config(cfg, cfg.stage(args.stage or names[-1]))
             print(json.dumps(compile_for_topology(cfg, args.topology), indent=2))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -60,10 +67,11 @@ def main(argv=None) -> int:
         jax.distributed.initialize()
     from solarjax.trainer import NonFiniteLossError, Trainer
     try:
+        if isinstance(cfg, RecipeConfig):
+            from solarjax.recipe import run_recipe
+            run_recipe(cfg)
+            return 0
         trainer = Trainer(cfg)
-        print(f"model: {trainer.model_config.num_layers} layers, {trainer.flops_per_token // 6:,} parameters; "
-              f"data: {trainer.data.train.n_tokens:,} tokens in {len(trainer.data.train):,} sequences; "
-              f"mesh {dict(trainer.mesh.shape)}; run dir {cfg.run_dir}", file=sys.stderr)
         record = trainer.run()
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)

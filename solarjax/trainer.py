@@ -124,6 +124,9 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         if jax.process_index() == 0:
+            print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
+                  f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
+                  f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}", file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -200,9 +203,9 @@ class Trainer:
         last = min(cfg.steps, until) if until is not None else cfg.steps
         start = int(self.state["step"])
         metrics_file = self.run_dir / "metrics.jsonl"
-        if jax.process_index() == 0 and metrics_file.exists():  # drop lines a crash left past the checkpoint
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
-            metrics_file.write_text("".join(line + "\n" for line in kept))
+        if jax.process_index() == 0 and metrics_file.exists():
+            metrics_file.write_text("".join(line + "\n" for line in _records_up_to(metrics_file, start)))
+        self._tensorboard = _TensorBoard(self.run_dir, start) if jax.process_index() == 0 else None
         stop = {"signal": None}
 
         def request_stop(signum, frame):  # acted on at the next step boundary; a second Ctrl-C aborts
@@ -211,12 +214,14 @@ class Trainer:
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=None)
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, unit="step", disable=None)
         pending, last_time, last_logged = [], time.perf_counter(), start
         tokens_per_step = cfg.global_batch * cfg.data.seq_len
         record = {}
         try:
             with jax.set_mesh(self.mesh):
+                if start == 0 and cfg.eval_every:  # the loss at init: for an up-scaled model, its drop
+                    self._eval_and_sample(0, metrics_file, record, bar, samples=False)
                 for step in range(start, last):
                     self.state, metrics = self.train_step(self.state, self._device_batch(self.batches.batch(step)))
                     pending.append((step + 1, metrics))
@@ -229,17 +234,8 @@ class Trainer:
                         record = self._log(pending, metrics_file, rate)
                         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
                         pending, last_time, last_logged = [], now, done
-                    if cfg.eval_every and done % cfg.eval_every == 0:
-                        result = self.evaluate()
-                        if result:
-                            self._write(metrics_file, {"step": done, **result})
-                            record.update(result)
-                        samples = self.samples()
-                        if samples:
-                            self._write(metrics_file, {"step": done, "samples": samples})
-                            if jax.process_index() == 0:
-                                bar.write("\n".join(f"[step {done}] {s['prompt']!r} -> {s['completion']!r}"
-                                                     for s in samples))
+                    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                        self._eval_and_sample(done, metrics_file, record, bar)
                     if at_checkpoint:
                         self.save(done)
                     bar.update(1)
@@ -247,6 +243,8 @@ class Trainer:
                         break
         finally:
             bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.checkpoints.wait_until_finished()
@@ -260,6 +258,17 @@ class Trainer:
             self._export_final()
         return record
 
+    def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, bar, samples: bool = True) -> None:
+        result = self.evaluate()
+        if result:
+            self._write(metrics_file, {"step": step, **result})
+            record.update(result)
+        completions = self.samples() if samples else []
+        if completions:
+            self._write(metrics_file, {"step": step, "samples": completions})
+            if jax.process_index() == 0:
+                bar.write("\n".join(f"[step {step}] {s['prompt']!r} -> {s['completion']!r}" for s in completions))
+
     def _log(self, pending, metrics_file, tokens_per_s) -> dict:
         record = {}
         for step, metrics in pending:
@@ -271,6 +280,9 @@ class Trainer:
             record = {"step": step, **values}
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
+        peak = peak_tflops_per_device()
+        if peak:
+            record["mfu"] = record["model_tflops_per_s"] / (peak * self.mesh.size)
         self._write(metrics_file, record)
         return record
 
@@ -278,6 +290,7 @@ class Trainer:
         if jax.process_index() == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self._tensorboard.write(record)
 
     def _export_final(self) -> None:
         """run_dir/final: a solarjax parameter checkpoint with the tokenizer, for sampling and export."""
@@ -285,6 +298,56 @@ class Trainer:
         ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True)
         if jax.process_index() == 0:
             shutil.copy(self.data.tokenizer.path, final / "tokenizer.model")
+
+
+def _records_up_to(metrics_file: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step`: lines a crash left past the checkpoint are dropped,
+    and so is a line cut short by a crash mid-write (it can only be the last)."""
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            print(f"warning: {metrics_file}: dropping a damaged line {line[:60]!r}", file=sys.stderr)
+    return kept
+
+
+def read_metrics(metrics_file: str | Path) -> list[dict]:
+    """metrics.jsonl as records, skipping a line cut short by a crash."""
+    return [json.loads(line) for line in _records_up_to(Path(metrics_file), sys.maxsize)]
+
+
+# Dense bf16 peak per device (TFLOP/s), for MFU; matched against jax's device_kind.
+PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
+               "TPU v6 lite": 918, "TPU v6e": 918, "NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312}
+
+
+def peak_tflops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if kind.startswith(k)), None)
+
+
+class _TensorBoard:
+    """Scalar event files in the run directory (tensorboardX), beside metrics.jsonl, so that
+    `tensorboard --logdir runs/X` shows every run (and every stage of a recipe) side by side."""
+    KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
+            "model_tflops_per_s": "perf/model_tflops_per_s", "mfu": "perf/mfu", "eval_loss": "eval/loss",
+            "eval_perplexity": "eval/perplexity"}
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from tensorboardX import SummaryWriter
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step: TensorBoard hides events a crashed run wrote past the restored step.
+        self._writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
+
+    def write(self, record: dict) -> None:
+        for key, tag in self.KEYS.items():
+            if key in record:
+                self._writer.add_scalar(tag, record[key], record["step"])
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +381,25 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * weights + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
 
 
+def planned_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model a run of `cfg` trains, read from configs alone (no parameters are loaded)."""
+    model_config = cfg.model
+    if model_config is None:
+        source = Path(cfg.init.source)
+        if ckpt_lib.is_checkpoint(source):
+            model_config = ModelConfig.load(source / ckpt_lib.CONFIG_FILE)
+        elif (source / "config.json").is_file():
+            from solarjax import hf
+            model_config = hf.config_from_hf(json.loads((source / "config.json").read_text()), str(source))
+        else:
+            raise FileNotFoundError(f"init.from {source}: neither an HF model directory nor a solarjax checkpoint")
+        model_config = model_config.replace(**cfg.model_runtime)
+    if cfg.init.upscale:
+        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
+        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
+    return model_config
+
+
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     """Lowers and compiles the train step for a TPU topology with libtpu's compiler and reports
     per-chip memory and FLOPs. The model comes from cfg.model, or from init.from's config."""
@@ -331,18 +413,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
         raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); "
                           f"install the tpu extra: pip install -e '.[tpu]'") from None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
-    model_config = cfg.model
-    if model_config is None:
-        source = Path(cfg.init.source)
-        if ckpt_lib.is_checkpoint(source):
-            model_config = ModelConfig.load(source / ckpt_lib.CONFIG_FILE)
-        else:
-            from solarjax import hf
-            model_config = hf.config_from_hf(json.loads((source / "config.json").read_text()))
-        model_config = model_config.replace(**cfg.model_runtime)
-    if cfg.init.upscale:
-        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
-        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
+    model_config = planned_model_config(cfg)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "segment_ids", "positions")}

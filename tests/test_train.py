@@ -15,7 +15,7 @@ import pytest
 
 import solarjax
 from solarjax import sample
-from solarjax.config import ConfigError, load_train_config, train_config_from_dict
+from solarjax.config import ConfigError, RecipeConfig, load_job, load_train_config, train_config_from_dict
 from solarjax.trainer import NonFiniteLossError, Trainer
 from hf_models import make_hf_model, save_hf_model
 
@@ -55,8 +55,9 @@ def _one_device_mesh():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(path):
-    cfg = load_train_config(path)
-    assert cfg.steps > 0 and (cfg.model is not None or cfg.init.source is not None)
+    job = load_job(path)
+    for cfg in [s.train for s in job.stages] if isinstance(job, RecipeConfig) else [job]:
+        assert cfg.steps > 0 and (cfg.model is not None or cfg.init.source is not None)
 
 
 def test_loss_falls(tmp_path, corpus):

@@ -1,0 +1,185 @@
+"""Recipes: stages of training that run in order inside one run directory.
+
+SOLAR's claim is comparative, so its recipe is too: `base` (pretrained here, or from an HF
+directory), `upscaled` (base's final parameters grown by depth up-scaling and trained on), and
+controls (base trained on without growing: `control` for the same tokens, `control_equal_flops`
+for the up-scaled arm's model FLOPs). Each stage is an ordinary Trainer run in run_dir/<stage>
+(checkpoints, metrics.jsonl, TensorBoard events, final/), so stopping and resuming work per stage as
+for any run; a finished stage leaves done.json and is skipped when the command runs again. All
+stages read the same data config: the same held-out set, and, with the same data.seed, the same
+batch order. At the end: summary.json, a printed table, curves.png and, with `export`, run_dir/hf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from solarjax import checkpoint as ckpt_lib
+from solarjax import hf
+from solarjax.config import ModelConfig, RecipeConfig, StageConfig
+from solarjax.model import param_count
+from solarjax.trainer import Trainer, model_flops_per_token, planned_model_config, read_metrics
+
+DONE_FILE = "done.json"
+# The stages whose losses make SOLAR's claim, by name: (summary key, stage, which eval).
+CLAIM_KEYS = (("base_loss", "base", "final"), ("upscaled_loss_at_init", "upscaled", "at_init"),
+              ("upscaled_loss_final", "upscaled", "final"), ("base_continued_loss_final", "control", "final"),
+              ("base_continued_equal_flops_loss_final", "control_equal_flops", "final"))
+
+
+def stage_train_config(recipe: RecipeConfig, stage: StageConfig):
+    """The stage's TrainConfig with `match_flops` resolved against the earlier stage it names."""
+    cfg = stage.train
+    if stage.match_flops is None:
+        return cfg
+    ref = recipe.stage(stage.match_flops).train
+    ref_flops = model_flops_per_token(planned_model_config(ref), ref.data.seq_len) * ref.steps * _tokens_per_step(ref)
+    own = model_flops_per_token(planned_model_config(cfg), cfg.data.seq_len) * _tokens_per_step(cfg)
+    return dataclasses.replace(cfg, steps=max(1, round(ref_flops / own)))
+
+
+def _tokens_per_step(cfg) -> int:
+    return cfg.global_batch * cfg.data.seq_len
+
+
+def run_recipe(recipe: RecipeConfig, mesh=None) -> dict | None:
+    """Runs the stages in order (skipping finished ones); returns the summary, or None when a stage
+    was stopped (SIGTERM/Ctrl-C) before its last step: the same command resumes it."""
+    for i, stage in enumerate(recipe.stages):
+        cfg = stage_train_config(recipe, stage)
+        stage_dir = Path(cfg.run_dir)
+        done = stage_dir / DONE_FILE
+        if done.is_file() and json.loads(done.read_text())["steps"] == cfg.steps:
+            print(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: finished earlier, skipped", file=sys.stderr)
+            continue
+        print(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {_describe(stage, cfg)}", file=sys.stderr)
+        start = time.perf_counter()
+        trainer = Trainer(cfg, mesh)
+        trainer.run()
+        if int(trainer.state["step"]) < cfg.steps:
+            return None
+        if jax.process_index() == 0:
+            done.write_text(json.dumps({"steps": cfg.steps, "seconds": time.perf_counter() - start}) + "\n")
+        del trainer
+    if jax.process_index() != 0:
+        return None
+    summary = summarize(recipe)
+    root = Path(recipe.run_dir)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary), file=sys.stderr)
+    plot_curves(summary, root / "curves.png")
+    if recipe.export is not None:
+        export_hf(recipe, root / "hf")
+    return summary
+
+
+def _describe(stage: StageConfig, cfg) -> str:
+    start = f"from stage {stage.from_stage}" if stage.from_stage else (
+        f"from {cfg.init.source}" if cfg.init.source else "from scratch")
+    grow = f", up-scaled {cfg.init.upscale}" if cfg.init.upscale else ""
+    flops = f" (model FLOPs of {stage.match_flops})" if stage.match_flops else ""
+    return f"{start}{grow}; {cfg.steps} steps{flops} -> {cfg.run_dir}"
+
+
+def summarize(recipe: RecipeConfig) -> dict:
+    """Every stage's evals, tokens and model FLOPs from its metrics.jsonl, and the claim's numbers."""
+    stages = {}
+    for stage in recipe.stages:
+        cfg = stage_train_config(recipe, stage)
+        stage_dir = Path(cfg.run_dir)
+        config = ModelConfig.load(stage_dir / ckpt_lib.CONFIG_FILE)
+        records = read_metrics(stage_dir / "metrics.jsonl")
+        flops_per_token = model_flops_per_token(config, cfg.data.seq_len)
+        tokens_per_step = _tokens_per_step(cfg)
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        samples = [r["samples"] for r in records if "samples" in r]
+        done = json.loads((stage_dir / DONE_FILE).read_text())
+        stages[stage.name] = {
+            "from": stage.from_stage, "upscale": cfg.init.upscale, "layers": config.num_layers,
+            "parameters": param_count(config), "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
+            "flops_per_token": flops_per_token, "flops": cfg.steps * tokens_per_step * flops_per_token,
+            "eval_loss_at_init": next((loss for step, loss in evals if step == 0), None),
+            "eval_loss_final": next((loss for step, loss in evals if step == cfg.steps), None),
+            "eval_curve": [{"step": step, "tokens": step * tokens_per_step,
+                            "flops": step * tokens_per_step * flops_per_token, "eval_loss": loss}
+                           for step, loss in evals],
+            "samples": samples[-1] if samples else [], "seconds": done.get("seconds"),
+        }
+    summary = {}
+    for key, name, which in CLAIM_KEYS:
+        if name in stages:
+            summary[key] = stages[name][f"eval_loss_{which}"]
+    if "upscaled_loss_final" in summary:
+        for key, arm in (("equal_tokens", "base_continued_loss_final"),
+                         ("equal_flops", "base_continued_equal_flops_loss_final")):
+            if arm in summary:
+                summary[f"upscaled_ahead_at_{key}"] = summary["upscaled_loss_final"] < summary[arm]
+    summary["stages"] = stages
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rows = [("stage", "from", "layers", "params", "tokens", "model FLOPs", "eval loss at init", "final eval loss")]
+    for name, s in summary["stages"].items():
+        grown = f"{s['from']} (DUS)" if s["upscale"] else s["from"] or "scratch"
+        rows.append((name, grown, str(s["layers"]), f"{s['parameters'] / 1e6:.2f}M", f"{s['tokens'] / 1e6:.2f}M",
+                     f"{s['flops']:.3g}", _num(s["eval_loss_at_init"]), _num(s["eval_loss_final"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    up = summary.get("upscaled_loss_final")
+    for key, arm, what in (("base_continued_loss_final", "control", "equal tokens"),
+                           ("base_continued_equal_flops_loss_final", "control_equal_flops", "equal model FLOPs")):
+        if up is not None and summary.get(key) is not None:
+            ahead = "ahead" if up < summary[key] else "NOT ahead"
+            lines.append(f"at {what}: upscaled {up:.4f} vs {arm} {summary[key]:.4f} "
+                         f"({up - summary[key]:+.4f}: up-scaled {ahead})")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def plot_curves(summary: dict, path: Path) -> None:
+    """Eval loss of every continued stage against its tokens and its model FLOPs; base's end dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, s in summary["stages"].items():
+        if not s["from"]:
+            continue
+        for ax, x in zip(axes, ("tokens", "flops")):
+            points = s["eval_curve"]
+            ax.plot([p[x] for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3, label=name)
+    base = summary.get("base_loss")
+    for ax, label in zip(axes, ("tokens of continued training", "model FLOPs of continued training")):
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, end of pretraining")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loss")
+    axes[0].legend()
+    fig.suptitle("Depth up-scaling vs. continuing the base (same data, same held-out set)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def export_hf(recipe: RecipeConfig, out: Path) -> None:
+    """run_dir/hf: the exported stage's final parameters as an HF directory with the tokenizer."""
+    if jax.process_count() > 1:
+        print(f"note: export to {out} runs in one process; run convert_weights.py jax-to-hf on "
+              f"{recipe.run_dir}/{recipe.export}/final", file=sys.stderr)
+        return
+    final = Path(recipe.run_dir) / recipe.export / "final"
+    config, params = ckpt_lib.load_params(final)
+    hf.save_hf(config, params, out, tokenizer_dir=final, overwrite=True)
+    print(f"exported stage {recipe.export} to {out}", file=sys.stderr)

@@ -233,3 +233,23 @@ def test_convert_weights_script_runs_as_a_program(tiny_hf, tmp_path):
     run = subprocess.run([sys.executable, str(script), "jax-to-hf", "--ckpt", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "not a solarjax checkpoint" in run.stderr
+
+
+def test_tensor_over_2gib_is_written_whole(tmp_path):
+    """One write() stops at 2,147,479,552 bytes on Linux; the writer must loop until all is written."""
+    from solarjax.tensorfile import SafetensorsWriter, TensorInfo
+    n = 2_200_000_000
+    big = np.zeros(n, np.uint8)  # calloc'd: untouched pages cost no memory, even while written
+    marks = [0, 2_147_479_552 - 4096, 2**31, n - 4096]  # the start, where write() stops, 2 GiB, the end
+    rng = np.random.default_rng(0)
+    for at in marks:
+        big[at:at + 4096] = rng.integers(1, 256, 4096, dtype=np.uint8)
+    infos = [TensorInfo("small", (3,), np.dtype(np.float32)), TensorInfo("big", (n,), np.dtype(np.uint8))]
+    with SafetensorsWriter(tmp_path / "big.safetensors", infos) as writer:
+        writer.write_array(np.arange(3, dtype=np.float32))
+        writer.write_array(big)
+    back = SafetensorsFile(tmp_path / "big.safetensors").get("big")  # checks the file holds every byte
+    for at in marks:
+        np.testing.assert_array_equal(back[at:at + 4096], big[at:at + 4096])
+    assert np.count_nonzero(back) == np.count_nonzero(big)  # and everywhere else, the zeros
+    (tmp_path / "big.safetensors").unlink()  # pytest keeps recent tmp dirs; 2.2 GB should not linger

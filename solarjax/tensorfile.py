@@ -218,10 +218,27 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuses an output that is, contains or lies inside one of `inputs` (symlinks resolved):
+    writing there, let alone replacing it with --overwrite, would change or delete what is read."""
+    where = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        relation = ("is" if where == source else "lies inside" if source in where.parents
+                    else "contains" if where in source.parents else None)
+        if relation:
+            raise ValueError(f"output {out} {relation} the input {given}; writing there would destroy the "
+                             f"input, so choose an output outside it")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
     """Yields a temporary directory beside `out`; renames it to `out` only if the block succeeds,
-    so a crash or an error never leaves a half-written output behind."""
+    so a crash or an error never leaves a half-written output behind. `out` may not overlap
+    `inputs` (check_output), even with overwrite."""
+    check_output(out, inputs)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")

@@ -253,3 +253,38 @@ def test_tensor_over_2gib_is_written_whole(tmp_path):
         np.testing.assert_array_equal(back[at:at + 4096], big[at:at + 4096])
     assert np.count_nonzero(back) == np.count_nonzero(big)  # and everywhere else, the zeros
     (tmp_path / "big.safetensors").unlink()  # pytest keeps recent tmp dirs; 2.2 GB should not linger
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+@pytest.mark.parametrize("command", ["hf-to-jax", "jax-to-hf", "upscale"])
+def test_output_never_overlaps_the_input_even_with_overwrite(command, relation, tiny_hf, tmp_path, capsys):
+    source = tmp_path / "work" / "input"
+    if command == "jax-to-hf":
+        assert _run(["hf-to-jax", "--hf", tiny_hf, "--out", source], capsys)[0] == 0
+        flags = ["--ckpt", source]
+    else:
+        shutil.copytree(tiny_hf, source)
+        flags = ["--hf", source] + (["--layers", "0:2,0:2"] if command == "upscale" else [])
+    out = {"is": source, "lies inside": source / "sub", "contains": source.parent}[relation]
+    before = _snapshot(source)
+    code, err = _run([command, *flags, "--out", out, "--overwrite"], capsys)
+    assert code == 2 and f"output {out} {relation} the input {source}" in err, err
+    assert _snapshot(source) == before
+
+
+def test_writers_refuse_outputs_that_overlap_their_inputs(tiny_hf):
+    """The library calls refuse too, not only the CLI; the tokenizer directory counts as an input."""
+    from solarjax.upscale import UpscaleSpec, upscale_hf
+    config, params = solarjax.load_hf(tiny_hf)
+    before = _snapshot(tiny_hf)
+    with pytest.raises(ValueError, match=f"output {tiny_hf} is the input {tiny_hf}"):
+        solarjax.save_params(tiny_hf, config, params, tokenizer_dir=tiny_hf, overwrite=True)
+    with pytest.raises(ValueError, match=f"output {tiny_hf / 'hf'} lies inside the input {tiny_hf}"):
+        solarjax.save_hf(config, params, tiny_hf / "hf", inputs=[tiny_hf])
+    with pytest.raises(ValueError, match=f"output {tiny_hf.parent} contains the input {tiny_hf}"):
+        upscale_hf(tiny_hf, tiny_hf.parent, UpscaleSpec(layers="0:2"), overwrite=True)
+    assert _snapshot(tiny_hf) == before

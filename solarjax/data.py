@@ -22,8 +22,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import sysconfig
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,8 +213,9 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
                     batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
                     remove_columns=ds.column_names, desc="tokenizing")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    tmp = root / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Every host of a pod may build the same cache at once in a shared cache_dir, and pids repeat
+    # across hosts: the temporary name is unique, and only its owner ever deletes it.
+    tmp = root / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         offsets, counts = [0], {"empty": 0, "not_utf8": 0}
@@ -234,10 +237,12 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
         meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.path), "dtype": dtype,
                 "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():  # another process finished first: same inputs, same bytes
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(path)
+        try:
+            tmp.rename(path)  # atomic; fails if another process published first (a non-empty dir)
+        except OSError:
+            if not (path / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # theirs has the same inputs, so the same bytes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -218,6 +218,27 @@ def test_non_utf8_bytes_are_skipped_and_counted(corpus, tmp_path, capsys):
     assert "skipped 1 documents with bytes that are not UTF-8" in capsys.readouterr().err
 
 
+def test_replacement_character_is_text_not_an_encoding_error(tmp_path, capsys):
+    """U+FFFD in valid UTF-8 is kept from every kind of source; only undecodable bytes are skipped."""
+    import datasets
+    text = "caf\ufffd: a decoder wrote U+FFFD here once; the file itself is valid UTF-8"
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(text.encode())
+    (tmp_path / "txt" / "b.txt").write_bytes(b"caf\xe9 in Latin-1, not UTF-8")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    datasets.Dataset.from_list([{"text": text}]).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list([{"text": text}]).to_csv(str(tmp_path / "a.csv"), index=False)
+    want = load_tokenizer().encode(text, bos=True, eos=True)
+    cache = data.load_data(_cfg(tmp_path, [tmp_path / "txt"])).train.cache
+    assert cache.n_docs == 1 and list(cache.doc(0)) == want and cache.meta["skipped"]["not_utf8"] == 1
+    assert f"{tmp_path / 'txt' / 'b.txt'} (byte 3)" in capsys.readouterr().err  # names the file and byte
+    for name in ("a.jsonl", "a.parquet", "a.csv"):
+        cache = data.load_data(_cfg(tmp_path, [tmp_path / name])).train.cache
+        assert cache.n_docs == 1 and list(cache.doc(0)) == want, name
+    with pytest.raises(DataError, match=r"no document has any text \(0 empty, 1 not UTF-8: .*b.txt \(byte 3\)"):
+        data.load_data(_cfg(tmp_path, [tmp_path / "txt" / "b.txt"]))
+
+
 def test_builtin_corpus_is_several_megabytes():
     files = data.default_corpus_files()
     assert len(files) > 100 and sum(f.stat().st_size for f in files) > 3_000_000

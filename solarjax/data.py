@@ -231,8 +231,7 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
     parts = [ds for ds, _ in loaded if ds is not None]
     if not parts:
         raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text (0 empty, "
-                        f"{len(not_utf8)} not UTF-8: "
-                        f"{', '.join(not_utf8[:3])})")
+                        f"{len(not_utf8)} not UTF-8: {', '.join(not_utf8[:3])})")
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(ds) == 0:
         raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: the dataset is empty")

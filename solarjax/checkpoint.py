@@ -18,7 +18,7 @@ from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.config import ModelConfig
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import atomic_output_dir
+from solarjax.tensorfile import atomic_output_dir, check_output
 from solarjax.upscale import UpscaleSpec, apply_plan, check_plan
 
 CONFIG_FILE = "model_config.json"
@@ -28,9 +28,13 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / "params").is_dir()
 
 
-def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=None, overwrite=False) -> Path:
+def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=None, overwrite=False,
+                inputs=()) -> Path:
+    """Writes the checkpoint; `path` may not overlap `inputs` or tokenizer_dir (check_output)."""
     path = Path(path)
+    inputs = (*inputs, tokenizer_dir)
     if jax.process_count() > 1:
+        check_output(path, inputs)
         # Every process writes its shards; orbax coordinates them and commits atomically itself.
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
@@ -40,7 +44,7 @@ def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=Non
         checkpointer.save(path.absolute() / "params", params, force=overwrite)
         checkpointer.wait_until_finished()
         return path
-    with atomic_output_dir(path, overwrite) as tmp:
+    with atomic_output_dir(path, overwrite, inputs) as tmp:
         config.save(tmp / CONFIG_FILE)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.absolute() / "params", params)

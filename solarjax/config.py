@@ -26,7 +26,7 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_heads
+    head_dim: int | None = None  # None: hidden_size // num_heads, recomputed by replace()
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
@@ -42,6 +42,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads {self.num_heads} must be a multiple of "
+                              f"model.num_kv_heads {self.num_kv_heads}")
+        # Remembered beside the fields (not one: equality and hashing see the resolved value), so
+        # replace() and to_dict() can drop an implied head_dim: a preset given a new width or head
+        # count then gets hidden_size // num_heads instead of the old head_dim.
+        object.__setattr__(self, "_head_dim_given", self.head_dim is not None)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"model.hidden_size {self.hidden_size} is not divisible by "
@@ -49,9 +56,6 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be a positive even integer, got {self.head_dim!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model.num_heads {self.num_heads} must be a multiple of "
-                              f"model.num_kv_heads {self.num_kv_heads}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
                                                 or self.sliding_window < 1):
             raise ConfigError(f"model.sliding_window must be null or a positive integer, "
@@ -76,7 +80,11 @@ class ModelConfig:
         return _build(type(self), {**self.to_dict(), **changes}, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as given: head_dim is None when it was implied by hidden_size // num_heads."""
+        d = dataclasses.asdict(self)
+        if not self._head_dim_given:
+            d["head_dim"] = None
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "model") -> "ModelConfig":
@@ -247,8 +255,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["init"]["from"] = d["init"].pop("source")
         runtime = d.pop("model_runtime")
-        if d["model"] is None:
-            d["model"] = runtime
+        d["model"] = runtime if self.model is None else self.model.to_dict()  # head_dim as given
         return d
 
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from solarjax import checkpoint, hf, upscale
-from solarjax.tensorfile import parse_size
+from solarjax.tensorfile import check_output, parse_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,10 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    source = args.ckpt if args.command == "jax-to-hf" else args.hf
     try:
+        check_output(args.out, [source])  # before loading: refused at once, not after minutes of reading
         if args.command == "hf-to-jax":
             config, params = hf.load_hf(args.hf)
-            checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite)
+            checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
+                                   inputs=[args.hf])
         elif args.command == "upscale":
             spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers)
             upscale.upscale_hf(args.hf, args.out, spec, arch=args.arch, dtype=args.dtype,
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
             shard_size = parse_size(args.shard_size)
             config, params = checkpoint.load_params(args.ckpt)
             hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
-                       tokenizer_dir=args.ckpt, overwrite=args.overwrite)
+                       tokenizer_dir=args.ckpt, overwrite=args.overwrite, inputs=[args.ckpt])
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # every solarjax input error is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

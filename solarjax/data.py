@@ -22,8 +22,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import sysconfig
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,17 +114,40 @@ def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig) ->
                     st = f.stat()
                     h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
     h.update(hashlib.sha256(tokenizer.path.read_bytes()).digest())
-    h.update(json.dumps([cfg.text_field, cfg.add_bos, cfg.add_eos, 1]).encode())  # 1: cache format version
+    # The cache format version; 2: documents with U+FFFD are kept (1 dropped them as not UTF-8).
+    h.update(json.dumps([cfg.text_field, cfg.add_bos, cfg.add_eos, 2]).encode())
     return h.hexdigest()[:20]
 
 
+def _utf8_files(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(files that decode as UTF-8, "file (byte N)" for those that do not). A text file is one
+    document, so one with undecodable bytes is skipped whole; a U+FFFD written in the text is
+    valid UTF-8 and kept. datasets then reads the good files strictly, so nothing is replaced.
+    Each file is read whole, as datasets reads it (sample_by="document")."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            Path(path).read_bytes().decode("utf-8")
+            good.append(path)
+        except UnicodeDecodeError as e:
+            bad.append(f"{path} (byte {e.start})")
+    return good, bad
+
+
 def _load(source: Source, text_field: str, hf_cache: Path):
+    """(dataset of one text column or None when no file is left, text files skipped as not UTF-8).
+    json/csv/parquet/saved/hub text arrives decoded: nothing there is skipped for its characters."""
     import datasets
+    not_utf8: list[str] = []
     try:
         if source.kind == "files":
-            # Undecodable bytes become U+FFFD, and _Tokenize skips (and counts) those documents.
-            kwargs = {"sample_by": "document", "encoding_errors": "replace"} if source.format == "text" else {}
-            ds = datasets.load_dataset(source.format, data_files=list(source.paths), split="train",
+            paths, kwargs = list(source.paths), {}
+            if source.format == "text":
+                paths, not_utf8 = _utf8_files(source.paths)
+                if not paths:
+                    return None, not_utf8
+                kwargs = {"sample_by": "document"}
+            ds = datasets.load_dataset(source.format, data_files=paths, split="train",
                                        cache_dir=str(hf_cache), **kwargs)
         elif source.kind == "disk":
             ds = datasets.load_from_disk(source.paths[0])
@@ -141,7 +166,7 @@ def _load(source: Source, text_field: str, hf_cache: Path):
         ds = ds.rename_column("text", text_field)
     ds = ds.select_columns([text_field])
     # Loaders disagree on string vs large_string; one type lets sources be concatenated.
-    return ds.cast(datasets.Features({text_field: datasets.Value("large_string")}))
+    return ds.cast(datasets.Features({text_field: datasets.Value("large_string")})), not_utf8
 
 
 class _Tokenize:
@@ -158,9 +183,6 @@ class _Tokenize:
         for text in batch[self.field]:
             if text is None or not text.strip():
                 ids.append([]), status.append(1)  # empty
-                continue
-            if "\ufffd" in text:  # bytes that were not UTF-8 in the file (see _load)
-                ids.append([]), status.append(2)
                 continue
             ids.append(self._tok.encode(text, bos=self.bos, eos=self.eos))
             status.append(0)
@@ -203,7 +225,13 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
         return TokenCache(path)
     import datasets
     # datasets' own arrow caches go beside ours, so one cache_dir holds (and frees) everything.
-    parts = [_load(s, cfg.text_field, root / "hf") for s in resolved]
+    loaded = [_load(s, cfg.text_field, root / "hf") for s in resolved]
+    not_utf8 = [f for _, bad in loaded for f in bad]
+    counts = {"empty": 0, "not_utf8": len(not_utf8)}
+    parts = [ds for ds, _ in loaded if ds is not None]
+    if not parts:
+        raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text (0 empty, "
+                        f"{len(not_utf8)} not UTF-8: {', '.join(not_utf8[:3])})")
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(ds) == 0:
         raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: the dataset is empty")
@@ -211,33 +239,37 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
                     batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
                     remove_columns=ds.column_names, desc="tokenizing")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    tmp = root / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Every host of a pod may build the same cache at once in a shared cache_dir, and pids repeat
+    # across hosts: the temporary name is unique, and only its owner ever deletes it.
+    tmp = root / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        offsets, counts = [0], {"empty": 0, "not_utf8": 0}
+        offsets = [0]
         with open(tmp / "tokens.bin", "wb") as f:
             for batch in tqdm(mapped.iter(batch_size=1024), total=math.ceil(len(mapped) / 1024),
                               desc="writing token cache", unit="batch", disable=None):
                 for ids, status in zip(batch["ids"], batch["status"]):
                     if status:
-                        counts["empty" if status == 1 else "not_utf8"] += 1
+                        counts["empty"] += 1
                         continue
                     f.write(np.asarray(ids, dtype).tobytes())
                     offsets.append(offsets[-1] + len(ids))
         if len(offsets) == 1:
             raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text "
                             f"({counts['empty']} empty, {counts['not_utf8']} not UTF-8)")
-        if counts["not_utf8"]:
-            print(f"warning: skipped {counts['not_utf8']} documents with bytes that are not UTF-8", file=sys.stderr)
+        if not_utf8:
+            print(f"warning: skipped {len(not_utf8)} documents with bytes that are not UTF-8: "
+                  f"{', '.join(not_utf8[:3])}{', ...' if len(not_utf8) > 3 else ''}", file=sys.stderr)
         np.save(tmp / "offsets.npy", np.asarray(offsets, np.int64))
         meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.path), "dtype": dtype,
                 "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():  # another process finished first: same inputs, same bytes
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(path)
+        try:
+            tmp.rename(path)  # atomic; fails if another process published first (a non-empty dir)
+        except OSError:
+            if not (path / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # theirs has the same inputs, so the same bytes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -334,8 +334,9 @@ def _host_slice(leaf: jax.Array, spec: WeightSpec) -> np.ndarray:
 
 def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None = None,
             dtype: str = "float32", shard_size: int = 5 * 10**9, tokenizer_dir: str | Path | None = None,
-            overwrite: bool = False) -> Path:
-    """Writes config.json and (sharded) safetensors, tensor by tensor, atomically."""
+            overwrite: bool = False, inputs=()) -> Path:
+    """Writes config.json and (sharded) safetensors, tensor by tensor, atomically. `out` may not
+    overlap `inputs` or tokenizer_dir (tensorfile.check_output)."""
     arch = arch or default_arch(config)
     if dtype not in SAVE_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {sorted(SAVE_DTYPES)}")
@@ -355,7 +356,7 @@ def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None
             node = node[key]
         return node
 
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, (*inputs, tokenizer_dir)) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         names = shard_file_names(len(shards))
         bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"writing {Path(out).name}", unit="B",

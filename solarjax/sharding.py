@@ -2,12 +2,13 @@
 
 Parameters and the few activation hints name logical axes (model.py); RULES says which mesh axis
 shards each. A dimension that the mesh axis does not divide stays replicated rather than failing,
-so e.g. an MQA model (1 kv head) still runs on a tensor-parallel mesh.
+so e.g. an MQA model (1 kv head) still runs on a tensor-parallel mesh; param_shardings warns.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -51,9 +52,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
     """PartitionSpec for one array: each logical axis takes its mesh axes if they divide the dim
     and are not used by an earlier dim."""
+    return _spec_and_misses(axes, shape, mesh)[0]
+
+
+def _spec_and_misses(axes, shape, mesh) -> tuple[PartitionSpec, list[tuple[str, int, tuple[str, ...]]]]:
+    """The spec, and (logical axis, dim, mesh axes) for each dim left replicated because its mesh
+    axes do not divide it."""
     rules = dict(RULES)
     used: set[str] = set()
-    spec = []
+    spec, misses = [], []
     for name, dim in zip(axes, shape):
         if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} has no entry in solarjax.sharding.RULES")
@@ -65,17 +72,26 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) 
             spec.append(chosen[0] if len(chosen) == 1 else chosen)
         else:
             spec.append(None)
-    return PartitionSpec(*spec)
+            if chosen:
+                misses.append((name, dim, chosen))
+    return PartitionSpec(*spec), misses
 
 
 def param_shardings(boxed_abstract, mesh: Mesh):
-    """NamedSharding for every leaf of a boxed (nn.Partitioned) abstract parameter tree."""
-    def one(leaf):
-        if isinstance(leaf, nn.Partitioned):
-            value = leaf.value
-            return NamedSharding(mesh, logical_to_spec(leaf.names, value.shape, mesh))
-        return NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    """NamedSharding for every leaf of a boxed (nn.Partitioned) abstract parameter tree. Warns for
+    each dim its mesh axes do not divide: that dim is replicated, so every device holds all of it
+    and of its optimizer moments (e.g. hidden 4096 over fsdp=6 shards no weight at all)."""
+    def one(path, leaf):
+        if not isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, PartitionSpec())
+        spec, misses = _spec_and_misses(leaf.names, leaf.value.shape, mesh)
+        for name, dim, mesh_axes in misses:
+            sizes = "x".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
+            why = " (expected: fewer kv heads than tensor)" if name == "kv_heads" else ""
+            warnings.warn(f"{jax.tree_util.keystr(path, simple=True, separator='/')} {list(leaf.value.shape)}: "
+                          f"{name} {dim} is not divisible by mesh {sizes}, so that dim is replicated{why}")
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

@@ -49,6 +49,18 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+def write_all(file, data) -> None:
+    """Writes every byte of `data` to the unbuffered `file`, or raises. One write() may write
+    less than asked: on Linux at most 2,147,479,552 bytes, so a bigger tensor would be cut short."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        n = file.write(view[done:])
+        if not n:
+            raise OSError(f"{file.name}: write returned {n!r} after {done} of {len(view)} bytes")
+        done += n
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file: get() returns a read-only view, nothing is read up front."""
 
@@ -115,7 +127,8 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
         self._file = open(self.path, "wb", buffering=0)  # unbuffered: copy_bytes writes at the fd's position
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        write_all(self._file, struct.pack("<Q", len(blob)) + blob)
+        self._size = 8 + len(blob) + offset
 
     def _expect(self) -> TensorInfo:
         if self._next >= len(self.infos):
@@ -129,7 +142,7 @@ class SafetensorsWriter:
             raise TensorFileError(f"{self.path}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
                                   f"expected {info.dtype}{list(info.shape)}")
         # Raw bytes: bfloat16 has no buffer-protocol code.
-        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        write_all(self._file, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def copy_bytes(self, src: SafetensorsFile, name: str) -> None:
         """The tensor `name` of `src`, byte for byte; it must match the next header entry."""
@@ -144,15 +157,20 @@ class SafetensorsWriter:
                 try:
                     n = os.copy_file_range(f_in.fileno(), self._file.fileno(), nbytes - done, offset + done)
                 except OSError:  # e.g. EXDEV on older kernels: copy through a bounded buffer instead
-                    n = self._file.write(os.pread(f_in.fileno(), min(nbytes - done, 64 << 20), offset + done))
+                    chunk = os.pread(f_in.fileno(), min(nbytes - done, 64 << 20), offset + done)
+                    write_all(self._file, chunk)
+                    n = len(chunk)
                 if n == 0:
                     raise TensorFileError(f"{src.path}: truncated while copying tensor {name!r}")
                 done += n
 
     def close(self) -> None:
+        size = self._file.tell()
         self._file.close()
         if self._next != len(self.infos):
             raise TensorFileError(f"{self.path}: got {self._next} tensors, expected {len(self.infos)}")
+        if size != self._size:
+            raise TensorFileError(f"{self.path}: wrote {size} bytes, its header needs {self._size}")
 
     def __enter__(self):
         return self
@@ -200,10 +218,27 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuses an output that is, contains or lies inside one of `inputs` (symlinks resolved):
+    writing there, let alone replacing it with --overwrite, would change or delete what is read."""
+    where = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        relation = ("is" if where == source else "lies inside" if source in where.parents
+                    else "contains" if where in source.parents else None)
+        if relation:
+            raise ValueError(f"output {out} {relation} the input {given}; writing there would destroy the "
+                             f"input, so choose an output outside it")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
     """Yields a temporary directory beside `out`; renames it to `out` only if the block succeeds,
-    so a crash or an error never leaves a half-written output behind."""
+    so a crash or an error never leaves a half-written output behind. `out` may not overlap
+    `inputs` (check_output), even with overwrite."""
+    check_output(out, inputs)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -35,6 +36,7 @@ from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax.model import Decoder, abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
+from solarjax.tensorfile import check_output
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
@@ -95,6 +97,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
         self.data = data_lib.load_data(cfg.data)
@@ -130,6 +133,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
+
+    def _inputs(self) -> list[str]:
+        """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,
+        the data sources that are local paths, and the token cache."""
+        data = self.cfg.data
+        sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
+        paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, *sources]  # not hub names or globs
+        return [os.path.expanduser(p) for p in paths if p is not None]
 
     # -- state --------------------------------------------------------------------------------
 
@@ -295,7 +306,7 @@ class Trainer:
     def _export_final(self) -> None:
         """run_dir/final: a solarjax parameter checkpoint with the tokenizer, for sampling and export."""
         final = self.run_dir / "final"
-        ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True)
+        ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True, inputs=self._inputs())
         if jax.process_index() == 0:
             shutil.copy(self.data.tokenizer.path, final / "tokenizer.model")
 

@@ -23,7 +23,8 @@ from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.config import ModelConfig
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, plan_shards
+from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, check_output,
+                                 plan_shards)
 
 
 class UpscaleError(ValueError):
@@ -172,6 +173,7 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     enter this process's memory; a dtype change converts one tensor at a time.
     """
     src = Path(src)
+    check_output(out, (src,))  # before reading anything
     base = hf.HFCheckpoint(src)
     if not base.is_safetensors:
         raise UpscaleError(f"{src}: the streaming up-scaler reads safetensors only; convert the "
@@ -191,7 +193,7 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     sources = {s.hf_name: s.source_name(index) for s in specs}
     shards = plan_shards(infos, shard_size)
     names = hf.shard_file_names(len(shards))
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, arch, dtype_name), indent=2) + "\n")
         bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"up-scaling to {len(index)} layers", unit="B",
                    unit_scale=True, disable=None)

@@ -4,6 +4,7 @@ import jax
 import pytest
 
 import solarjax
+from solarjax import hf
 from solarjax.config import ConfigError, ModelConfig
 
 
@@ -54,3 +55,21 @@ def test_from_dict_names_unknown_and_missing_keys(tmp_path):
         ModelConfig.from_dict(d)
     with pytest.raises(ConfigError, match="unknown model preset 'gpt-5'"):
         solarjax.preset("gpt-5")
+
+
+def test_replaced_width_or_heads_recompute_an_implied_head_dim(tmp_path):
+    tiny = solarjax.preset("tiny")  # hidden 64 / 4 heads: head_dim 16, implied
+    assert tiny.head_dim == 16
+    assert tiny.replace(hidden_size=256).head_dim == 64
+    assert tiny.replace(num_heads=8, num_kv_heads=2).head_dim == 8
+    assert tiny.replace(num_layers=3).replace(hidden_size=128).head_dim == 32  # through two replaces
+    # A head_dim given explicitly stays, through replace and the JSON file.
+    explicit = tiny.replace(head_dim=16)
+    assert explicit == tiny and explicit.replace(hidden_size=256).head_dim == 16
+    for c in (tiny, explicit):
+        c.save(tmp_path / "c.json")
+        loaded = ModelConfig.load(tmp_path / "c.json")
+        assert loaded == c and loaded.replace(hidden_size=256).head_dim == c.replace(hidden_size=256).head_dim
+        assert hf.config_from_hf(hf.config_to_hf(c, "llama")) == c  # HF's config.json says 16 either way
+    with pytest.raises(ConfigError, match="hidden_size 96 is not divisible by model.num_heads 5"):
+        tiny.replace(hidden_size=96, num_heads=5, num_kv_heads=1)

@@ -138,6 +138,53 @@ def test_parallel_tokenization_equals_serial(corpus, tmp_path):
     np.testing.assert_array_equal(parallel.offsets, serial.offsets)
 
 
+# One "host" of a pod. Its pid equals the others' (pids repeat across hosts), and it stops before
+# its last writes until every host is there, so all publish at the same moment: the worst case.
+_HOST = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+os.getpid = lambda: 7
+from solarjax import data
+from solarjax.config import DataConfig
+from solarjax.tokenizer import load_tokenizer
+corpus, cache_dir, barrier, me, hosts = sys.argv[1:]
+save = np.save
+
+def save_together(file, array):
+    (Path(barrier) / me).touch()
+    deadline = time.time() + 60
+    while len(os.listdir(barrier)) < int(hosts) and time.time() < deadline:
+        time.sleep(0.005)
+    save(file, array)
+
+np.save = save_together
+cfg = DataConfig(sources=(corpus,), cache_dir=cache_dir, num_proc=1)
+print(data.build_cache(cfg.sources, cfg, load_tokenizer()).path)
+"""
+
+
+def test_hosts_racing_on_one_shared_cache_all_succeed(corpus, tmp_path):
+    import subprocess
+    import sys
+    folder, _ = corpus
+    (tmp_path / "barrier").mkdir()
+    hosts = 3
+    runs = [subprocess.Popen([sys.executable, "-c", _HOST, str(folder), str(tmp_path / "cache"),
+                              str(tmp_path / "barrier"), str(i), str(hosts)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(hosts)]
+    results = [(run.communicate(timeout=300), run.returncode) for run in runs]
+    for (out, err), code in results:
+        assert code == 0, err[-3000:]
+    paths = {out.strip().splitlines()[-1] for (out, _), _ in results}
+    assert len(paths) == 1
+    cache = data.TokenCache(paths.pop())
+    serial = data.load_data(_cfg(tmp_path / "serial", [folder])).train.cache
+    np.testing.assert_array_equal(cache.tokens, serial.tokens)
+    np.testing.assert_array_equal(cache.offsets, serial.offsets)
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))  # the losers discarded their own copies
+
+
 def test_json_parquet_csv_and_saved_datasets(tmp_path):
     import datasets
     rows = [{"body": f"document number {i} " * (i + 1), "id": i} for i in range(6)]
@@ -169,6 +216,27 @@ def test_non_utf8_bytes_are_skipped_and_counted(corpus, tmp_path, capsys):
     cache = data.load_data(_cfg(tmp_path, [folder], seq_len=8)).train.cache
     assert cache.meta["skipped"]["not_utf8"] == 1 and cache.n_docs == 10
     assert "skipped 1 documents with bytes that are not UTF-8" in capsys.readouterr().err
+
+
+def test_replacement_character_is_text_not_an_encoding_error(tmp_path, capsys):
+    """U+FFFD in valid UTF-8 is kept from every kind of source; only undecodable bytes are skipped."""
+    import datasets
+    text = "caf\ufffd: a decoder wrote U+FFFD here once; the file itself is valid UTF-8"
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(text.encode())
+    (tmp_path / "txt" / "b.txt").write_bytes(b"caf\xe9 in Latin-1, not UTF-8")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    datasets.Dataset.from_list([{"text": text}]).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list([{"text": text}]).to_csv(str(tmp_path / "a.csv"), index=False)
+    want = load_tokenizer().encode(text, bos=True, eos=True)
+    cache = data.load_data(_cfg(tmp_path, [tmp_path / "txt"])).train.cache
+    assert cache.n_docs == 1 and list(cache.doc(0)) == want and cache.meta["skipped"]["not_utf8"] == 1
+    assert f"{tmp_path / 'txt' / 'b.txt'} (byte 3)" in capsys.readouterr().err  # names the file and byte
+    for name in ("a.jsonl", "a.parquet", "a.csv"):
+        cache = data.load_data(_cfg(tmp_path, [tmp_path / name])).train.cache
+        assert cache.n_docs == 1 and list(cache.doc(0)) == want, name
+    with pytest.raises(DataError, match=r"no document has any text \(0 empty, 1 not UTF-8: .*b.txt \(byte 3\)"):
+        data.load_data(_cfg(tmp_path, [tmp_path / "txt" / "b.txt"]))
 
 
 def test_builtin_corpus_is_several_megabytes():

@@ -233,3 +233,58 @@ def test_convert_weights_script_runs_as_a_program(tiny_hf, tmp_path):
     run = subprocess.run([sys.executable, str(script), "jax-to-hf", "--ckpt", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "not a solarjax checkpoint" in run.stderr
+
+
+def test_tensor_over_2gib_is_written_whole(tmp_path):
+    """One write() stops at 2,147,479,552 bytes on Linux; the writer must loop until all is written."""
+    from solarjax.tensorfile import SafetensorsWriter, TensorInfo
+    n = 2_200_000_000
+    big = np.zeros(n, np.uint8)  # calloc'd: untouched pages cost no memory, even while written
+    marks = [0, 2_147_479_552 - 4096, 2**31, n - 4096]  # the start, where write() stops, 2 GiB, the end
+    rng = np.random.default_rng(0)
+    for at in marks:
+        big[at:at + 4096] = rng.integers(1, 256, 4096, dtype=np.uint8)
+    infos = [TensorInfo("small", (3,), np.dtype(np.float32)), TensorInfo("big", (n,), np.dtype(np.uint8))]
+    with SafetensorsWriter(tmp_path / "big.safetensors", infos) as writer:
+        writer.write_array(np.arange(3, dtype=np.float32))
+        writer.write_array(big)
+    back = SafetensorsFile(tmp_path / "big.safetensors").get("big")  # checks the file holds every byte
+    for at in marks:
+        np.testing.assert_array_equal(back[at:at + 4096], big[at:at + 4096])
+    assert np.count_nonzero(back) == np.count_nonzero(big)  # and everywhere else, the zeros
+    (tmp_path / "big.safetensors").unlink()  # pytest keeps recent tmp dirs; 2.2 GB should not linger
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+@pytest.mark.parametrize("command", ["hf-to-jax", "jax-to-hf", "upscale"])
+def test_output_never_overlaps_the_input_even_with_overwrite(command, relation, tiny_hf, tmp_path, capsys):
+    source = tmp_path / "work" / "input"
+    if command == "jax-to-hf":
+        assert _run(["hf-to-jax", "--hf", tiny_hf, "--out", source], capsys)[0] == 0
+        flags = ["--ckpt", source]
+    else:
+        shutil.copytree(tiny_hf, source)
+        flags = ["--hf", source] + (["--layers", "0:2,0:2"] if command == "upscale" else [])
+    out = {"is": source, "lies inside": source / "sub", "contains": source.parent}[relation]
+    before = _snapshot(source)
+    code, err = _run([command, *flags, "--out", out, "--overwrite"], capsys)
+    assert code == 2 and f"output {out} {relation} the input {source}" in err, err
+    assert _snapshot(source) == before
+
+
+def test_writers_refuse_outputs_that_overlap_their_inputs(tiny_hf):
+    """The library calls refuse too, not only the CLI; the tokenizer directory counts as an input."""
+    from solarjax.upscale import UpscaleSpec, upscale_hf
+    config, params = solarjax.load_hf(tiny_hf)
+    before = _snapshot(tiny_hf)
+    with pytest.raises(ValueError, match=f"output {tiny_hf} is the input {tiny_hf}"):
+        solarjax.save_params(tiny_hf, config, params, tokenizer_dir=tiny_hf, overwrite=True)
+    with pytest.raises(ValueError, match=f"output {tiny_hf / 'hf'} lies inside the input {tiny_hf}"):
+        solarjax.save_hf(config, params, tiny_hf / "hf", inputs=[tiny_hf])
+    with pytest.raises(ValueError, match=f"output {tiny_hf.parent} contains the input {tiny_hf}"):
+        upscale_hf(tiny_hf, tiny_hf.parent, UpscaleSpec(layers="0:2"), overwrite=True)
+    assert _snapshot(tiny_hf) == before

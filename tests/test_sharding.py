@@ -51,9 +51,29 @@ def test_indivisible_dims_stay_replicated():
     """MQA: one kv head cannot split over tensor=2, so that dim stays whole instead of failing."""
     config = solarjax.preset("tiny").replace(num_kv_heads=1)
     mesh = solarjax.make_mesh(data=1, fsdp=4, tensor=2)
-    shardings = sharding.param_shardings(abstract_params(config), mesh)
+    with pytest.warns(UserWarning) as record:
+        shardings = sharding.param_shardings(abstract_params(config), mesh)
     assert shardings["layers"]["self_attn"]["k_proj"].spec == P(None, "fsdp", None, None)
     assert shardings["layers"]["self_attn"]["q_proj"].spec == P(None, "fsdp", "tensor", None)
+    assert sorted(str(w.message) for w in record) == [
+        f"layers/self_attn/{n}_proj [2, 64, 1, 16]: kv_heads 1 is not divisible by mesh tensor=2, so that dim "
+        f"is replicated (expected: fewer kv heads than tensor)" for n in "kv"]
+
+
+def test_replicating_a_dim_warns_once_per_parameter():
+    """hidden 42 over fsdp=4 (like 4096 over fsdp=6) shards no weight: every device would hold the
+    whole model and its Adam moments, so each parameter says so."""
+    config = solarjax.preset("tiny").replace(hidden_size=42, head_dim=8)
+    mesh = solarjax.make_mesh(data=1, fsdp=4, tensor=2)
+    with pytest.warns(UserWarning) as record:
+        shardings = sharding.param_shardings(abstract_params(config), mesh)
+    assert shardings["embed_tokens"].spec == P("tensor", None)
+    messages = [str(w.message) for w in record]
+    assert "embed_tokens [256, 42]: embed 42 is not divisible by mesh fsdp=4, so that dim is replicated" in messages
+    named = sorted(m.split(" ")[0] for m in messages)
+    assert named == sorted(["embed_tokens", "lm_head"] + [f"layers/{p}" for p in (
+        "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj", "self_attn/k_proj", "self_attn/o_proj",
+        "self_attn/q_proj", "self_attn/v_proj")])  # norms are never sharded, so they do not warn
 
 
 @pytest.mark.parametrize("sizes, message", [

@@ -185,3 +185,15 @@ def test_resume_refuses_another_model_but_allows_runtime_changes(tmp_path, corpu
         Trainer(_config(tmp_path, corpus, steps=2, **{"model.hidden_size": 64}), _one_device_mesh())
     resumed = Trainer(_config(tmp_path, corpus, steps=2, **{"model.remat": "full"}), _one_device_mesh())
     assert resumed.model_config.remat == "full" and int(resumed.state["step"]) == 1
+
+
+def test_final_export_may_not_replace_what_the_run_reads(tmp_path, corpus):
+    """A tokenizer (or init.from) inside run_dir/final would be deleted by the export at the end of
+    the run; the trainer refuses before it loads anything."""
+    from hf_models import tokenizer_file
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    tokenizer = final / "tokenizer.model"
+    tokenizer.write_bytes(tokenizer_file().read_bytes())
+    with pytest.raises(ValueError, match=f"output {final} contains the input {tokenizer}"):
+        Trainer(_config(tmp_path, corpus, **{"data.tokenizer": str(tokenizer)}), _one_device_mesh())

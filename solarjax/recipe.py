@@ -156,11 +156,12 @@ def plot_curves(summary: dict, path: Path) -> None:
     for name, s in summary["stages"].items():
         if not s["from"]:
             continue
-        for ax, x in zip(axes, ("tokens", "flops")):
+        for ax, x, unit in zip(axes, ("tokens", "flops"), (1e6, 1e12)):
             points = s["eval_curve"]
-            ax.plot([p[x] for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3, label=name)
+            ax.plot([p[x] / unit for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
+                    label=name)
     base = summary.get("base_loss")
-    for ax, label in zip(axes, ("tokens of continued training", "model FLOPs of continued training")):
+    for ax, label in zip(axes, ("continued training: million tokens", "continued training: model TFLOPs")):
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, end of pretraining")
         ax.set_xlabel(label)

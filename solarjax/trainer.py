@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -97,7 +96,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
-        self.data = data_lib.load_data(cfg.data)
+        self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.global_batch % batch_rows:
@@ -186,8 +185,8 @@ class Trainer:
             return []
         results = sample_lib.generate(self.model_config, self.state["params"],
                                       tokenizer.encode_batch(list(cfg.sample_prompts)),
-                                      sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_id)
-        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t != tokenizer.eos_id])}
+                                      sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_ids)
+        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t not in tokenizer.eos_ids])}
                 for prompt, r in zip(cfg.sample_prompts, results)]
 
     def save(self, step: int) -> None:
@@ -284,7 +283,7 @@ class Trainer:
         final = self.run_dir / "final"
         ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True)
         if jax.process_index() == 0:
-            shutil.copy(self.data.tokenizer.path, final / "tokenizer.model")
+            self.data.tokenizer.save(final)
 
 
 # ---------------------------------------------------------------------------------------------

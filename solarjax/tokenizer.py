@@ -4,12 +4,16 @@
 The default is the real Mistral-7B-v0.1 SentencePiece model (32000 pieces, bos 1, eos 2, byte
 fallback) that the mistral-common package ships, so it works offline; SOLAR uses it too.
 
-Special tokens are resolved as transformers resolves them: bos/eos/pad token strings from
-tokenizer_config.json, overridden by special_tokens_map.json; whether BOS is added from tokenizer.json's
-post-processor (transformers 5 leaves it in charge), or tokenizer_config.json's add_bos_token for a
-SentencePiece model (default true, as Llama/Mistral ship). The ids that end generation (`eos_ids`)
-are generation_config.json's eos_token_id (an int or a list, as Llama 3 has), else config.json's,
-plus the tokenizer's own EOS.
+Special tokens are resolved as transformers 5 resolves them: bos/eos/pad token strings from
+tokenizer_config.json, overridden by special_tokens_map.json; whether BOS (EOS) is added from
+tokenizer.json's post-processor (transformers 5 leaves it in charge), or tokenizer_config.json's
+add_bos_token (add_eos_token) for a SentencePiece model (default true (false), as Llama/Mistral ship).
+The ids that end generation (`eos_ids`) are the tokenizer's EOS plus generation_config.json's
+eos_token_id (an int or a list, as Llama 3 has), else config.json's.
+
+SentencePiece stays the engine for .model files: it is what Mistral was trained with, and it
+matches mistral-common. transformers' own conversion of a .model to tokenizer.json merges runs of
+spaces differently ("a  b"), so on such text the two disagree; tests/test_tokenizer.py says where.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import re
 import shutil
 from pathlib import Path
+
+import sentencepiece as spm
+import tokenizers
 
 # Files that make up a tokenizer, copied with every checkpoint and export. generation_config.json
 # rides along because it holds the stop ids; special_ids.json is solarjax's record of config.json's
@@ -72,14 +80,12 @@ class Tokenizer:
         self.path = path
         self.directory = path.parent if path.name in ("tokenizer.json", "tokenizer.model") else None
         if path.suffix == ".json":
-            import tokenizers
             try:
                 self._hf = tokenizers.Tokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises plain Exceptions for malformed files
                 raise TokenizerError(f"{path}: not a tokenizer.json ({e})") from None
             self._sp = None
         else:
-            import sentencepiece as spm
             self._hf, self._sp = None, spm.SentencePieceProcessor()
             try:
                 self._sp.Load(str(path))
@@ -94,25 +100,25 @@ class Tokenizer:
         return _read_json(self.directory / name) if self.directory else {}
 
     def _resolve_specials(self):
-        self.config = {**self._config("tokenizer_config.json")}
-        for key, value in self._config("special_tokens_map.json").items():
-            self.config[key] = value
-        names = dict.fromkeys(("bos_token", "eos_token", "unk_token", "pad_token"))
+        self.config = {**self._config("tokenizer_config.json"), **self._config("special_tokens_map.json")}
+        names = dict.fromkeys(("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                               "mask_token"))
         if self._sp is not None:  # a .model names its own control pieces; the configs may override them
             ids = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(),
                    "unk_token": self._sp.unk_id(), "pad_token": self._sp.pad_id()}
-            names = {k: self._sp.IdToPiece(i) if i >= 0 else None for k, i in ids.items()}
+            names.update({k: self._sp.IdToPiece(i) if i >= 0 else None for k, i in ids.items()})
         names.update({k: _token_text(self.config[k]) for k in names if k in self.config})
         self.special_tokens = {k: v for k, v in names.items() if v is not None}  # the template's bos_token, ...
         self.bos_id, self.eos_id, self.pad_id = (self.token_id(names[k]) for k in ("bos_token", "eos_token",
                                                                                     "pad_token"))
         if self._hf is not None:
-            # transformers 5 keeps tokenizer.json's post-processor: it decides what encode() adds.
-            plain, full = self._hf.encode("a", add_special_tokens=False).ids, self._hf.encode("a").ids
-            prefix = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
-            self.add_bos = self.bos_id is not None and prefix == [self.bos_id]
+            # transformers 5 keeps tokenizer.json's post-processor: what it adds around "a" decides.
+            ids = self._hf.encode("a").ids
+            self.add_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
+            self.add_eos = self.eos_id is not None and ids[-1:] == [self.eos_id]
         else:
             self.add_bos = self.bos_id is not None and bool(self.config.get("add_bos_token", True))
+            self.add_eos = self.eos_id is not None and bool(self.config.get("add_eos_token", False))
         stop = []
         for name in ("generation_config.json", "config.json", SPECIAL_IDS_FILE):
             value = self._config(name).get("eos_token_id")
@@ -121,6 +127,7 @@ class Tokenizer:
                 break
         self.eos_ids = list(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + stop))
         self._specials = {t: self.token_id(t) for t in self._control_tokens()}
+        self._split = re.compile("(" + "|".join(map(re.escape, self._specials)) + ")") if self._specials else None
 
     def token_id(self, text: str | None) -> int | None:
         if text is None:
@@ -155,7 +162,7 @@ class Tokenizer:
         h = hashlib.sha256()
         for f in self.files:
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
-        h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos]).encode())
+        h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos]).encode())
         return h.hexdigest()
 
     # -- text <-> ids ---------------------------------------------------------------------------
@@ -163,27 +170,25 @@ class Tokenizer:
     def _ids(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
-        if not self._specials:
+        if self._split is None or not self._split.search(text):
             return self._sp.EncodeAsIds(text)
-        ids, start, i = [], 0, 0
-        while i < len(text):  # split at control-token strings, encode the text between
-            token = next((t for t in self._specials if text.startswith(t, i)), None)
-            if token is None:
-                i += 1
-                continue
-            if i > start:
-                ids += self._sp.EncodeAsIds(text[start:i])
-            ids.append(self._specials[token])
-            start = i = i + len(token)
-        return ids + (self._sp.EncodeAsIds(text[start:]) if start < len(text) else [])
+        ids = []
+        for i, part in enumerate(self._split.split(text)):  # odd parts are the control-token strings
+            if i % 2:
+                ids.append(self._specials[part])
+            elif part:
+                ids += self._sp.EncodeAsIds(part)
+        return ids
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        """bos=None adds BOS when the model does (`add_bos`); a model without a BOS token gets none."""
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        """bos/eos=None add BOS/EOS when the model does (`add_bos`, `add_eos`), as transformers'
+        encode(text) does; a model without such a token gets none."""
         bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         return (([self.bos_id] if bos and self.bos_id is not None else []) + self._ids(text)
                 + ([self.eos_id] if eos and self.eos_id is not None else []))
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
         return [self.encode(t, bos, eos) for t in texts]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -210,8 +215,8 @@ class Tokenizer:
         if not template:
             raise TokenizerError(f"{self.directory or self.path}: the model has no chat template "
                                  f"(tokenizer_config.json 'chat_template' or chat_template.jinja)")
-        text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+        text = _compile(template).render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         return self._ids(text)
 
     # -- checks and copies ----------------------------------------------------------------------

@@ -219,8 +219,15 @@ def test_generate_stops_at_any_of_several_eos_ids(mistral_vocab_model):
     config, params = solarjax.load_model(mistral_vocab_model)
     free = sample.generate(config, params, [[1, 415, 5565]], Sampling(max_new_tokens=8), eos_ids=None)[0]["token_ids"]
     for k in (1, 3):
+        stop = [31999, free[k], 7]
         ids = sample.generate(config, params, [[1, 415, 5565]], Sampling(max_new_tokens=8),
-                              eos_ids=[31999, free[k], 7])[0]["token_ids"]
+                              eos_ids=stop)[0]["token_ids"]
         assert ids == free[:free.index(free[k]) + 1]
+        # The jitted loop itself stops there (generate also trims on the host).
+        tokens, positions, segments = sample.left_pad([[1, 415, 5565]], 16)
+        knobs = (np.float32(0), np.int32(0), np.float32(1), np.array(stop + [-1] * 5, np.int32))
+        cache, first, rng = sample._prefill(config, 8, params, tokens, positions, segments, jax.random.key(0), *knobs)
+        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), rng, *knobs)
+        assert int(steps) == len(ids)
     with pytest.raises(SamplingError, match="9 EOS ids given; at most 8"):
         sample.generate(config, params, [[1]], eos_ids=list(range(9)))

@@ -75,7 +75,7 @@ def test_special_ids_equal_transformers(dirs, kind):
         assert (ours.bos_id, ours.eos_ids, ours.add_bos) == (1, [2], True)
 
 
-def test_no_bos_token_means_none_added(dirs, tmp_path):
+def test_no_bos_token_and_an_eos_adding_post_processor(dirs, tmp_path):
     """A model without a BOS token (Qwen-like): bos_id None, nothing prepended, as transformers."""
     d = shutil.copytree(dirs["bpe"], tmp_path / "nobos")
     config = json.loads((d / "tokenizer_config.json").read_text())
@@ -88,11 +88,19 @@ def test_no_bos_token_means_none_added(dirs, tmp_path):
     ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
     assert ours.bos_id is None is theirs.bos_token_id and not ours.add_bos and ours.pad_id is None
     assert ours.encode("hello", bos=True) == theirs.encode("hello") == theirs.encode("hello", add_special_tokens=False)
+    # A post-processor that appends EOS too (add_eos_token models): encode() does what it does.
+    eot = {"id": "<|eot_id|>", "ids": [304], "tokens": ["<|eot_id|>"]}
+    tok["post_processor"] = {"type": "TemplateProcessing", "pair": [], "special_tokens": {"<|eot_id|>": eot},
+                             "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                        {"SpecialToken": {"id": "<|eot_id|>", "type_id": 0}}]}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.add_eos and ours.encode("hello") == theirs.encode("hello") and ours.encode("hello")[-1] == 304
 
 
 def test_chat_template_ids_equal_transformers(dirs, tmp_path):
     chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime. 🤖"},
-            {"role": "assistant", "content": " 7 "}, {"role": "user", "content": "Another, in 日本語?"}]
+            {"role": "assistant", "content": " 7 "}, {"role": "user", "content": "Another, in 日本語? <b>&'"}]
     for kind, messages in (("bpe", chat), ("mistral-json", chat[1:]), ("sentencepiece", chat[1:])):
         ours, theirs = load_tokenizer(dirs[kind]), transformers.AutoTokenizer.from_pretrained(dirs[kind])
         for gen in (False, True):
@@ -102,10 +110,13 @@ def test_chat_template_ids_equal_transformers(dirs, tmp_path):
     assert ids[0] == 300 and ids.count(304) == 4  # one BOS from the template, an <|eot_id|> per turn
     with pytest.raises(TokenizerError, match="Conversation roles must alternate"):
         load_tokenizer(dirs["mistral-json"]).apply_chat_template(chat)  # its template's raise_exception
-    # A multi-line ChatML template in chat_template.jinja, where trim_blocks/lstrip_blocks matter.
+    # A multi-line ChatML template in chat_template.jinja, where trim_blocks/lstrip_blocks matter,
+    # `tools` is None (not undefined) and tojson keeps 日本語 and <> as they are.
     d = shutil.copytree(dirs["bpe"], tmp_path / "chatml")
     (d / "chat_template.jinja").write_text(
-        "{% for message in messages %}\n    {% if loop.first and message['role'] != 'system' %}\n"
+        "{% if tools is not none %}\n<|im_start|>tools\n{{ tools | tojson }}<|im_end|>\n{% endif %}\n"
+        "{% for message in messages %}\n    {% if message['role'] == 'user' %}\n{{ message | tojson }}\n    {% endif %}\n"
+        "    {% if loop.first and message['role'] != 'system' %}\n"
         "<|im_start|>system\nYou are helpful.<|im_end|>\n    {% endif %}\n"
         "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}\n"
         "{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}\n")

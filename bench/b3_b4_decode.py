@@ -46,7 +46,7 @@ def hf_generate(model, prompts, new):
 
 def ours_generate(config, params, prompts, new):
     t = time.perf_counter()
-    r = sample.generate(config, params, prompts, sample.Sampling(max_new_tokens=new), eos_id=None)
+    r = sample.generate(config, params, prompts, sample.Sampling(max_new_tokens=new), eos_ids=None)
     wall = time.perf_counter() - t
     timing = r[0]["timing"]
     return timing["prefill_s"] + timing["decode_s"], wall, [x["token_ids"] for x in r]

@@ -3,7 +3,8 @@
 A solarjax parameter checkpoint is a directory:
   model_config.json   the ModelConfig
   params/             orbax StandardCheckpointer tree (restored straight into shards)
-  tokenizer.model ... tokenizer files, when the source had them
+  tokenizer.json ... tokenizer files (and generation_config.json), when the source had them
+  special_ids.json    the source's bos/eos/pad ids, which jax-to-hf writes into config.json
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=Non
         if jax.process_index() == 0:
             path.mkdir(parents=True, exist_ok=True)
             config.save(path / CONFIG_FILE)
-            hf.copy_tokenizer_files(tokenizer_dir, path)
+            hf.copy_tokenizer_files(tokenizer_dir, path, special_ids_file=True)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(path.absolute() / "params", params, force=overwrite)
         checkpointer.wait_until_finished()
@@ -49,7 +50,7 @@ def save_params(path: str | Path, config: ModelConfig, params, tokenizer_dir=Non
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.absolute() / "params", params)
         checkpointer.wait_until_finished()
-        hf.copy_tokenizer_files(tokenizer_dir, tmp)
+        hf.copy_tokenizer_files(tokenizer_dir, tmp, special_ids_file=True)
     return path
 
 

@@ -133,12 +133,12 @@ class DataConfig:
     text_field: str = "text"  # column holding the text, for json/csv/parquet/saved datasets
     validation: tuple[str, ...] = ()  # its own sources, or ...
     validation_fraction: float = 0.0  # ... a held-out share of the documents
-    tokenizer: str | None = None  # .model file or a directory with tokenizer.model; None = Mistral's
+    tokenizer: str | None = None  # tokenizer.json, .model, or a directory with one; None = init.from's, else Mistral's
     seq_len: int = 512
     cache_dir: str = "~/.cache/solarjax/tokens"
     num_proc: int = 2  # tokenizer processes
     seed: int = 0
-    add_bos: bool = True
+    add_bos: bool | None = None  # None: as the tokenizer does (tokenizer.json's post-processor / add_bos_token)
     add_eos: bool = True
 
     def __post_init__(self):

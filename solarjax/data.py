@@ -1,10 +1,11 @@
-"""The tokenized data pipeline: sources -> HF datasets -> SentencePiece ids, once, into a token cache
+"""The tokenized data pipeline: sources -> HF datasets -> token ids, once, into a token cache
 on disk -> packed sequences -> deterministic per-process batches.
 
 - Tokenize once: `datasets.map(batched=True, num_proc=...)`, BOS/EOS around each document, written to
   `cache_dir/<fingerprint>/` as a flat memory-mapped token array (tokens.bin) plus document offsets
-  (offsets.npy). The fingerprint covers the sources (path, size, mtime), the tokenizer file and the
-  options, so a second run with the same inputs reuses the cache without tokenizing.
+  (offsets.npy). The fingerprint covers the sources (path, size, mtime), the tokenizer's files and
+  special-token settings, and the options, so a second run with the same inputs reuses the cache
+  without tokenizing.
 - Packing: documents (in cache order) form one stream cut into windows of seq_len; each piece of a
   document in a window gets its own segment id and positions restarting at 0, so attention never
   crosses documents, and a long document is split, never dropped. The last window is padded with
@@ -33,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from solarjax.config import DataConfig
-from solarjax.tokenizer import Tokenizer, load_tokenizer
+from solarjax.tokenizer import Tokenizer, resolve_tokenizer
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
            ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -113,7 +114,7 @@ def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig) ->
                 if f.is_file():
                     st = f.stat()
                     h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
-    h.update(hashlib.sha256(tokenizer.path.read_bytes()).digest())
+    h.update(tokenizer.fingerprint().encode())
     # The cache format version; 2: documents with U+FFFD are kept (1 dropped them as not UTF-8).
     h.update(json.dumps([cfg.text_field, cfg.add_bos, cfg.add_eos, 2]).encode())
     return h.hexdigest()[:20]
@@ -170,15 +171,15 @@ def _load(source: Source, text_field: str, hf_cache: Path):
 
 
 class _Tokenize:
-    """The map function: picklable (worker processes load the SentencePiece model themselves)."""
+    """The map function: picklable (worker processes load the tokenizer from its path themselves)."""
 
-    def __init__(self, tokenizer_path: str, field: str, bos: bool, eos: bool):
-        self.tokenizer_path, self.field, self.bos, self.eos = tokenizer_path, field, bos, eos
+    def __init__(self, tokenizer_source: str, field: str, bos: bool | None, eos: bool):
+        self.tokenizer_source, self.field, self.bos, self.eos = tokenizer_source, field, bos, eos
         self._tok = None
 
     def __call__(self, batch):
         if self._tok is None:
-            self._tok = Tokenizer(self.tokenizer_path)
+            self._tok = Tokenizer(self.tokenizer_source)
         ids, status = [], []
         for text in batch[self.field]:
             if text is None or not text.strip():
@@ -235,7 +236,7 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(ds) == 0:
         raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: the dataset is empty")
-    mapped = ds.map(_Tokenize(str(tokenizer.path), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
+    mapped = ds.map(_Tokenize(str(tokenizer.source), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
                     batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
                     remove_columns=ds.column_names, desc="tokenizing")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
@@ -261,7 +262,7 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
             print(f"warning: skipped {len(not_utf8)} documents with bytes that are not UTF-8: "
                   f"{', '.join(not_utf8[:3])}{', ...' if len(not_utf8) > 3 else ''}", file=sys.stderr)
         np.save(tmp / "offsets.npy", np.asarray(offsets, np.int64))
-        meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.path), "dtype": dtype,
+        meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.source), "dtype": dtype,
                 "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
@@ -369,9 +370,10 @@ class Data:
         return Batches(self.train, global_batch, seed, process_index, process_count)
 
 
-def load_data(cfg: DataConfig, vocab_size: int | None = None) -> Data:
-    """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`."""
-    tokenizer = load_tokenizer(cfg.tokenizer)
+def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None) -> Data:
+    """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
+    data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer."""
+    tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
     cache = build_cache(cfg.sources, cfg, tokenizer)

@@ -26,10 +26,9 @@ from solarjax.config import ConfigError, ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
                                  plan_shards, write_safetensors)
+from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
 
 ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                "float16": np.dtype(np.float16)}
 # Buffers some older checkpoints carry that are recomputed, not learned.
@@ -83,7 +82,8 @@ def default_arch(config: ModelConfig) -> str:
     return "mistral" if config.sliding_window is not None else "llama"
 
 
-def config_to_hf(config: ModelConfig, arch: str, dtype: str = "float32") -> dict:
+def config_to_hf(config: ModelConfig, arch: str, dtype: str = "float32", special_ids: dict | None = None) -> dict:
+    """config.json for `config`; `special_ids` (from `special_ids(source)`) gives bos/eos/pad_token_id."""
     if arch not in ("mistral", "llama"):
         raise ConversionError(f"--arch {arch!r} is not supported; expected 'mistral' or 'llama'")
     max_pos, window = config.max_position_embeddings, config.sliding_window
@@ -99,7 +99,8 @@ def config_to_hf(config: ModelConfig, arch: str, dtype: str = "float32") -> dict
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_pos,
         "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-        "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        **{k: v for k, v in (special_ids or {}).items() if v is not None},
         "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
     }
     if arch == "mistral":
@@ -340,7 +341,7 @@ def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None
     arch = arch or default_arch(config)
     if dtype not in SAVE_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {sorted(SAVE_DTYPES)}")
-    hf_config = config_to_hf(config, arch, dtype)
+    hf_config = config_to_hf(config, arch, dtype, special_ids(tokenizer_dir))
     if arch == "llama" and config.sliding_window is not None:
         print(f"note: Llama has no sliding window; writing max_position_embeddings="
               f"{hf_config['max_position_embeddings']} so the model computes the same function", file=sys.stderr)
@@ -392,11 +393,30 @@ def write_index(directory: Path, shards: list[list[TensorInfo]], names: list[str
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
+SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_ids(src: str | Path | None) -> dict:
+    """The bos/eos/pad ids a model written from `src` declares in config.json: those of src's own
+    config.json (an HF directory) or special_ids.json (a solarjax checkpoint), else its tokenizer's,
+    else the default Mistral tokenizer's. Never assumed: a Llama 3 keeps 128000 / [128001, 128009]."""
+    for name in ("config.json", SPECIAL_IDS_FILE):
+        if src is not None and (Path(src) / name).is_file():
+            d = json.loads((Path(src) / name).read_text())
+            if any(k in d for k in SPECIAL_KEYS):
+                return {k: d.get(k) for k in SPECIAL_KEYS}
+    return load_tokenizer(src if has_tokenizer(src) else None).special_ids()
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: Path, special_ids_file: bool = False) -> list[str]:
+    """The tokenizer files (and generation_config.json) of `src`; with special_ids_file (solarjax
+    checkpoints), also special_ids.json with the source's bos/eos/pad ids, for jax-to-hf."""
     copied = []
     if src is not None:
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file():
                 shutil.copy2(Path(src) / name, dst / name)
                 copied.append(name)
+        if special_ids_file:
+            (dst / SPECIAL_IDS_FILE).write_text(json.dumps(special_ids(src)) + "\n")
     return copied

@@ -2,7 +2,11 @@
 so Python runs once per request, not once per token.
 
   python -m solarjax.sample (--ckpt DIR | --hf DIR) --prompt TEXT [--prompt TEXT ...] [--prompts-file F]
-      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--format text|json]
+      [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--format text|json]
+
+The model directory's own tokenizer is used (tokenizer.json or tokenizer.model), and generation stops
+at any of its EOS ids (generation_config.json may list several). --chat sends each prompt as a user
+message through the model's chat template.
 
 Prompts of different lengths are left-padded to one bucketed length; padding has segment 0, so no
 real token attends to it, and each prompt's positions start at 0. The cache holds prompt + output,
@@ -30,6 +34,9 @@ from solarjax.model import Decoder, decode_params, init_cache
 
 class SamplingError(ValueError):
     """A sampling option or prompt is out of range; the message names it."""
+
+
+MAX_EOS_IDS = 8  # stop ids travel as a fixed-size array (padded with -1): no recompile per model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +82,7 @@ def sample_logits(logits_BV, rng, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP, segments_BP, rng, temperature,
-             top_k, top_p, eos_id):
+             top_k, top_p, eos_E):
     """Runs the prompts through the model into a fresh cache and samples each row's first token."""
     B, P = tokens_BP.shape
     stacked = "layers" in params
@@ -89,7 +96,7 @@ def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP,
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B, rng, temperature, top_k, top_p,
-            eos_id):
+            eos_E):
     """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS) and the number
     of tokens produced per row before the loop stopped."""
     model = Decoder(config, decode_layout="layers" not in params)
@@ -107,11 +114,15 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
         logits_B1V, cache = model.apply({"params": params}, last_B[:, None], positions_B1, segments_B1, cache)
         rng, key = jax.random.split(rng)
         next_B = jnp.where(done_B, 0, sample_logits(logits_B1V[:, 0], key, temperature, top_k, top_p))
-        return i + 1, cache, out_BN.at[:, i].set(next_B), next_B, done_B | (next_B == eos_id), rng
+        return i + 1, cache, out_BN.at[:, i].set(next_B), next_B, done_B | _is_eos(next_B, eos_E), rng
 
-    state = (jnp.int32(1), cache, out_BN, first_B, first_B == eos_id, rng)
+    state = (jnp.int32(1), cache, out_BN, first_B, _is_eos(first_B, eos_E), rng)
     steps, _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, state)
     return out_BN, steps
+
+
+def _is_eos(tokens_B, eos_E):
+    return (tokens_B[:, None] == eos_E[None, :]).any(axis=-1)
 
 
 _decode_params = jax.jit(decode_params, static_argnums=0)
@@ -135,10 +146,14 @@ def _bucket(n: int) -> int:
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sampling = Sampling(),
-             eos_id: int | None = 2) -> list[dict]:
-    """Generates for a batch of token-id prompts. Returns, per prompt, {"token_ids": generated ids
-    (through the EOS if one came), "timing": {"prefill_s", "decode_s", "decode_tokens_per_s"}},
-    timed after compilation."""
+             eos_ids: int | list[int] | None = None) -> list[dict]:
+    """Generates for a batch of token-id prompts, stopping a row at any of `eos_ids` (the
+    tokenizer's `eos_ids`; None: run to max_new_tokens). Returns, per prompt, {"token_ids":
+    generated ids (through the EOS if one came), "timing": {"prefill_s", "decode_s",
+    "decode_tokens_per_s"}}, timed after compilation."""
+    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else [int(e) for e in eos_ids]
+    if len(eos_ids) > MAX_EOS_IDS:
+        raise SamplingError(f"{len(eos_ids)} EOS ids given; at most {MAX_EOS_IDS} are supported")
     if not prompts:
         raise SamplingError("no prompts given")
     for i, p in enumerate(prompts):
@@ -160,7 +175,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
         # (bench/b3_b4_decode.py); one copy of the weights up front pays for itself within a token or two.
         params = _decode_params(config, params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
-             np.int32(-1 if eos_id is None else eos_id))
+             np.array(eos_ids + [-1] * (MAX_EOS_IDS - len(eos_ids)), np.int32))
     prefill_args = (params, tokens, positions, segments, jax.random.key(sampling.seed), *knobs)
     prefill = _prefill.lower(config, max_new, *prefill_args).compile()
     cache, first, rng = prefill_shapes = jax.eval_shape(lambda: _prefill(config, max_new, *prefill_args))
@@ -179,8 +194,9 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     results, generated = [], 0
     for row in np.asarray(out):
         ids = row.tolist()
-        if eos_id is not None and eos_id in ids:
-            ids = ids[:ids.index(eos_id) + 1]
+        stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+        if stop is not None:
+            ids = ids[:stop + 1]
         else:
             ids = ids[:int(steps)]
         generated += len(ids)
@@ -203,6 +219,8 @@ def _parser():
     src.add_argument("--hf", help="Hugging Face model directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the "
+                   "model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 is off")
@@ -214,7 +232,7 @@ def _parser():
 
 def main(argv=None) -> int:
     from solarjax.checkpoint import load_model
-    from solarjax.tokenizer import Tokenizer, TokenizerError, default_tokenizer_path, load_tokenizer
+    from solarjax.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 
     args = _parser().parse_args(argv)
     try:
@@ -233,19 +251,25 @@ def main(argv=None) -> int:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         path = Path(args.ckpt or args.hf)
         config, params = load_model(path)
-        if (path / "tokenizer.model").is_file():
+        if has_tokenizer(path):
             tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
         else:
-            tokenizer = Tokenizer(default_tokenizer_path())
+            tokenizer = load_tokenizer()
             if tokenizer.vocab_size != config.vocab_size:
-                raise TokenizerError(f"{path} has no tokenizer.model, and the default Mistral tokenizer "
-                                     f"({tokenizer.vocab_size} pieces) does not fit its vocab of {config.vocab_size}")
-        results = generate(config, params, tokenizer.encode_batch(prompts), sampling, tokenizer.eos_id)
+                raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model, and the default Mistral "
+                                     f"tokenizer ({tokenizer.vocab_size} tokens) does not fit its vocab of "
+                                     f"{config.vocab_size}")
+        if args.chat:
+            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+        else:
+            ids = tokenizer.encode_batch(prompts)
+        results = generate(config, params, ids, sampling, tokenizer.eos_ids)
     except (SamplingError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for text, r in zip(prompts, results):
-        ids = [t for t in r["token_ids"] if t != tokenizer.eos_id]
+        ids = [t for t in r["token_ids"] if t not in tokenizer.eos_ids]
         completion = tokenizer.decode(ids)
         if args.format == "json":
             print(json.dumps({"prompt": text, "completion": completion, **r}))

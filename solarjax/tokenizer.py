@@ -1,69 +1,279 @@
-"""SentencePiece tokenizers. The default is the real Mistral-7B-v0.1 tokenizer (32000 pieces, bos 1,
-eos 2, byte fallback) that the mistral-common package ships, so it works offline; SOLAR uses it too."""
+"""One Tokenizer over a model directory's tokenizer.json (HF `tokenizers`) or tokenizer.model
+(SentencePiece), with the special ids and chat template the directory declares.
+
+The default is the real Mistral-7B-v0.1 SentencePiece model (32000 pieces, bos 1, eos 2, byte
+fallback) that the mistral-common package ships, so it works offline; SOLAR uses it too.
+
+Special tokens are resolved as transformers 5 resolves them: bos/eos/pad token strings from
+tokenizer_config.json, overridden by special_tokens_map.json; whether BOS (EOS) is added from
+tokenizer.json's post-processor (transformers 5 leaves it in charge), or tokenizer_config.json's
+add_bos_token (add_eos_token) for a SentencePiece model (default true (false), as Llama/Mistral ship).
+The ids that end generation (`eos_ids`) are the tokenizer's EOS plus generation_config.json's
+eos_token_id (an int or a list, as Llama 3 has), else config.json's.
+
+SentencePiece stays the engine for .model files: it is what Mistral was trained with, and it
+matches mistral-common. transformers' own conversion of a .model to tokenizer.json merges runs of
+spaces differently ("a  b"), so on such text the two disagree; tests/test_tokenizer.py says where.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
+import re
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
+import tokenizers
+
+# Files that make up a tokenizer, copied with every checkpoint and export. generation_config.json
+# rides along because it holds the stop ids; special_ids.json is solarjax's record of config.json's
+# bos/eos/pad ids inside its own checkpoints (see hf.special_ids).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+SPECIAL_IDS_FILE = "special_ids.json"
 
 
 class TokenizerError(ValueError):
-    """A tokenizer file is missing or does not fit the model."""
+    """A tokenizer file is missing or does not fit the model, or a chat cannot be rendered."""
 
 
 def default_tokenizer_path() -> Path:
     return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 
 
+def has_tokenizer(path: str | Path | None) -> bool:
+    return path is not None and any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token as the configs write it: a string, or an AddedToken dict with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
 class Tokenizer:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise TokenizerError(f"{self.path}: no such tokenizer file")
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(str(self.path))
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
+    """`source` is a tokenizer.json, a .model file, or a directory holding either (tokenizer.json
+    preferred, as transformers' fast tokenizers do). Configs are read from the file's directory
+    when the file has its standard name."""
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        path = self.source
+        if path.is_dir():
+            found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+            if not found:
+                raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+            path = found[0]
+        if not path.is_file():
+            raise TokenizerError(f"{path}: no such tokenizer file")
+        self.path = path
+        self.directory = path.parent if path.name in ("tokenizer.json", "tokenizer.model") else None
+        if path.suffix == ".json":
+            try:
+                self._hf = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises plain Exceptions for malformed files
+                raise TokenizerError(f"{path}: not a tokenizer.json ({e})") from None
+            self._sp = None
+        else:
+            self._hf, self._sp = None, spm.SentencePieceProcessor()
+            try:
+                self._sp.Load(str(path))
+            except (OSError, RuntimeError) as e:
+                raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
+        self._resolve_specials()
+
+    def __reduce__(self):  # datasets.map workers and pickles reload from the files
+        return Tokenizer, (str(self.source),)
+
+    def _config(self, name: str) -> dict:
+        return _read_json(self.directory / name) if self.directory else {}
+
+    def _resolve_specials(self):
+        self.config = {**self._config("tokenizer_config.json"), **self._config("special_tokens_map.json")}
+        names = dict.fromkeys(("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                               "mask_token"))
+        if self._sp is not None:  # a .model names its own control pieces; the configs may override them
+            ids = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(),
+                   "unk_token": self._sp.unk_id(), "pad_token": self._sp.pad_id()}
+            names.update({k: self._sp.IdToPiece(i) if i >= 0 else None for k, i in ids.items()})
+        names.update({k: _token_text(self.config[k]) for k in names if k in self.config})
+        self.special_tokens = {k: v for k, v in names.items() if v is not None}  # the template's bos_token, ...
+        self.bos_id, self.eos_id, self.pad_id = (self.token_id(names[k]) for k in ("bos_token", "eos_token",
+                                                                                    "pad_token"))
+        if self._hf is not None:
+            # transformers 5 keeps tokenizer.json's post-processor: what it adds around "a" decides.
+            ids = self._hf.encode("a").ids
+            self.add_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
+            self.add_eos = self.eos_id is not None and ids[-1:] == [self.eos_id]
+        else:
+            self.add_bos = self.bos_id is not None and bool(self.config.get("add_bos_token", True))
+            self.add_eos = self.eos_id is not None and bool(self.config.get("add_eos_token", False))
+        stop = []
+        for name in ("generation_config.json", "config.json", SPECIAL_IDS_FILE):
+            value = self._config(name).get("eos_token_id")
+            if value is not None:
+                stop = value if isinstance(value, list) else [value]
+                break
+        self.eos_ids = list(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + stop))
+        self._specials = {t: self.token_id(t) for t in self._control_tokens()}
+        self._split = re.compile("(" + "|".join(map(re.escape, self._specials)) + ")") if self._specials else None
+
+    def token_id(self, text: str | None) -> int | None:
+        if text is None:
+            return None
+        if self._hf is not None:
+            return self._hf.token_to_id(text)
+        i = self._sp.PieceToId(text)
+        return None if i == self._sp.unk_id() and text != self._sp.IdToPiece(i) else i
+
+    def _control_tokens(self) -> list[str]:
+        """SentencePiece only: the strings that stand for control pieces when written in text
+        (transformers parses them; SentencePiece alone would spell them out)."""
+        if self._sp is None:
+            return []
+        names = set(self.special_tokens.values())
+        names |= {self._sp.IdToPiece(i) for i in range(self._sp.GetPieceSize()) if self._sp.IsControl(i)}
+        return sorted((n for n in names if n and self.token_id(n) is not None), key=len, reverse=True)
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.GetPieceSize()
+        return self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else self._sp.GetPieceSize()
 
     @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    def files(self) -> list[Path]:
+        """The files that make up this tokenizer (what the token cache's fingerprint covers)."""
+        if self.directory is None:
+            return [self.path]
+        return [self.directory / n for n in TOKENIZER_FILES if (self.directory / n).is_file()] + (
+            [self.directory / SPECIAL_IDS_FILE] if (self.directory / SPECIAL_IDS_FILE).is_file() else [])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+        h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos]).encode())
+        return h.hexdigest()
+
+    # -- text <-> ids ---------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        if self._split is None or not self._split.search(text):
+            return self._sp.EncodeAsIds(text)
+        ids = []
+        for i, part in enumerate(self._split.split(text)):  # odd parts are the control-token strings
+            if i % 2:
+                ids.append(self._specials[part])
+            elif part:
+                ids += self._sp.EncodeAsIds(part)
+        return ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        """bos/eos=None add BOS/EOS when the model does (`add_bos`, `add_eos`), as transformers'
+        encode(text) does; a model without such a token gets none."""
+        bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
+        return (([self.bos_id] if bos and self.bos_id is not None else []) + self._ids(text)
+                + ([self.eos_id] if eos and self.eos_id is not None else []))
+
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
+        return [self.encode(t, bos, eos) for t in texts]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._sp.DecodeIds(ids)
+
+    # -- chat -----------------------------------------------------------------------------------
 
     @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if self.directory and (self.directory / "chat_template.jinja").is_file():
+            template = (self.directory / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        return template
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return ([self.bos_id] if bos else []) + self._sp.EncodeAsIds(text) + ([self.eos_id] if eos else [])
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """The ids of `messages` rendered by the model's chat template, as transformers'
+        apply_chat_template(tokenize=True) gives them: the template writes its own BOS."""
+        template = self.chat_template
+        if not template:
+            raise TokenizerError(f"{self.directory or self.path}: the model has no chat template "
+                                 f"(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+        text = _compile(template).render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return self._ids(text)
 
-    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
-        ids = self._sp.EncodeAsIds(list(texts))
-        return [([self.bos_id] if bos else []) + x + ([self.eos_id] if eos else []) for x in ids]
-
-    def decode(self, ids) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+    # -- checks and copies ----------------------------------------------------------------------
 
     def check_fits(self, vocab_size: int, where: str = "the model") -> "Tokenizer":
         if self.vocab_size > vocab_size:
-            raise TokenizerError(f"tokenizer {self.path} has {self.vocab_size} pieces, more than the vocab of "
+            raise TokenizerError(f"tokenizer {self.source} has {self.vocab_size} tokens, more than the vocab of "
                                  f"{vocab_size} of {where}")
         return self
 
+    def save(self, directory: str | Path) -> None:
+        """Copies the tokenizer files into `directory` and records the special ids (special_ids.json),
+        so that sampling and jax-to-hf from there keep them."""
+        directory = Path(directory)
+        if self.directory is None:
+            shutil.copy(self.path, directory / ("tokenizer.json" if self.path.suffix == ".json" else "tokenizer.model"))
+        else:
+            for f in self.files:
+                shutil.copy2(f, directory / f.name)
+        (directory / SPECIAL_IDS_FILE).write_text(json.dumps(self.special_ids()) + "\n")
+
+    def special_ids(self) -> dict:
+        """config.json's keys: eos_token_id is a list when there are several (as Llama 3 writes it)."""
+        eos = self.eos_ids[0] if len(self.eos_ids) == 1 else (self.eos_ids or None)
+        return {"bos_token_id": self.bos_id, "eos_token_id": eos, "pad_token_id": self.pad_id}
+
+
+def _compile(template: str):
+    """transformers' chat-template environment: sandboxed, trim_blocks and lstrip_blocks, its globals."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template)
+
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """A .model file, a directory holding tokenizer.model, or None for the default Mistral tokenizer."""
-    if path is None:
-        return Tokenizer(default_tokenizer_path())
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "tokenizer.model").is_file():
-            raise TokenizerError(f"{path}: no tokenizer.model in this directory")
-        path = path / "tokenizer.model"
-    return Tokenizer(path)
+    """A tokenizer.json or .model file, a directory holding one, or None for the default Mistral tokenizer."""
+    return Tokenizer(default_tokenizer_path() if path is None else path)
+
+
+def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = None) -> Tokenizer:
+    """data.tokenizer when set; else the tokenizer of the model being trained (init.from) when it
+    has one; else the default Mistral tokenizer."""
+    if path is None and has_tokenizer(model_dir):
+        path = model_dir
+    return load_tokenizer(path)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -100,7 +99,7 @@ class Trainer:
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
-        self.data = data_lib.load_data(cfg.data)
+        self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.global_batch % batch_rows:
@@ -200,8 +199,9 @@ class Trainer:
             return []
         results = sample_lib.generate(self.model_config, self.state["params"],
                                       tokenizer.encode_batch(list(cfg.sample_prompts)),
-                                      sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_id)
-        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t != tokenizer.eos_id])}
+                                      sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_ids)
+        stop = set(tokenizer.eos_ids)
+        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t not in stop])}
                 for prompt, r in zip(cfg.sample_prompts, results)]
 
     def save(self, step: int) -> None:
@@ -308,7 +308,7 @@ class Trainer:
         final = self.run_dir / "final"
         ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True, inputs=self._inputs())
         if jax.process_index() == 0:
-            shutil.copy(self.data.tokenizer.path, final / "tokenizer.model")
+            self.data.tokenizer.save(final)
 
 
 def _records_up_to(metrics_file: Path, step: int) -> list[str]:

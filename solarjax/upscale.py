@@ -194,7 +194,8 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     shards = plan_shards(infos, shard_size)
     names = hf.shard_file_names(len(shards))
     with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, arch, dtype_name), indent=2) + "\n")
+        hf_config = hf.config_to_hf(config, arch, dtype_name, hf.special_ids(src))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"up-scaling to {len(index)} layers", unit="B",
                    unit_scale=True, disable=None)
         for file_name, shard in zip(names, shards):

@@ -263,7 +263,7 @@ def test_bad_sources_are_named(name, content, message, tmp_path):
 
 def test_vocab_mismatch_names_both_sizes(corpus, tmp_path):
     folder, _ = corpus
-    with pytest.raises(TokenizerError, match="has 32000 pieces, more than the vocab of 128"):
+    with pytest.raises(TokenizerError, match="has 32000 tokens, more than the vocab of 128"):
         data.load_data(_cfg(tmp_path, [folder]), vocab_size=128)
 
 
@@ -291,7 +291,7 @@ def test_tokenizer_from_a_model_directory(tmp_path):
     import shutil
     from hf_models import tokenizer_file
     (tmp_path / "hf").mkdir()
-    with pytest.raises(TokenizerError, match="no tokenizer.model in this directory"):
+    with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model in this directory"):
         load_tokenizer(tmp_path / "hf")
     shutil.copy(tokenizer_file(), tmp_path / "hf" / "tokenizer.model")
     assert load_tokenizer(tmp_path / "hf").encode(SENTENCE) == load_tokenizer().encode(SENTENCE)

@@ -288,3 +288,24 @@ def test_writers_refuse_outputs_that_overlap_their_inputs(tiny_hf):
     with pytest.raises(ValueError, match=f"output {tiny_hf.parent} contains the input {tiny_hf}"):
         upscale_hf(tiny_hf, tiny_hf.parent, UpscaleSpec(layers="0:2"), overwrite=True)
     assert _snapshot(tiny_hf) == before
+
+
+def test_special_ids_survive_conversion_and_upscaling(tmp_path, capsys):
+    """A model whose bos/eos/pad are not 1/2 (Llama 3 style, several EOS ids) keeps them through
+    hf-to-jax -> jax-to-hf and upscale, with its tokenizer files and generation_config.json."""
+    from hf_models import make_bpe_tokenizer
+    ids = {"bos_token_id": 300, "eos_token_id": [301, 304], "pad_token_id": 305}
+    src = save_hf_model(make_hf_model("llama", vocab_size=320, **ids), tmp_path / "hf")
+    make_bpe_tokenizer(src)
+    code, err = _run(["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ckpt" / "special_ids.json").read_text()) == ids
+    code, err = _run(["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back"], capsys)
+    assert code == 0, err
+    code, err = _run(["upscale", "--hf", src, "--out", tmp_path / "up", "--layers", "0:2,0:2"], capsys)
+    assert code == 0, err
+    for out in (tmp_path / "back", tmp_path / "up"):
+        config = transformers.AutoConfig.from_pretrained(out)
+        assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (300, [301, 304], 305), out
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            assert (out / name).read_bytes() == (src / name).read_bytes(), (out, name)

@@ -14,7 +14,7 @@ from solarjax import sample
 from solarjax.model import Decoder, abstract_params, decode_params, init_cache
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
-from hf_models import make_hf_model, save_hf_model, tokenizer_file
+from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model, tokenizer_file
 
 PROMPT_LENGTHS = (5, 11, 8)
 NEW = 12
@@ -40,10 +40,10 @@ def test_greedy_matches_transformers_generate(arch, overrides, tmp_path):
     config, params = solarjax.load_model(save_hf_model(hf_model, tmp_path / "hf"))
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
-    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=2)]
+    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_ids=2)]
     assert ours == _hf_greedy(hf_model, prompts, NEW, eos=2)
     # The batch does not change any prompt's output.
-    alone = sample.generate(config, params, prompts[1:2], Sampling(max_new_tokens=NEW), eos_id=2)
+    alone = sample.generate(config, params, prompts[1:2], Sampling(max_new_tokens=NEW), eos_ids=2)
     assert alone[0]["token_ids"] == ours[1]
 
 
@@ -96,14 +96,14 @@ def test_seed_gives_the_same_text_and_temperature_zero_is_greedy():
     config = solarjax.preset("tiny")
     params = solarjax.init_params(config, jax.random.key(2))
     prompts = [[1, 5, 9, 4], [1, 7]]
-    a = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_id=None)
-    b = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_id=None)
-    c = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=4), eos_id=None)
+    a = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_ids=None)
+    b = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=3), eos_ids=None)
+    c = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1.0, seed=4), eos_ids=None)
     assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] != [r["token_ids"] for r in c]
     assert all(len(r["token_ids"]) == NEW for r in a)
-    greedy = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+    greedy = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_ids=None)
     cold = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW, temperature=1e-6, seed=5),
-                           eos_id=None)
+                           eos_ids=None)
     assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
 
 
@@ -111,12 +111,12 @@ def test_same_code_on_a_tensor_parallel_mesh():
     config = solarjax.preset("tiny").replace(sliding_window=5)
     params = solarjax.init_params(config, jax.random.key(3))
     prompts = [[1, 2, 3, 4, 5], [1, 9]]
-    ref = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+    ref = sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW), eos_ids=None)
     mesh = solarjax.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
     sharded = jax.device_put(params, param_shardings(abstract_params(config), mesh))
     assert sharded["layers"]["mlp"]["up_proj"].sharding.spec[2] == "tensor"
     with jax.set_mesh(mesh):
-        out = sample.generate(config, sharded, prompts, Sampling(max_new_tokens=NEW), eos_id=None)
+        out = sample.generate(config, sharded, prompts, Sampling(max_new_tokens=NEW), eos_ids=None)
         # The decode layout keeps the weights sharded: up_proj is [F, D] there, F still on "tensor".
         relaid = jax.jit(decode_params, static_argnums=0)(config, sharded)
     assert relaid["layers_1"]["mlp"]["up_proj"].sharding.spec[0] == "tensor"
@@ -179,6 +179,55 @@ def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
     code, err = run("--hf", mistral_vocab_model, "--prompt", "x", "--top-p", "2")
     assert code == 2 and "top_p must be in (0, 1], got 2.0" in err
     no_tok = tmp_path / "no-tok"
-    save_hf_model(make_hf_model("llama"), no_tok)  # vocab 128, no tokenizer.model
+    save_hf_model(make_hf_model("llama"), no_tok)  # vocab 128, no tokenizer files
     code, err = run("--hf", no_tok, "--prompt", "x")
-    assert code == 2 and "has no tokenizer.model" in err and "32000 pieces" in err and "vocab of 128" in err
+    assert code == 2 and "has no tokenizer.json or tokenizer.model" in err
+    assert "32000 tokens" in err and "vocab of 128" in err
+
+
+def test_cli_uses_the_model_tokenizer_and_stops_on_its_eos_ids(tmp_path, capsys):
+    """A model with a byte-level BPE tokenizer.json (special ids 300..305): text in, text out, the
+    chat template with --chat, and generation stops at any id generation_config.json lists."""
+    from solarjax.tokenizer import load_tokenizer
+    path = save_hf_model(make_hf_model("llama", vocab_size=320, num_hidden_layers=1), tmp_path / "hf")
+    make_bpe_tokenizer(path)
+    tok = load_tokenizer(path)
+    config, params = solarjax.load_model(path)
+    prompt = "def main():"
+    free = sample.generate(config, params, [tok.encode(prompt)], Sampling(max_new_tokens=10), eos_ids=None)
+    greedy = free[0]["token_ids"]
+    k = next(i for i in range(2, 10) if greedy[i] not in greedy[:i])  # a token greedy decoding reaches at step k
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [301, greedy[k]]}))
+
+    def run(*args):
+        code = sample.main(["--hf", str(path), "--max-new-tokens", "10", "--format", "json", *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines()]
+
+    (r,) = run("--prompt", prompt)
+    assert tok.encode(prompt)[0] == 300 and r["token_ids"] == greedy[:k + 1]  # stopped at the model's EOS
+    assert r["completion"] == tok.decode(greedy[:k])
+    (c,) = run("--prompt", prompt, "--chat")
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    stop = load_tokenizer(path).eos_ids
+    want = sample.generate(config, params, [chat_ids], Sampling(max_new_tokens=10), eos_ids=stop)[0]["token_ids"]
+    assert c["token_ids"] == want and c["completion"] == tok.decode([t for t in want if t not in stop])
+
+
+def test_generate_stops_at_any_of_several_eos_ids(mistral_vocab_model):
+    config, params = solarjax.load_model(mistral_vocab_model)
+    free = sample.generate(config, params, [[1, 415, 5565]], Sampling(max_new_tokens=8), eos_ids=None)[0]["token_ids"]
+    for k in (1, 3):
+        stop = [31999, free[k], 7]
+        ids = sample.generate(config, params, [[1, 415, 5565]], Sampling(max_new_tokens=8),
+                              eos_ids=stop)[0]["token_ids"]
+        assert ids == free[:free.index(free[k]) + 1]
+        # The jitted loop itself stops there (generate also trims on the host).
+        tokens, positions, segments = sample.left_pad([[1, 415, 5565]], 16)
+        knobs = (np.float32(0), np.int32(0), np.float32(1), np.array(stop + [-1] * 5, np.int32))
+        cache, first, rng = sample._prefill(config, 8, params, tokens, positions, segments, jax.random.key(0), *knobs)
+        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), rng, *knobs)
+        assert int(steps) == len(ids)
+    with pytest.raises(SamplingError, match="9 EOS ids given; at most 8"):
+        sample.generate(config, params, [[1]], eos_ids=list(range(9)))

@@ -197,3 +197,31 @@ def test_final_export_may_not_replace_what_the_run_reads(tmp_path, corpus):
     tokenizer.write_bytes(tokenizer_file().read_bytes())
     with pytest.raises(ValueError, match=f"output {final} contains the input {tokenizer}"):
         Trainer(_config(tmp_path, corpus, **{"data.tokenizer": str(tokenizer)}), _one_device_mesh())
+
+
+def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
+    """No data.tokenizer: the init.from model's own tokenizer.json (ids not 1/2) tokenizes the
+    data, samples and the final export, which keeps its tokenizer files and special ids."""
+    import transformers
+    from hf_models import make_bpe_tokenizer
+    hf_dir = save_hf_model(make_hf_model("llama", vocab_size=320, bos_token_id=300, eos_token_id=[301, 304],
+                                         pad_token_id=305), tmp_path / "hf")
+    make_bpe_tokenizer(hf_dir)
+    d = _config(tmp_path, corpus, steps=2, eval_every=2, sample_prompts=["alpha beta"], sample_tokens=3).to_dict()
+    d.pop("model")
+    d["init"] = {"from": str(hf_dir)}
+    trainer = Trainer(train_config_from_dict(d), _one_device_mesh())
+    assert trainer.data.tokenizer.path == hf_dir / "tokenizer.json"
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    cache = trainer.data.train.cache
+    docs = [f.read_text() for f in sorted(corpus.glob("*.txt"))]
+    assert [cache.doc(i).tolist() for i in range(cache.n_docs)] == [theirs.encode(t) + [304] for t in docs]
+    trainer.run()
+    final = tmp_path / "run" / "final"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (final / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    assert json.loads((final / "special_ids.json").read_text()) == {"bos_token_id": 300, "eos_token_id": [304, 301],
+                                                                     "pad_token_id": 305}
+    samples = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "samples" in line]
+    assert samples[0]["samples"][0]["prompt"] == "alpha beta"

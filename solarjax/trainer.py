@@ -104,12 +104,14 @@ class Trainer:
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.global_batch % batch_rows:
             raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {batch_rows}")
-        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        self.schedule = schedule(cfg.optim, cfg.steps)
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
         resume_step = self.checkpoints.latest_step()
+        self.schedule_plan = self._schedule_plan(resume_step or 0)
+        first_total, *extensions = self.schedule_plan
+        self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions))
+        self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
         if resume_step is not None:
             self.model_config = self._saved_model_config()
             target = abstract_state(self.model_config, self.optimizer, self.mesh)
@@ -132,6 +134,26 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
+            (self.run_dir / SCHEDULE_FILE).write_text(json.dumps({"segments": self.schedule_plan}) + "\n")
+
+    def _schedule_plan(self, resume_step: int) -> list[tuple[int, int]]:
+        """[(0, steps), (start, new steps), ...]: the first run's length and every extension of it.
+        A resume with other `steps` extends the learning-rate curve from where it is (optim.schedule)."""
+        path = self.run_dir / SCHEDULE_FILE
+        if not resume_step or not path.is_file():
+            return [(0, self.cfg.steps)]
+        plan = [tuple(seg) for seg in json.loads(path.read_text())["segments"]]
+        if self.cfg.steps == plan[-1][1]:
+            return plan
+        if self.cfg.steps < resume_step:
+            raise ConfigError(f"{self.run_dir} is at step {resume_step}, past steps={self.cfg.steps}; "
+                              f"give steps >= {resume_step}")
+        if plan[-1][0] == resume_step:  # changed again before any step of the last change was taken
+            plan.pop()
+        print(f"note: steps {plan[-1][1]} -> {self.cfg.steps} at step {resume_step}: the learning rate "
+              f"continues from its value there and decays to the same floor at step {self.cfg.steps}",
+              file=sys.stderr)
+        return plan + [(resume_step, self.cfg.steps)]
 
     def _inputs(self) -> list[str]:
         """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,
@@ -309,6 +331,9 @@ class Trainer:
         ckpt_lib.save_params(final, self.model_config, self.state["params"], overwrite=True, inputs=self._inputs())
         if jax.process_index() == 0:
             self.data.tokenizer.save(final)
+
+
+SCHEDULE_FILE = "schedule.json"
 
 
 def _records_up_to(metrics_file: Path, step: int) -> list[str]:

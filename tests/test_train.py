@@ -225,3 +225,23 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     samples = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if "samples" in line]
     assert samples[0]["samples"][0]["prompt"] == "alpha beta"
+
+
+def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus):
+    """Resumed at step 6 of 10 with steps=20, the cosine goes on from the rate it had reached and
+    decays to the same floor at 20 (it used to jump to where a 20-step schedule would have been)."""
+    over = {"steps": 10, "log_every": 1, "eval_every": 0, "checkpoint_every": 100, "optim.warmup_steps": 2,
+            "optim.min_lr_ratio": 0.1}
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh()).run(until=6)
+    resumed = Trainer(_config(tmp_path, corpus, **{**over, "steps": 20}), _one_device_mesh())
+    resumed.run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"] - 1: r["lr"] for r in lines if "lr" in r}  # logged at step k: the rate of update k-1
+    peak, floor = 1e-2, 1e-3
+    at6 = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * 4 / 8))  # the 10-step cosine at step 6
+    for t in range(6, 20):
+        expected = floor + (at6 - floor) * 0.5 * (1 + np.cos(np.pi * (t - 6) / 14))
+        np.testing.assert_allclose(lr[t], expected, rtol=1e-5)
+    np.testing.assert_allclose(lr[5], floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * 3 / 8)), rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"is at step 20, past steps=15; give steps >= 20"):
+        Trainer(_config(tmp_path, corpus, **{**over, "steps": 15}), _one_device_mesh())

@@ -346,9 +346,7 @@ class Batches:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: tokens, segment_ids, positions, [G/P, T] int32."""
-        seqs = [self.packed.sequence(int(r)) for r in self.rows(step)]
-        return {"tokens": np.stack([s[0] for s in seqs]), "segment_ids": np.stack([s[1] for s in seqs]),
-                "positions": np.stack([s[2] for s in seqs])}
+        return stack_sequences([self.packed.sequence(int(r)) for r in self.rows(step)])
 
     def __iter__(self):
         return self.iterate(0)
@@ -358,6 +356,12 @@ class Batches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+def stack_sequences(seqs) -> dict[str, np.ndarray]:
+    """(tokens, segment_ids, positions) per row -> the batch dict, each [rows, seq_len] int32."""
+    return {"tokens": np.stack([s[0] for s in seqs]), "segment_ids": np.stack([s[1] for s in seqs]),
+            "positions": np.stack([s[2] for s in seqs])}
 
 
 @dataclass

@@ -184,8 +184,10 @@ class Trainer:
         """The resumed run's model; the config may change how it runs (dtype, remat), not what it is."""
         saved = ModelConfig.load(self.run_dir / ckpt_lib.CONFIG_FILE)
         runtime = TrainConfig.RUNTIME_MODEL_KEYS
-        if self.cfg.model is None or self.cfg.init.upscale is not None:  # the config names the base model
+        if self.cfg.model is None:  # the model came from init.from
             return saved.replace(**self.cfg.model_runtime)
+        if self.cfg.init.upscale is not None:  # cfg.model is the base before growing: take how it runs
+            return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
         for f in dataclasses.fields(saved):
             ours, theirs = getattr(self.cfg.model, f.name), getattr(saved, f.name)
             if f.name not in runtime and ours != theirs:
@@ -205,11 +207,18 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.data.validation is None:
             return None
-        val = data_lib.Batches(self.data.validation, min(self.cfg.global_batch, len(self.data.validation)),
-                               seed=0, process_index=jax.process_index(), process_count=jax.process_count())
+        val, G = self.data.validation, self.cfg.global_batch
+        P, p = jax.process_count(), jax.process_index()
+        if len(val) >= G:
+            batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
+            local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, batches.steps_per_epoch))]
+        else:  # fewer sequences than one batch: all of them; the other rows are padding (segment 0, no loss)
+            pad = (np.zeros(val.seq_len, np.int32),) * 3
+            rows = range(p * G // P, (p + 1) * G // P)
+            local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad for r in rows])]
         total, count = 0.0, 0
-        for step in range(min(self.cfg.eval_batches, val.steps_per_epoch)):
-            s, n = self.eval_step(self.state["params"], self._device_batch(val.batch(step)))
+        for batch in local:
+            s, n = self.eval_step(self.state["params"], self._device_batch(batch))
             total, count = total + float(s), count + int(n)
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -267,10 +276,10 @@ class Trainer:
                         record = self._log(pending, metrics_file, rate)
                         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
                         pending, last_time, last_logged = [], now, done
+                    if at_checkpoint:  # before eval and samples, so that neither can cost a checkpoint
+                        self.save(done)
                     if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                         self._eval_and_sample(done, metrics_file, record, bar)
-                    if at_checkpoint:
-                        self.save(done)
                     bar.update(1)
                     if stop["signal"]:
                         break

@@ -245,3 +245,35 @@ def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus)
     np.testing.assert_allclose(lr[5], floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * 3 / 8)), rtol=1e-5)
     with pytest.raises(ConfigError, match=r"is at step 20, past steps=15; give steps >= 20"):
         Trainer(_config(tmp_path, corpus, **{**over, "steps": 15}), _one_device_mesh())
+
+
+def test_eval_with_fewer_sequences_than_a_batch_on_a_mesh(tmp_path, corpus):
+    """8 devices, global batch 8, a held-out set of fewer than 8 sequences: eval pads the batch with
+    rows that carry no loss (it raised IndivisibleError, losing that step's checkpoint)."""
+    trainer = Trainer(_config(tmp_path, corpus, steps=2, eval_every=2, global_batch=8, **{
+        "data.validation_fraction": 0.05, "data.seq_len": 256, "mesh.fsdp": 8}), solarjax.make_mesh(1, 8, 1))
+    val = trainer.data.validation
+    assert len(val) < 8
+    record = trainer.run()
+    assert trainer.checkpoints.latest_step() == 2
+    # The same loss, computed directly over exactly the held-out sequences.
+    config, params = trainer.model_config, jax.device_get(trainer.state["params"])
+    total, count = 0.0, 0
+    for i in range(len(val)):
+        n = int((val.sequence(i)[1] > 0).sum())  # padding only ends the last sequence
+        tokens, seg, pos = (a[:n] for a in val.sequence(i))
+        z = np.asarray(solarjax.logits(config, params, tokens[None], pos[None], seg[None]), np.float64)[0]
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        keep = (seg[:-1] > 0) & (seg[1:] == seg[:-1])
+        total -= logp[np.arange(len(tokens) - 1), tokens[1:]][keep].sum()
+        count += keep.sum()
+    np.testing.assert_allclose(record["eval_loss"], total / count, rtol=1e-5)
+
+
+def test_resume_of_an_upscaled_preset_run_takes_runtime_changes(tmp_path, corpus):
+    """model.* runtime keys beside a preset grown by init.upscale were dropped on resume."""
+    over = {"steps": 1, "eval_every": 0, "init.upscale": {"layers": "0:2,1:2"}}
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh()).run()
+    resumed = Trainer(_config(tmp_path, corpus, **{**over, "steps": 2, "model.remat": "full"}), _one_device_mesh())
+    assert resumed.model_config.num_layers == 3 and resumed.model_config.remat == "full"

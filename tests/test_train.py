@@ -277,3 +277,13 @@ def test_resume_of_an_upscaled_preset_run_takes_runtime_changes(tmp_path, corpus
     Trainer(_config(tmp_path, corpus, **over), _one_device_mesh()).run()
     resumed = Trainer(_config(tmp_path, corpus, **{**over, "steps": 2, "model.remat": "full"}), _one_device_mesh())
     assert resumed.model_config.num_layers == 3 and resumed.model_config.remat == "full"
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
+    Trainer(_config(tmp_path, corpus, eval_every=0), _one_device_mesh()).run(until=4)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # the process died inside this write
+    Trainer(_config(tmp_path, corpus, eval_every=0), _one_device_mesh()).run()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]

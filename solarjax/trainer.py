@@ -56,6 +56,10 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class CheckpointError(ValueError):
+    """No checkpoint of the run directory can be restored; the message names the folder and steps."""
+
+
 def new_state(optimizer, params) -> dict:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -107,15 +111,14 @@ class Trainer:
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
-        resume_step = self.checkpoints.latest_step()
-        self.schedule_plan = self._schedule_plan(resume_step or 0)
+        # The optimizer state's structure does not depend on the schedule, which needs the step.
+        resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps))
+        self.schedule_plan = self._schedule_plan(resume_step)
         first_total, *extensions = self.schedule_plan
         self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions))
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
-        if resume_step is not None:
-            self.model_config = self._saved_model_config()
-            target = abstract_state(self.model_config, self.optimizer, self.mesh)
-            self.state = self.checkpoints.restore(resume_step, args=ocp.args.StandardRestore(target))
+        if restored is not None:
+            self.state = restored
         else:
             self.model_config, params = self._initial_params()
             self.state = jax.jit(lambda p: new_state(self.optimizer, p), donate_argnums=0,
@@ -135,6 +138,37 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
             (self.run_dir / SCHEDULE_FILE).write_text(json.dumps({"segments": self.schedule_plan}) + "\n")
+
+    def _restore_newest_good(self, optimizer) -> tuple[int, dict | None]:
+        """(step, state) of the newest checkpoint that restores, or (0, None) for a new run. A
+        damaged one (a crash mid-write, a truncated file) is moved aside to damaged-STEP with a
+        warning, so that the run goes on from the one before and can save that step again."""
+        steps = sorted(self.checkpoints.all_steps(), reverse=True)
+        if not steps:
+            return 0, None
+        self.model_config = self._saved_model_config()
+        target = abstract_state(self.model_config, optimizer, self.mesh)
+        folder = self.run_dir / "checkpoints"
+        for i, step in enumerate(steps):
+            try:
+                return step, self.checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # orbax and tensorstore raise many types; any of them means unreadable
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                aside = folder / f"damaged-{step}"
+                n = 1
+                while aside.exists():  # damaged before, in an earlier attempt
+                    n += 1
+                    aside = folder / f"damaged-{step}-{n}"
+                if jax.process_index() == 0:
+                    (folder / str(step)).rename(aside)
+                print(f"warning: checkpoint {folder / str(step)} cannot be restored ({reason}); moved to "
+                      f"{aside}; trying the one before", file=sys.stderr)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+                    multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+                self.checkpoints.reload()  # forget the step that moved
+        raise CheckpointError(f"{folder}: no checkpoint can be restored (steps {steps} are damaged and were "
+                              f"moved to damaged-STEP); remove {self.run_dir} to start over")
 
     def _schedule_plan(self, resume_step: int) -> list[tuple[int, int]]:
         """[(0, steps), (start, new steps), ...]: the first run's length and every extension of it.

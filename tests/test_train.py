@@ -287,3 +287,28 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
     Trainer(_config(tmp_path, corpus, eval_every=0), _one_device_mesh()).run()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, capsys):
+    """The newest checkpoint's biggest file is truncated (a crash or a full disk mid-write): resume
+    warns naming it, moves it aside, continues from the one before and ends where an undamaged run
+    ends; with every checkpoint damaged it stops with one line naming them."""
+    over = {"eval_every": 0, "keep_checkpoints": 3}
+    straight = Trainer(_config(tmp_path / "a", corpus, **over), _one_device_mesh())
+    straight.run()
+    Trainer(_config(tmp_path / "b", corpus, **over), _one_device_mesh()).run(until=8)
+    folder = tmp_path / "b" / "run" / "checkpoints"
+    def damage(step):
+        biggest = max((f for f in (folder / str(step)).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    damage(8)
+    resumed = Trainer(_config(tmp_path / "b", corpus, **{**over, "steps": 8}), _one_device_mesh())
+    assert f"checkpoint {folder / '8'} cannot be restored" in capsys.readouterr().err
+    assert int(resumed.state["step"]) == 4 and (folder / "damaged-8").is_dir()
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for step in (4, 8):
+        damage(step)
+    with pytest.raises(ValueError, match=r"no checkpoint can be restored \(steps \[8, 4\] are damaged"):
+        Trainer(_config(tmp_path / "b", corpus, **over), _one_device_mesh())

@@ -103,6 +103,13 @@ class Trainer:
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
+        param_dtype = (cfg.model.param_dtype if cfg.model is not None
+                       else cfg.model_runtime.get("param_dtype", "float32"))
+        if param_dtype != "float32":  # until there is a float32 master copy (docs/architecture.md)
+            raise ConfigError(f"model.param_dtype {param_dtype} is refused for training: AdamW's moments and "
+                              f"updates would take that dtype and most small updates round away (68% of "
+                              f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
+                              f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
         self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]

@@ -312,3 +312,10 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, cap
         damage(step)
     with pytest.raises(ValueError, match=r"no checkpoint can be restored \(steps \[8, 4\] are damaged"):
         Trainer(_config(tmp_path / "b", corpus, **over), _one_device_mesh())
+
+
+def test_low_precision_parameters_are_refused_for_training(tmp_path, corpus):
+    """bfloat16 parameters without a float32 master copy barely move under AdamW: refused, naming
+    the fix (float32 parameters, bfloat16 compute)."""
+    with pytest.raises(ConfigError, match=r"model.param_dtype bfloat16 is refused for training.*model.dtype: bfloat16"):
+        Trainer(_config(tmp_path, corpus, **{"model.param_dtype": "bfloat16"}), _one_device_mesh())

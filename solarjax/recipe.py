@@ -101,7 +101,9 @@ def summarize(recipe: RecipeConfig) -> dict:
         samples = [r["samples"] for r in records if "samples" in r]
         done = json.loads((stage_dir / DONE_FILE).read_text())
         stages[stage.name] = {
-            "from": stage.from_stage, "upscale": cfg.init.upscale, "layers": config.num_layers,
+            # an earlier stage's name, a directory's name (init.from a path), or None (from scratch)
+            "from": stage.from_stage or (cfg.init.source and Path(cfg.init.source).name),
+            "upscale": cfg.init.upscale, "layers": config.num_layers,
             "parameters": param_count(config), "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "flops_per_token": flops_per_token, "flops": cfg.steps * tokens_per_step * flops_per_token,
             "eval_loss_at_init": next((loss for step, loss in evals if step == 0), None),

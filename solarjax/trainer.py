@@ -137,6 +137,7 @@ class Trainer:
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
+        self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
                   f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
@@ -191,6 +192,8 @@ class Trainer:
                               f"give steps >= {resume_step}")
         if plan[-1][0] == resume_step:  # changed again before any step of the last change was taken
             plan.pop()
+            if self.cfg.steps == plan[-1][1]:
+                return plan
         print(f"note: steps {plan[-1][1]} -> {self.cfg.steps} at step {resume_step}: the learning rate "
               f"continues from its value there and decays to the same floor at step {self.cfg.steps}",
               file=sys.stderr)
@@ -363,9 +366,8 @@ class Trainer:
             record = {"step": step, **values}
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
-        peak = peak_tflops_per_device()
-        if peak:
-            record["mfu"] = record["model_tflops_per_s"] / (peak * self.mesh.size)
+        if self.peak_tflops:
+            record["mfu"] = record["model_tflops_per_s"] / (self.peak_tflops * self.mesh.size)
         self._write(metrics_file, record)
         return record
 

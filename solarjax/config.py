@@ -231,6 +231,9 @@ class TrainConfig:
     sample_tokens: int = 32
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # Tokens per device in one step of the chunked vocabulary loss (solarjax.loss); None: 256 on
+    # CPU, 4096 on accelerators. Fewer: less memory for logits, more, shorter steps.
+    loss_chunk_tokens: int | None = None
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
@@ -241,6 +244,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.loss_chunk_tokens is not None and (not isinstance(self.loss_chunk_tokens, int)
+                                                   or isinstance(self.loss_chunk_tokens, bool)
+                                                   or self.loss_chunk_tokens < 1):
+            raise ConfigError(f"loss_chunk_tokens must be null or a positive integer, got {self.loss_chunk_tokens!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
         prompts = (self.sample_prompts,) if isinstance(self.sample_prompts, str) else tuple(self.sample_prompts)

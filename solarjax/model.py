@@ -233,7 +233,8 @@ class Decoder(nn.Module):
     scan_unroll: int = 1  # layers per scan iteration; only compile_for_topology's FLOP count changes it
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, last_only=False):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, last_only=False,
+                 hidden=False):
         """Float32 logits [B, T, V], or (logits, cache) when a KV cache is given.
 
         positions_BT: position of each token in its document (default 0..T-1).
@@ -242,6 +243,8 @@ class Decoder(nn.Module):
         cache: from init_cache; the T tokens are written at cache["index"] and attend to every
           filled slot of their segment.
         last_only: logits of the last position only ([B, 1, V]), as a sampler's prefill needs.
+        hidden: instead of logits, (final normed hidden states [B, T, D], output projection [D, V]),
+          both in the compute dtype, for a loss that never holds all the logits (solarjax.loss).
         """
         cfg = self.config
         B, T = tokens_BT.shape
@@ -283,6 +286,8 @@ class Decoder(nn.Module):
             head = embedding_VD if self.decode_layout else embedding_VD.T
         else:
             head = _weight(self, "lm_head", (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",))
+        if hidden:
+            return x_BTD, head.astype(cfg.dtype)
         logits_BTV = _project(x_BTD, head.astype(cfg.dtype), 1, self.decode_layout, jnp.float32)  # astype: a tied table
         if cache is None:
             return logits_BTV

@@ -32,6 +32,7 @@ from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
+from solarjax import loss as loss_lib
 from solarjax.model import Decoder, abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
@@ -39,17 +40,22 @@ from solarjax.tensorfile import check_output
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
-def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1):
-    """Mean next-token cross entropy over positions whose next token is in the same document."""
+def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
+    """Mean next-token cross entropy over positions whose next token is in the same document.
+
+    chunk: positions per step of the chunked vocabulary loss (solarjax.loss; must divide the
+    sequence length); None: one chunk, the whole sequence.
+    """
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
-    logits_BTV = Decoder(config, scan_unroll=unroll).apply({"params": params}, tokens_BT, batch["positions"], seg_BT)
-    # Labels shift left rather than the logits: slicing [B, T, V] logits copies all of them.
+    x_BTD, head_DV = Decoder(config, scan_unroll=unroll).apply(
+        {"params": params}, tokens_BT, batch["positions"], seg_BT, hidden=True)
+    # Labels shift left rather than the hidden states: slicing copies them.
     next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
     next_seg_BT = jnp.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))  # 0 after the last position: no target
     valid_BT = (next_seg_BT == seg_BT) & (next_seg_BT > 0)
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, next_BT)
     count = valid_BT.sum()
-    return jnp.where(valid_BT, nll_BT, 0).sum() / jnp.maximum(count, 1), count
+    total = loss_lib.cross_entropy_sum(x_BTD, head_DV, next_BT, valid_BT.astype(jnp.float32), chunk or tokens_BT.shape[1])
+    return total / jnp.maximum(count, 1), count
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,11 +86,12 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
                         state_shardings(model_config, optimizer, mesh))
 
 
-def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1):
+def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
+                   chunk: int | None = None):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
-    and donated state buffers."""
+    and donated state buffers. chunk: as in loss_and_count."""
     def train_step(state, batch):
-        grad_fn = jax.value_and_grad(lambda p: loss_and_count(model_config, p, batch, unroll), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: loss_and_count(model_config, p, batch, unroll, chunk), has_aux=True)
         (loss, count), grads = grad_fn(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
@@ -134,7 +141,9 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh)
+        self.loss_chunk = loss_chunk(cfg, self.mesh)
+        self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
+                                         chunk=self.loss_chunk)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
@@ -240,7 +249,7 @@ class Trainer:
         return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
 
     def _eval_step(self, params, batch):
-        loss, count = loss_and_count(self.model_config, params, batch)
+        loss, count = loss_and_count(self.model_config, params, batch, chunk=self.loss_chunk)
         return loss * count, count
 
     def _device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -308,8 +317,11 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 if start == 0 and cfg.eval_every:  # the loss at init: for an up-scaled model, its drop
                     self._eval_and_sample(0, metrics_file, record, bar, samples=False)
+                batch = self._device_batch(self.batches.batch(start)) if start < last else None
                 for step in range(start, last):
-                    self.state, metrics = self.train_step(self.state, self._device_batch(self.batches.batch(step)))
+                    self.state, metrics = self.train_step(self.state, batch)  # dispatched; runs on
+                    if step + 1 < last:  # while the next batch is built and sent, before any sync below
+                        batch = self._device_batch(self.batches.batch(step + 1))
                     pending.append((step + 1, metrics))
                     done = step + 1
                     at_checkpoint = done % cfg.checkpoint_every == 0 or done == last or stop["signal"]
@@ -462,6 +474,14 @@ def topology_name(name: str) -> tuple[str, str]:
     return gen, f"{gen}:{'x'.join(map(str, dims))}"
 
 
+def loss_chunk(cfg: TrainConfig, mesh) -> int:
+    """Positions per step of the chunked vocabulary loss for this run's batch on this mesh."""
+    rows = cfg.loss_chunk_tokens
+    if rows is None:  # CPU: chunks that stay near the caches; accelerators: bounded logits memory
+        rows = 256 if mesh.devices.flat[0].platform == "cpu" else 4096
+    return loss_lib.chunk_length(cfg.data.seq_len, cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"]), rows)
+
+
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """6 FLOPs per weight that multiplies (the untied embedding table is a gather and does not),
     plus 12 * L * (H * E) * T for attention scores and values (PaLM's count)."""
@@ -506,8 +526,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "segment_ids", "positions")}
 
-    def compile_step(config: ModelConfig, unroll: int = 1):
-        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll)
+    def compile_step(config: ModelConfig, unroll: int, chunk: int):
+        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
             compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
         cost = compiled.cost_analysis()
@@ -518,7 +538,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
               "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len}
     try:
-        compiled, _ = compile_step(model_config)
+        compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh))
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -526,7 +546,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     seconds = time.perf_counter() - start
     # XLA counts a while loop's body once, so the scanned step's own count misses L-1 layers.
     # Fully unrolled 1- and 2-layer variants give the per-layer and the fixed cost instead.
-    one, two = (compile_step(model_config.replace(num_layers=n), unroll=n)[1] for n in (1, 2))
+    # The loss runs as one chunk there, for the same reason (its chunks are a scan too).
+    one, two = (compile_step(model_config.replace(num_layers=n), unroll=n, chunk=cfg.data.seq_len)[1] for n in (1, 2))
     compiled_flops = one + (model_config.num_layers - 1) * (two - one)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

@@ -5,6 +5,9 @@
                                     [--arch mistral|llama] [--dtype ...] [--shard-size 5GB]
   python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama]
                                       [--dtype float32|bfloat16|float16] [--shard-size 5GB]
+  python convert_weights.py merge --hf A --hf B [--hf C ...] --out OUT
+                                  (--method linear --weights 0.3,0.7 | --method slerp --t 0.4)
+                                  [--dtype ...] [--shard-size 5GB]
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from solarjax import checkpoint, hf, upscale
+from solarjax import checkpoint, hf, merge, upscale
 from solarjax.tensorfile import check_output, parse_size
 
 
@@ -43,15 +46,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None, help="default: the base's dtype")
     c.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d = sub.add_parser("merge", help="mergekit's linear or slerp merge -> HF directory, streamed tensor by tensor")
+    d.add_argument("--hf", action="append", required=True, metavar="DIR",
+                   help="a model to merge: HF directory or solarjax checkpoint (e.g. a run's final/); give it "
+                        "once per model; the first is slerp's t=0 and gives the config and tokenizer")
+    d.add_argument("--out", required=True, help="HF model directory to create")
+    d.add_argument("--method", choices=merge.METHODS, required=True)
+    d.add_argument("--weights", help="linear: one weight per model, e.g. 0.3,0.7 (divided by their sum)")
+    d.add_argument("--t", type=float, help="slerp: 0 gives the first model, 1 the second")
+    d.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None,
+                   help="default: the first model's dtype (the merge itself runs in float32)")
+    d.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    source = args.ckpt if args.command == "jax-to-hf" else args.hf
+    sources = [args.ckpt] if args.command == "jax-to-hf" else args.hf if args.command == "merge" else [args.hf]
     try:
-        check_output(args.out, [source])  # before loading: refused at once, not after minutes of reading
-        if args.command == "hf-to-jax":
+        check_output(args.out, sources)  # before loading: refused at once, not after minutes of reading
+        if args.command == "merge":
+            merge.merge_hf(args.hf, args.out, args.method, weights=merge.parse_weights(args.weights), t=args.t,
+                           dtype=args.dtype, shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
+        elif args.command == "hf-to-jax":
             config, params = hf.load_hf(args.hf)
             checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
                                    inputs=[args.hf])

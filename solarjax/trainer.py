@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -181,7 +182,6 @@ class Trainer:
                 print(f"warning: checkpoint {folder / str(step)} cannot be restored ({reason}); moved to "
                       f"{aside}; trying the one before", file=sys.stderr)
                 if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
                     multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
                 self.checkpoints.reload()  # forget the step that moved
         raise CheckpointError(f"{folder}: no checkpoint can be restored (steps {steps} are damaged and were "
@@ -302,13 +302,21 @@ class Trainer:
             metrics_file.write_text("".join(line + "\n" for line in _records_up_to(metrics_file, start)))
         self._tensorboard = _TensorBoard(self.run_dir, start) if jax.process_index() == 0 else None
         stop = {"signal": None}
+        # Several processes must stop at the same step, or they wait in different collectives. With
+        # jax.distributed, SIGTERM is left to JAX's preemption service (its handler tells every
+        # process; reached_preemption_sync_point agrees on one step), and Ctrl-C is turned into it.
+        multi = jax.process_count() > 1
 
         def request_stop(signum, frame):  # acted on at the next step boundary; a second Ctrl-C aborts
-            stop["signal"] = signal.Signals(signum).name
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            if multi:
+                signal.raise_signal(signal.SIGTERM)
+            else:
+                stop["signal"] = signal.Signals(signum).name
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+            handlers = {sig: signal.signal(sig, request_stop)
+                        for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
         bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, unit="step", disable=None)
         pending, last_time, last_logged = [], time.perf_counter(), start
         tokens_per_step = cfg.global_batch * cfg.data.seq_len
@@ -324,6 +332,8 @@ class Trainer:
                         batch = self._device_batch(self.batches.batch(step + 1))
                     pending.append((step + 1, metrics))
                     done = step + 1
+                    if multi and multihost_utils.reached_preemption_sync_point(done):
+                        stop["signal"] = "SIGTERM (preemption notice)"
                     at_checkpoint = done % cfg.checkpoint_every == 0 or done == last or stop["signal"]
                     if done % cfg.log_every == 0 or at_checkpoint:
                         jax.block_until_ready(metrics)  # a sync point: only at log steps

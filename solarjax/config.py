@@ -234,13 +234,14 @@ class TrainConfig:
     # Tokens per device in one step of the chunked vocabulary loss (solarjax.loss); None: 256 on
     # CPU, 4096 on accelerators. Fewer: less memory for logits, more, shorter steps.
     loss_chunk_tokens: int | None = None
+    microbatches: int = 1  # gradient accumulation: the global batch in this many sequential groups
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "log_every", "eval_batches", "sample_tokens", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -41,21 +41,32 @@ from solarjax.tensorfile import check_output
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
-def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
-    """Mean next-token cross entropy over positions whose next token is in the same document.
+def _targets(batch):
+    """Next-token labels and which positions have one: a next token in the same document."""
+    tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
+    # Labels shift left rather than the hidden states: slicing copies them.
+    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
+    next_seg_BT = jnp.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))  # 0 after the last position: no target
+    return next_BT, (next_seg_BT == seg_BT) & (next_seg_BT > 0)
+
+
+def loss_sum_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
+    """Summed next-token cross entropy over positions that have a target, and their count.
 
     chunk: positions per step of the chunked vocabulary loss (solarjax.loss; must divide the
     sequence length); None: one chunk, the whole sequence.
     """
-    tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
     x_BTD, head_DV = Decoder(config, scan_unroll=unroll).apply(
-        {"params": params}, tokens_BT, batch["positions"], seg_BT, hidden=True)
-    # Labels shift left rather than the hidden states: slicing copies them.
-    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
-    next_seg_BT = jnp.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))  # 0 after the last position: no target
-    valid_BT = (next_seg_BT == seg_BT) & (next_seg_BT > 0)
-    count = valid_BT.sum()
-    total = loss_lib.cross_entropy_sum(x_BTD, head_DV, next_BT, valid_BT.astype(jnp.float32), chunk or tokens_BT.shape[1])
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], hidden=True)
+    next_BT, valid_BT = _targets(batch)
+    total = loss_lib.cross_entropy_sum(x_BTD, head_DV, next_BT, valid_BT.astype(jnp.float32),
+                                       chunk or next_BT.shape[1])
+    return total, valid_BT.sum()
+
+
+def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
+    """Mean next-token cross entropy over positions whose next token is in the same document."""
+    total, count = loss_sum_and_count(config, params, batch, unroll, chunk)
     return total / jnp.maximum(count, 1), count
 
 
@@ -88,12 +99,29 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
 
 
 def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None):
+                   chunk: int | None = None, microbatches: int = 1):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
-    and donated state buffers. chunk: as in loss_and_count."""
+    and donated state buffers. chunk: as in loss_and_count. microbatches: the batch's rows are
+    split into this many groups, run one after another (a scan) with their gradients summed, so
+    activations are those of one group; the result is the whole batch's mean loss and gradient."""
     def train_step(state, batch):
-        grad_fn = jax.value_and_grad(lambda p: loss_and_count(model_config, p, batch, unroll, chunk), has_aux=True)
-        (loss, count), grads = grad_fn(state["params"])
+        count = _targets(batch)[1].sum()  # over the whole batch: each group's sum / all targets
+        per_target = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+
+        def loss_and_grads(rows):
+            return jax.value_and_grad(
+                lambda p: loss_sum_and_count(model_config, p, rows, unroll, chunk)[0] * per_target)(state["params"])
+        if microbatches == 1:
+            loss, grads = loss_and_grads(batch)
+        else:
+            # Row r goes to group r % K: each group keeps the batch's spread over the devices.
+            groups = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(a.shape[0] // microbatches, microbatches,
+                                                                   *a.shape[1:]), 1, 0), batch)
+
+            def accumulate(acc, rows):
+                return jax.tree.map(jnp.add, acc, loss_and_grads(rows)), None
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, groups)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1}
@@ -121,8 +149,9 @@ class Trainer:
         self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.global_batch % batch_rows:
-            raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {batch_rows}")
+        if cfg.global_batch % (batch_rows * cfg.microbatches):
+            raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {batch_rows}"
+                              + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
@@ -144,7 +173,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.loss_chunk = loss_chunk(cfg, self.mesh)
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=self.loss_chunk)
+                                         chunk=self.loss_chunk, microbatches=cfg.microbatches)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
@@ -489,7 +518,8 @@ def loss_chunk(cfg: TrainConfig, mesh) -> int:
     rows = cfg.loss_chunk_tokens
     if rows is None:  # CPU: chunks that stay near the caches; accelerators: bounded logits memory
         rows = 256 if mesh.devices.flat[0].platform == "cpu" else 4096
-    return loss_lib.chunk_length(cfg.data.seq_len, cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"]), rows)
+    local_rows = cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"] * cfg.microbatches)
+    return loss_lib.chunk_length(cfg.data.seq_len, local_rows, rows)
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -536,8 +566,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "segment_ids", "positions")}
 
-    def compile_step(config: ModelConfig, unroll: int, chunk: int):
-        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk)
+    def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
+        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
             compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
         cost = compiled.cost_analysis()
@@ -548,7 +578,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
               "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len}
     try:
-        compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh))
+        compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh), cfg.microbatches)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -556,8 +586,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     seconds = time.perf_counter() - start
     # XLA counts a while loop's body once, so the scanned step's own count misses L-1 layers.
     # Fully unrolled 1- and 2-layer variants give the per-layer and the fixed cost instead.
-    # The loss runs as one chunk there, for the same reason (its chunks are a scan too).
-    one, two = (compile_step(model_config.replace(num_layers=n), unroll=n, chunk=cfg.data.seq_len)[1] for n in (1, 2))
+    # The loss runs as one chunk and the batch as one group there, for the same reason (scans too).
+    one, two = (compile_step(model_config.replace(num_layers=n), n, cfg.data.seq_len, 1)[1] for n in (1, 2))
     compiled_flops = one + (model_config.num_layers - 1) * (two - one)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

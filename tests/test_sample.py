@@ -49,14 +49,14 @@ def test_greedy_matches_transformers_generate(arch, overrides, tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_greedy_matches_transformers_generate_for_each_model_kind(kind, tmp_path):
-    """Token for token, with positions running to 72: past original_max_position_embeddings (llama3:
-    32, yarn: 64) and, for dynamic NTK, past max_position_embeddings (64) while decoding, where
-    each new key gets the frequencies of its own step in both implementations."""
+    """Token for token, with positions running to 111: past original_max_position_embeddings (llama3:
+    32, yarn: 64) and, for dynamic NTK, past max_position_embeddings (64) from the prompt on (its
+    base grows with the length; each new key gets the frequencies of its own step in both)."""
     hf_model, path = save_kind(kind, tmp_path / "hf")
     config, params = solarjax.load_model(path)
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (61, 40)]
-    hf_model.generation_config.eos_token_id = None  # no stop: the first row's positions reach 61 + 12 - 1
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (100, 70)]
+    hf_model.generation_config.eos_token_id = None  # no stop: the first row's positions reach 100 + 12 - 1
     ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))]
     assert ours == _hf_greedy(hf_model, prompts, NEW, eos=None) and len(ours[0]) == NEW
 

@@ -362,3 +362,18 @@ def test_special_ids_survive_conversion_and_upscaling(tmp_path, capsys):
         assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (300, [301, 304], 305), out
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             assert (out / name).read_bytes() == (src / name).read_bytes(), (out, name)
+
+
+def test_export_refuses_forms_that_are_not_the_same_model():
+    """--arch chooses only between equivalent forms: Qwen2's biases have no Llama/Mistral form, and
+    the SOLAR form's capped max_position_embeddings would change dynamic RoPE."""
+    qwen2 = solarjax.preset("tiny").replace(qkv_bias=True)
+    assert hf.default_arch(qwen2) == "qwen2"
+    with pytest.raises(hf.ConversionError, match="--arch llama: the model has q/k/v biases, which only Qwen2 has"):
+        hf.config_to_hf(qwen2, "llama")
+    with pytest.raises(hf.ConversionError, match="--arch qwen2: the model has no q/k/v biases"):
+        hf.config_to_hf(solarjax.preset("tiny"), "qwen2")
+    windowed = solarjax.preset("tiny").replace(sliding_window=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(hf.ConversionError, match="a sliding window with dynamic RoPE scaling has no llama form"):
+        hf.config_to_hf(windowed, "llama")
+    assert hf.config_from_hf(hf.config_to_hf(windowed, "mistral")) == windowed

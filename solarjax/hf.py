@@ -85,8 +85,8 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
     theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
     kind = params.pop("rope_type", params.pop("type", "default"))
     params.pop("type", None)  # transformers 5 writes both when it read the old form
-    partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial not in (None, 1.0):
         raise ConversionError(f"{where}: partial_rotary_factor={partial} is not supported; expected 1.0 (RoPE on "
                               f"the whole head)")
     if kind == "default":

@@ -1,4 +1,4 @@
-"""The Mistral/Llama decoder in Flax linen.
+"""The Mistral/Llama/Qwen2 decoder in Flax linen.
 
 Tensor names carry their shapes, and einsums use the same letters:
   B batch   T query length   S key length   D embed (hidden)   V vocab   L layers

@@ -17,7 +17,7 @@ import solarjax
 from solarjax import sample
 from solarjax.config import ConfigError, RecipeConfig, load_job, load_train_config, train_config_from_dict
 from solarjax.trainer import NonFiniteLossError, Trainer
-from hf_models import make_hf_model, save_hf_model
+from hf_models import hf_logits, make_hf_model, save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"preset": "tiny", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
@@ -225,6 +225,30 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     samples = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if "samples" in line]
     assert samples[0]["samples"][0]["prompt"] == "alpha beta"
+
+
+def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
+    """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and
+    final/ exports as a Qwen2 that transformers runs to our logits."""
+    import transformers
+    from hf_models import make_bpe_tokenizer
+    hf_dir = save_hf_model(make_hf_model("qwen2", vocab_size=320, tie_word_embeddings=True), tmp_path / "hf")
+    make_bpe_tokenizer(hf_dir)
+    d = _config(tmp_path, corpus, steps=2, eval_every=0).to_dict()
+    d.pop("model")
+    d["init"] = {"from": str(hf_dir)}
+    trainer = Trainer(train_config_from_dict(d), _one_device_mesh())
+    assert trainer.model_config.qkv_bias and trainer.model_config.tie_word_embeddings
+    before = np.asarray(trainer.state["params"]["layers"]["self_attn"]["q_bias"])
+    assert np.isfinite(trainer.run()["loss"])
+    config, params = solarjax.load_model(tmp_path / "run" / "final")
+    assert np.abs(np.asarray(params["layers"]["self_attn"]["q_bias"]) - before).min() > 0
+    solarjax.save_hf(config, params, tmp_path / "export", tokenizer_dir=tmp_path / "run" / "final")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
+    assert type(theirs).__name__ == "Qwen2ForCausalLM" and theirs.config.tie_word_embeddings
+    tokens = np.random.RandomState(0).randint(0, 320, (1, 16))
+    ours = np.asarray(solarjax.logits(config, params, tokens))
+    assert np.abs(ours - hf_logits(theirs.eval(), tokens)).max() <= 1e-5
 
 
 def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus):

@@ -290,6 +290,10 @@ class TrainConfig:
     eval_batches: int = 2
     sample_prompts: tuple[str, ...] = ()  # at each eval, greedy completions of these are logged
     sample_tokens: int = 32
+    # Tasks scored at each eval, as `python -m solarjax.evaluate --tasks` takes them (e.g.
+    # builtin_next_line, arc_challenge=DIR); metrics.jsonl gets task/TASK/METRIC keys (task/builtin_next_line/acc).
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_limit: int | None = None  # documents per task; None: all
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     # Tokens per device in one step of the chunked vocabulary loss (solarjax.loss); None: 256 on
@@ -317,6 +321,14 @@ class TrainConfig:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ConfigError(f"sample_prompts[{i}] must be a non-empty string, got {prompt!r}")
         object.__setattr__(self, "sample_prompts", prompts)
+        tasks = (self.eval_tasks,) if isinstance(self.eval_tasks, str) else tuple(self.eval_tasks)
+        for i, task in enumerate(tasks):
+            if not isinstance(task, str) or not task.strip():
+                raise ConfigError(f"eval_tasks[{i}] must be a task name or path, got {task!r}")
+        object.__setattr__(self, "eval_tasks", tasks)
+        if self.eval_tasks_limit is not None and (not isinstance(self.eval_tasks_limit, int)
+                                                  or isinstance(self.eval_tasks_limit, bool) or self.eval_tasks_limit < 1):
+            raise ConfigError(f"eval_tasks_limit must be null or a positive integer, got {self.eval_tasks_limit!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
 

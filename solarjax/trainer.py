@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
+from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax import loss as loss_lib
@@ -168,6 +169,13 @@ class Trainer:
             self.state = jax.jit(lambda p: new_state(self.optimizer, p), donate_argnums=0,
                                  out_shardings=state_shardings(self.model_config, self.optimizer, self.mesh))(params)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
+        if cfg.eval_tasks and jax.process_count() > 1:
+            raise ConfigError("eval_tasks runs in single-process jobs only for now; score checkpoints with "
+                              "python -m solarjax.evaluate instead")
+        try:  # bad names and files fail now, not at the first eval
+            self.tasks = [t for arg in cfg.eval_tasks for t in evaluate_lib.load_task(arg)]
+        except evaluate_lib.TaskError as e:
+            raise ConfigError(f"eval_tasks: {e}") from None
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -287,8 +295,22 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict | None:
+        """Held-out loss (with a validation set) and the eval_tasks' metrics, as one record."""
+        result = {**self._eval_loss(), **self._eval_tasks()}
+        return result or None
+
+    def _eval_tasks(self) -> dict:
+        """eval_tasks scored as `python -m solarjax.evaluate` scores them: {TASK_METRIC: value}."""
+        if not self.tasks:
+            return {}
+        out = evaluate_lib.evaluate(self.model_config, self.state["params"], self.data.tokenizer, self.tasks,
+                                    self.mesh, batch_size=self.cfg.global_batch, limit=self.cfg.eval_tasks_limit)
+        return {f"task/{task}/{metric}": value for task, metrics in out["results"].items()
+                for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
+
+    def _eval_loss(self) -> dict:
         if self.data.validation is None:
-            return None
+            return {}
         val, G = self.data.validation, self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
         if len(val) >= G:

@@ -343,3 +343,27 @@ def test_low_precision_parameters_are_refused_for_training(tmp_path, corpus):
     the fix (float32 parameters, bfloat16 compute)."""
     with pytest.raises(ConfigError, match=r"model.param_dtype bfloat16 is refused for training.*model.dtype: bfloat16"):
         Trainer(_config(tmp_path, corpus, **{"model.param_dtype": "bfloat16"}), _one_device_mesh())
+
+
+def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
+    """eval_tasks: the first and last evals carry the task's metrics, and the last ones are what
+    solarjax.evaluate gives for the final parameters."""
+    from solarjax import evaluate as evaluate_lib
+    from solarjax.checkpoint import load_params
+
+    task = tmp_path / "pets.jsonl"
+    task.write_text("".join(json.dumps({"context": f"the {a} says", "choices": [" meow", " woof", " moo"], "gold": i % 3})
+                            + "\n" for i, a in enumerate(["cat", "dog", "cow", "bird", "fish", "ant"])))
+    cfg = _config(tmp_path, corpus, steps=4, eval_every=4, eval_tasks=[str(task)])
+    mesh = solarjax.make_mesh(1, 1, 1, jax.devices()[:1])
+    trainer = Trainer(cfg, mesh)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "task/pets/acc" in r}
+    assert sorted(scored) == [0, 4] and "eval_loss" in scored[4]
+    config, params = load_params(tmp_path / "run" / "final")
+    expected = evaluate_lib.evaluate(config, params, trainer.data.tokenizer, evaluate_lib.load_task(str(task)), mesh)
+    for metric in ("acc", "acc_norm"):
+        assert scored[4][f"task/pets/{metric}"] == pytest.approx(expected["results"]["pets"][metric])
+    with pytest.raises(ConfigError, match="eval_tasks: .*nope.jsonl"):
+        Trainer(_config(tmp_path / "bad", corpus, eval_tasks=[str(tmp_path / "nope.jsonl")]), mesh)

@@ -349,8 +349,13 @@ class Trainer:
         last = min(cfg.steps, until) if until is not None else cfg.steps
         start = int(self.state["step"])
         metrics_file = self.run_dir / "metrics.jsonl"
+        evaluated = False  # whether metrics.jsonl has the eval of step `start`
         if jax.process_index() == 0 and metrics_file.exists():
-            metrics_file.write_text("".join(line + "\n" for line in _records_up_to(metrics_file, start)))
+            kept = _records_up_to(metrics_file, start)
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+            evaluated = any(_is_eval(r) and r["step"] == start for r in map(json.loads, kept))
+        if jax.process_count() > 1:  # the eval is collective: every process must make the same choice
+            evaluated = bool(multihost_utils.broadcast_one_to_all(np.int32(evaluated)))
         self._tensorboard = _TensorBoard(self.run_dir, start) if jax.process_index() == 0 else None
         stop = {"signal": None}
         # Several processes must stop at the same step, or they wait in different collectives. With
@@ -374,8 +379,10 @@ class Trainer:
         record = {}
         try:
             with jax.set_mesh(self.mesh):
-                if start == 0 and cfg.eval_every:  # the loss at init: for an up-scaled model, its drop
-                    self._eval_and_sample(0, metrics_file, record, bar, samples=False)
+                # Step 0: the loss at init (an up-scaled model's drop). Later: a stop that came between
+                # a step's checkpoint and its eval, which the resumed loop would otherwise skip.
+                if cfg.eval_every and not evaluated and (start % cfg.eval_every == 0 or start == cfg.steps):
+                    self._eval_and_sample(start, metrics_file, record, bar, samples=start > 0)
                 batch = self._device_batch(self.batches.batch(start)) if start < last else None
                 for step in range(start, last):
                     self.state, metrics = self.train_step(self.state, batch)  # dispatched; runs on
@@ -459,6 +466,10 @@ class Trainer:
 
 
 SCHEDULE_FILE = "schedule.json"
+
+
+def _is_eval(record: dict) -> bool:
+    return "eval_loss" in record or any(k.startswith("task/") for k in record)
 
 
 def _records_up_to(metrics_file: Path, step: int) -> list[str]:

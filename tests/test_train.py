@@ -313,6 +313,21 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
     assert steps == [2, 4, 6, 8]
 
 
+def test_a_stop_between_a_checkpoint_and_its_eval_evaluates_on_resume(tmp_path, corpus):
+    """The checkpoint of an eval step is saved before the eval runs; a crash in between leaves the
+    checkpoint without the eval, and the resumed run must make it up, not skip it."""
+    Trainer(_config(tmp_path / "a", corpus), _one_device_mesh()).run()
+    Trainer(_config(tmp_path / "b", corpus), _one_device_mesh()).run(until=4)
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines if not ('"eval_loss"' in line and '"step": 4' in line)))
+    Trainer(_config(tmp_path / "b", corpus), _one_device_mesh()).run()
+    evals = {run: [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / run / "run" / "metrics.jsonl")
+                                                           .read_text().splitlines()) if "eval_loss" in r]
+             for run in ("a", "b")}
+    assert [step for step, _ in evals["a"]] == [0, 4, 8] and evals["b"] == evals["a"]
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, capsys):
     """The newest checkpoint's biggest file is truncated (a crash or a full disk mid-write): resume
     warns naming it, moves it aside, continues from the one before and ends where an undamaged run

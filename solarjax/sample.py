@@ -240,12 +240,14 @@ def _parser():
     p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a directory with one; default: the "
+                   "model directory's own (a directory without one is refused)")
     return p
 
 
 def main(argv=None) -> int:
     from solarjax.checkpoint import load_model
-    from solarjax.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
+    from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer
 
     args = _parser().parse_args(argv)
     try:
@@ -264,14 +266,13 @@ def main(argv=None) -> int:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         path = Path(args.ckpt or args.hf)
         config, params = load_model(path)
-        if has_tokenizer(path):
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
+        elif has_tokenizer(path):
             tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
-        else:
-            tokenizer = load_tokenizer()
-            if tokenizer.vocab_size != config.vocab_size:
-                raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model, and the default Mistral "
-                                     f"tokenizer ({tokenizer.vocab_size} tokens) does not fit its vocab of "
-                                     f"{config.vocab_size}")
+        else:  # never a guess: Llama 2's 32000 ids are not Mistral's
+            raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
+                                 f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
         if args.chat:
             ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]

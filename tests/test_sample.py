@@ -195,8 +195,16 @@ def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
     no_tok = tmp_path / "no-tok"
     save_hf_model(make_hf_model("llama"), no_tok)  # vocab 128, no tokenizer files
     code, err = run("--hf", no_tok, "--prompt", "x")
-    assert code == 2 and "has no tokenizer.json or tokenizer.model" in err
-    assert "32000 tokens" in err and "vocab of 128" in err
+    assert code == 2 and "has no tokenizer.json or tokenizer.model; give --tokenizer" in err
+    # Mistral's vocabulary size does not make Mistral's tokenizer the model's: still refused.
+    no_tok_32k = tmp_path / "no-tok-32k"
+    shutil.copytree(mistral_vocab_model, no_tok_32k, ignore=shutil.ignore_patterns("tokenizer.model"))
+    code, err = run("--hf", no_tok_32k, "--prompt", "x")
+    assert code == 2 and "give --tokenizer" in err
+    code, err = run("--hf", no_tok_32k, "--prompt", "x", "--max-new-tokens", "2", "--tokenizer", tokenizer_file())
+    assert code == 0, err
+    code, err = run("--hf", no_tok, "--prompt", "x", "--tokenizer", tokenizer_file())
+    assert code == 2 and "32000" in err and "128" in err
 
 
 def test_cli_uses_the_model_tokenizer_and_stops_on_its_eos_ids(tmp_path, capsys):

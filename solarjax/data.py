@@ -178,6 +178,18 @@ def _load(source: Source, text_field: str | None, hf_cache: Path):
     return ds.cast(datasets.Features({text_field: datasets.Value("large_string")})), not_utf8
 
 
+def _fork_is_safe() -> bool:
+    """datasets.map forks its workers, which is unsafe once JAX has started its backend threads
+    (a recipe's later stage with new data): then this process tokenizes alone."""
+    if "jax" not in sys.modules:
+        return True
+    try:
+        from jax._src import xla_bridge
+        return not xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a private API: when it moves, keep the workers
+        return True
+
+
 class _Tokenize:
     """The map function: picklable (worker processes load the tokenizer from its path themselves)."""
 
@@ -250,12 +262,13 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
     if not parts:
         raise DataError(f"{what}: no document has any text (0 empty, "
                         f"{len(not_utf8)} not UTF-8: {', '.join(not_utf8[:3])})")
+    workers = cfg.num_proc if cfg.num_proc > 1 and _fork_is_safe() else 1
     if layout == "text":
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         if len(ds) == 0:
             raise DataError(f"{what}: the dataset is empty")
         mapped = ds.map(_Tokenize(str(tokenizer.source), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
-                        batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
+                        batch_size=64, num_proc=min(workers, len(ds)) if workers > 1 else None,
                         remove_columns=ds.column_names, desc="tokenizing")
     else:
         from solarjax.records import Render
@@ -266,7 +279,7 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
         # Each source on its own: sources may hold different layouts (different columns).
         mapped = datasets.concatenate_datasets([
             ds.map(Render(layout, tokenizer, ", ".join(src.paths[:2])), batched=True, batch_size=64, with_indices=True,
-                   num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 and len(ds) > 1 else None,
+                   num_proc=min(workers, len(ds)) if workers > 1 and len(ds) > 1 else None,
                    remove_columns=ds.column_names, desc="rendering records")
             for src, ds in zip(resolved, parts) if len(ds)])
         if len(mapped) == 0:

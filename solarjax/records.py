@@ -2,8 +2,9 @@
 
 Layouts, detected per record:
 - SFT: `messages` ([{role, content}], system/user/assistant, any number of turns); Alpaca
-  (`instruction`, optional `input`, `output`, optional `system`); `prompt` / `completion` (each a
-  string or a list of messages).
+  (`instruction`, optional `input`, `output`, optional `system`); OpenOrca (`question`,
+  `response`, optional `system_prompt`); `prompt` / `completion` (each a string or a list of
+  messages).
 - Preference pairs: `prompt` (a string or messages; `question` is taken as its name too, with an
   optional `system`, as Intel/orca_dpo_pairs has them), `chosen` and `rejected` (strings, or lists
   of assistant messages; a list that starts with the prompt's messages, as UltraFeedback's do, has
@@ -53,12 +54,16 @@ def sft_messages(record: dict, where: str) -> list[dict]:
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
         return system + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    if record.get("question") is not None and record.get("response") is not None:  # OpenOrca's columns
+        system = record.get("system_prompt") or record.get("system")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["response"]}]
     if record.get("prompt") is not None and record.get("completion") is not None:
         return (_messages(record["prompt"], "user", f"{where} prompt")
                 + _messages(record["completion"], "assistant", f"{where} completion"))
     keys = sorted(k for k, v in record.items() if v is not None)
-    raise RecordError(f"{where}: not an SFT record: expected `messages`, `instruction` + `output` (Alpaca) or "
-                      f"`prompt` + `completion`; it has {keys}")
+    raise RecordError(f"{where}: not an SFT record: expected `messages`, `instruction` + `output` (Alpaca), "
+                      f"`question` + `response` (OpenOrca) or `prompt` + `completion`; it has {keys}")
 
 
 def _render(tokenizer: Tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False) -> list[int]:
@@ -145,25 +150,30 @@ SYSTEM = "You write Python functions for the standard library."
 
 
 def _functions(path: Path, max_lines: int) -> list[tuple[str, str, str]]:
-    """(signature line, docstring's first paragraph, source without the docstring) of the module's
-    top-level functions with a docstring and at most max_lines lines of body."""
+    """(what to write, docstring's first paragraph, source without the docstring, dedented) of the
+    module's functions and methods with a docstring and at most max_lines lines of body."""
     text = path.read_text(encoding="utf-8", errors="strict")
     try:
         tree = ast.parse(text)
     except SyntaxError:
         return []
     lines, out = text.splitlines(), []
-    for node in tree.body:
+    nodes = [(None, n) for n in tree.body] + [(c.name, n) for c in tree.body if isinstance(c, ast.ClassDef)
+                                              for n in c.body]
+    for owner, node in nodes:
         if not isinstance(node, ast.FunctionDef) or node.decorator_list or ast.get_docstring(node) is None:
             continue
         doc = ast.get_docstring(node).split("\n\n")[0].strip()
         body = node.body[1:]
-        if not body or not 20 <= len(doc) <= 300 or ">>>" in doc:
+        if not body or not 20 <= len(doc) <= 300 or ">>>" in doc or node.lineno == body[0].lineno:
             continue
         code = [lines[node.lineno - 1]] + lines[body[0].lineno - 1:node.end_lineno]
         if len(code) - 1 > max_lines or any(not line.isascii() for line in code):
             continue
-        out.append((lines[node.lineno - 1].strip(), doc, "\n".join(code)))
+        indent = node.col_offset
+        code = [line[indent:] for line in code]
+        what = f"`{code[0].strip()}`" + (f" of class `{owner}`" if owner else "")
+        out.append((what, doc, "\n".join(code)))
     return out
 
 
@@ -173,7 +183,7 @@ def _corrupt(code: str) -> str:
     return "\n".join([head] + body[::-1])
 
 
-def builtin_records(layout: str, max_lines: int = 8) -> list[dict]:
+def builtin_records(layout: str, max_lines: int = 10) -> list[dict]:
     """SFT: docstring -> function, as conversations with a system message (every fifth has a
     second turn asking for the next function of the same module). Pairs: the real function
     (chosen) vs. its body in reverse line order (rejected), for functions of two lines or more."""
@@ -181,14 +191,14 @@ def builtin_records(layout: str, max_lines: int = 8) -> list[dict]:
     records = []
     for path in default_corpus_files():
         functions = _functions(path, max_lines)
-        for k, (signature, doc, code) in enumerate(functions):
-            ask = f"Write `{signature}` from the `{path.stem}` module: {doc}"
+        for k, (what, doc, code) in enumerate(functions):
+            ask = f"Write {what} from the `{path.stem}` module: {doc}"
             if layout == "sft":
                 messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask},
                             {"role": "assistant", "content": code}]
                 if k % 5 == 4 and k + 1 < len(functions):
-                    sig2, doc2, code2 = functions[k + 1]
-                    messages += [{"role": "user", "content": f"Now `{sig2}`: {doc2}"},
+                    what2, doc2, code2 = functions[k + 1]
+                    messages += [{"role": "user", "content": f"Now {what2}: {doc2}"},
                                  {"role": "assistant", "content": code2}]
                 records.append({"messages": messages})
             elif code.count("\n") >= 2:
@@ -200,7 +210,7 @@ def builtin_records(layout: str, max_lines: int = 8) -> list[dict]:
 
 def write_builtin(layout: str, folder: Path) -> Path:
     """The built-in records as jsonl in `folder` (written once; the name says what made it)."""
-    path = Path(folder).expanduser() / f"builtin-{layout}-v1.jsonl"
+    path = Path(folder).expanduser() / f"builtin-{layout}-v2.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{random.randrange(1 << 30)}")

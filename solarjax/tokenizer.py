@@ -18,6 +18,7 @@ spaces differently ("a  b"), so on such text the two disagree; tests/test_tokeni
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -251,6 +252,7 @@ class Tokenizer:
         return {"bos_token_id": self.bos_id, "eos_token_id": eos, "pad_token_id": self.pad_id}
 
 
+@functools.lru_cache(maxsize=8)  # compiling is most of a short render's time; SFT renders each record 2n+1 times
 def _compile(template: str):
     """transformers' chat-template environment: sandboxed, trim_blocks and lstrip_blocks, its globals."""
     import jinja2

@@ -276,3 +276,22 @@ def test_records_errors_name_the_record(models, tmp_path):
         records.sft_example(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "r 0")
     with pytest.raises(ConfigError, match="objective must be one of lm, sft, dpo, got 'ppo'"):
         train_config_from_dict({"model": {"preset": "tiny"}, "objective": "ppo"})
+
+
+def test_data_chat_template_replaces_the_models_and_travels_with_the_export(models, tmp_path):
+    """data.chat_template: the file's template renders the records, survives pickling (datasets
+    workers), and is written into an export as chat_template.jinja, which transformers then uses."""
+    import pickle
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<|start_header_id|>{{ m['role'] }}: {{ m['content'] }}<|eot_id|>"
+                        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant: {% endif %}")
+    tok = solarjax.tokenizer.load_tokenizer(models["policy"], template)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids, mask = records.sft_example(pickle.loads(pickle.dumps(tok)), chat, "r")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "yo<|eot_id|>"
+    out = tmp_path / "export"
+    out.mkdir()
+    tok.save(out)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.apply_chat_template(chat, tokenize=True, return_dict=False) == ids
+    assert tok.fingerprint() != solarjax.tokenizer.load_tokenizer(models["policy"]).fingerprint()

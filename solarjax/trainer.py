@@ -104,6 +104,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.objective = objectives_lib.get(cfg.objective)
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
@@ -114,7 +115,6 @@ class Trainer:
                               f"updates would take that dtype and most small updates round away (68% of "
                               f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
                               f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
-        self.objective = objectives_lib.get(cfg.objective)
         self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source, layout=self.objective.layout)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -146,8 +146,8 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.loss_chunk = loss_chunk(cfg, self.mesh)
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=self.loss_chunk, objective=cfg.objective, options=cfg.dpo)
-        self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, cfg.dpo)
+                                         chunk=self.loss_chunk, objective=cfg.objective, options=objective_options(cfg))
+        self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, objective_options(cfg))
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
@@ -220,7 +220,7 @@ class Trainer:
         data = self.cfg.data
         sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
         paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
-        if self.cfg.objective == "dpo":
+        if self.objective.reference:
             paths.append(self.cfg.dpo.reference)
         return [os.path.expanduser(p) for p in paths if p is not None]
 
@@ -441,6 +441,12 @@ class Trainer:
 SCHEDULE_FILE = "schedule.json"
 
 
+def objective_options(cfg: TrainConfig):
+    """The config section named after the objective (dpo: DPOConfig), or None (lm and sft have none)."""
+    section = getattr(cfg, cfg.objective, None)
+    return section if dataclasses.is_dataclass(section) else None
+
+
 def _records_up_to(metrics_file: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl up to `step`: lines a crash left past the checkpoint are dropped,
     and so is a line cut short by a crash mid-write (it can only be the last)."""
@@ -573,7 +579,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
 
     def compile_step(config: ModelConfig, unroll: int, chunk: int):
         step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk,
-                              cfg.objective, cfg.dpo)
+                              cfg.objective, objective_options(cfg))
         state = abstract_state(config, optimizer, mesh)
         reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run

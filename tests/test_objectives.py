@@ -295,3 +295,21 @@ def test_data_chat_template_replaces_the_models_and_travels_with_the_export(mode
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert theirs.apply_chat_template(chat, tokenize=True, return_dict=False) == ids
     assert tok.fingerprint() != solarjax.tokenizer.load_tokenizer(models["policy"]).fingerprint()
+
+
+def test_a_recipe_stage_sets_its_own_objective_and_reference():
+    from solarjax.config import load_job, recipe_config_from_dict
+    from test_train import ROOT
+    demo = load_job(ROOT / "configs" / "instruct_demo.yaml")
+    sft, dpo = (demo.stage(n).train for n in ("sft", "dpo"))
+    assert (sft.objective, dpo.objective) == ("sft", "dpo") and dpo.init.source.endswith("instruct_demo/sft/final")
+    assert dpo.data == sft.data and dpo.data.chat_template.endswith("solar_instruct.jinja")
+    d = {"model": {"preset": "tiny"}, "run_dir": "/r", "objective": "sft",
+         "stages": {"a": {}, "b": {"objective": "dpo", "init": {"from": "a"}, "dpo": {"beta": 0.2, "reference": "a"}}}}
+    b = recipe_config_from_dict(d).stage("b").train
+    assert (b.objective, b.dpo.beta, b.dpo.reference) == ("dpo", 0.2, "/r/a/final")
+    d["stages"] = {"a": {"dpo": {"reference": "b"}}, "b": {}}
+    with pytest.raises(ConfigError, match="stages.a.dpo.reference: stage 'b' does not run before 'a'"):
+        recipe_config_from_dict(d)
+    with pytest.raises(ConfigError, match=r"dpo.beta must be > 0, got -1"):
+        train_config_from_dict({"model": {"preset": "tiny"}, "dpo": {"beta": -1}})

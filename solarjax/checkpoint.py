@@ -4,7 +4,7 @@ A solarjax parameter checkpoint is a directory:
   model_config.json   the ModelConfig
   params/             orbax StandardCheckpointer tree (restored straight into shards)
   tokenizer.json ... tokenizer files (and generation_config.json), when the source had them
-  special_ids.json    the source's bos/eos/pad ids, which jax-to-hf writes into config.json
+  special_ids.json    the source's bos/eos/pad ids and dtype, which jax-to-hf writes into config.json
 """
 
 from __future__ import annotations

@@ -12,6 +12,15 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# RoPE scaling types and their keys, as transformers' modeling_rope_utils reads them
+# (model.rope_frequencies computes each): (required, optional). partial_rotary_factor is not supported.
+ROPE_SCALING_KEYS = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+}
 
 
 class ConfigError(ValueError):
@@ -32,6 +41,11 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     sliding_window: int | None = None  # None: full causal attention
     tie_word_embeddings: bool = False
+    # RoPE scaling, e.g. {"rope_type": "llama3", "factor": 8.0, ...} (keys: ROPE_SCALING_KEYS); None:
+    # plain RoPE. Given as a mapping, held as sorted (key, value) pairs so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); o_proj has none
+    initializer_range: float = 0.02  # std of the random init, as HF's config.json names it
     dtype: str = "float32"  # compute dtype; softmax, norms' statistics and logits stay float32
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each block, see REMAT_POLICIES
@@ -64,6 +78,8 @@ class ModelConfig:
             raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise ConfigError(f"model.initializer_range must be > 0, got {self.initializer_range!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -71,10 +87,20 @@ class ModelConfig:
             raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
         object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
+        object.__setattr__(self, "initializer_range", float(self.initializer_range))
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"model.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """rope_scaling as a dict ({} for plain RoPE)."""
+        return dict(self.rope_scaling or ())
 
     def replace(self, **changes) -> "ModelConfig":
         return _build(type(self), {**self.to_dict(), **changes}, "model")
@@ -84,6 +110,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if not self._head_dim_given:
             d["head_dim"] = None
+        d["rope_scaling"] = self.rope if self.rope_scaling is not None else None
         return d
 
     @classmethod
@@ -100,6 +127,40 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot read model config: {e}") from None
         return cls.from_dict(d, where=str(path))
+
+
+def _check_rope_scaling(value) -> tuple[tuple[str, Any], ...]:
+    """A rope_scaling mapping (or its pairs) checked against ROPE_SCALING_KEYS, as sorted pairs."""
+    where = "model.rope_scaling"
+    try:
+        d = dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a mapping like {{rope_type: llama3, factor: 8.0, ...}}, "
+                          f"got {value!r}") from None
+    kind = d.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"{where}.rope_type {kind!r} is not supported; expected one of "
+                          f"{sorted(ROPE_SCALING_KEYS)}")
+    required, optional = ROPE_SCALING_KEYS[kind]
+    for key in required:
+        if key not in d:
+            raise ConfigError(f"{where}: rope_type {kind!r} needs key {key!r} (required: {', '.join(required)})")
+    unknown = sorted(set(d) - {"rope_type", *required, *optional})
+    if unknown:
+        raise ConfigError(f"{where}: key {unknown[0]!r} is not used by rope_type {kind!r} (known: "
+                          f"{', '.join(required + optional)})")
+    for key, v in d.items():
+        if key == "original_max_position_embeddings":
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{where}.{key} must be a positive integer, got {v!r}")
+        elif key == "truncate":
+            if v is not None and not isinstance(v, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, got {v!r}")
+        elif key != "rope_type" and v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ConfigError(f"{where}.{key} must be a number, got {v!r}")
+    if not d["factor"] or d["factor"] <= 0:
+        raise ConfigError(f"{where}.factor must be > 0, got {d['factor']!r}")
+    return tuple(sorted(d.items()))
 
 
 # Reference sizes (shared/DESIGN.md). Two lines each, as they read in the papers' tables.
@@ -170,7 +231,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after the warmup
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final learning rate / peak
-    weight_decay: float = 0.1  # not applied to norm scales
+    weight_decay: float = 0.1  # not applied to norm scales and biases
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -243,18 +304,23 @@ class TrainConfig:
     eval_batches: int = 2
     sample_prompts: tuple[str, ...] = ()  # at each eval, greedy completions of these are logged
     sample_tokens: int = 32
+    # Tasks scored at each eval, as `python -m solarjax.evaluate --tasks` takes them (e.g.
+    # builtin_next_line, arc_challenge=DIR); metrics.jsonl gets task/TASK/METRIC keys (task/builtin_next_line/acc).
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_limit: int | None = None  # documents per task; None: all
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     # Tokens per device in one step of the chunked vocabulary loss (solarjax.loss); None: 256 on
     # CPU, 4096 on accelerators. Fewer: less memory for logits, more, shorter steps.
     loss_chunk_tokens: int | None = None
+    microbatches: int = 1  # gradient accumulation: the global batch in this many sequential groups
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "log_every", "eval_batches", "sample_tokens", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -269,6 +335,14 @@ class TrainConfig:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ConfigError(f"sample_prompts[{i}] must be a non-empty string, got {prompt!r}")
         object.__setattr__(self, "sample_prompts", prompts)
+        tasks = (self.eval_tasks,) if isinstance(self.eval_tasks, str) else tuple(self.eval_tasks)
+        for i, task in enumerate(tasks):
+            if not isinstance(task, str) or not task.strip():
+                raise ConfigError(f"eval_tasks[{i}] must be a task name or path, got {task!r}")
+        object.__setattr__(self, "eval_tasks", tasks)
+        if self.eval_tasks_limit is not None and (not isinstance(self.eval_tasks_limit, int)
+                                                  or isinstance(self.eval_tasks_limit, bool) or self.eval_tasks_limit < 1):
+            raise ConfigError(f"eval_tasks_limit must be null or a positive integer, got {self.eval_tasks_limit!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
         from solarjax.objectives import OBJECTIVES  # here, not above: objectives imports this module

@@ -2,12 +2,16 @@
 
   python convert_weights.py hf-to-jax --hf DIR --out DIR
   python convert_weights.py upscale --hf IN --out OUT (--n 32 --m 8 | --layers 0:24,8:32)
-                                    [--arch mistral|llama] [--dtype ...] [--shard-size 5GB]
-  python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama]
+                                    [--arch mistral|llama|qwen2] [--dtype ...] [--shard-size 5GB]
+  python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama|qwen2]
                                       [--dtype float32|bfloat16|float16] [--shard-size 5GB]
   python convert_weights.py merge --hf A --hf B [--hf C ...] --out OUT
                                   (--method linear --weights 0.3,0.7 | --method slerp --t 0.4)
                                   [--dtype ...] [--shard-size 5GB]
+
+Models: MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM (RoPE scaling linear, dynamic,
+llama3, yarn). A model keeps its architecture, except that --arch picks Mistral or Llama where
+the two are the same model; Qwen2's q/k/v biases have no other form.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-jax", help="HF Mistral/Llama directory -> solarjax checkpoint (orbax)")
+    a = sub.add_parser("hf-to-jax", help="HF Mistral/Llama/Qwen2 directory -> solarjax checkpoint (orbax)")
     a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors or .bin)")
     a.add_argument("--out", required=True, help="solarjax checkpoint directory to create")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = sub.add_parser("jax-to-hf", help="solarjax checkpoint -> HF directory (config.json + safetensors)")
     b.add_argument("--ckpt", required=True, help="solarjax checkpoint directory")
     b.add_argument("--out", required=True, help="HF model directory to create")
-    b.add_argument("--arch", choices=("mistral", "llama"), default=None,
-                   help="HF architecture; default: mistral if the model has a sliding window, else llama")
-    b.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default="float32")
+    b.add_argument("--arch", choices=("mistral", "llama", "qwen2"), default=None,
+                   help="HF architecture; default: qwen2 for q/k/v biases, else mistral if the model has a "
+                        "sliding window, else llama")
+    b.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None,
+                   help="default: the dtype of the HF model it was converted from, else float32")
     b.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c = sub.add_parser("upscale", help="HF -> HF depth up-scaling, streamed tensor by tensor")
@@ -41,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, help="base depth (SOLAR: 32)")
     c.add_argument("--m", type=int, help="layers dropped from each copy (SOLAR: 8)")
     c.add_argument("--layers", help="explicit plan of base layer ranges, mergekit style: 0:24,8:32")
-    c.add_argument("--arch", choices=("mistral", "llama"), default=None,
+    c.add_argument("--arch", choices=("mistral", "llama", "qwen2"), default=None,
                    help="HF architecture; default: the base's; llama writes SOLAR's published form")
     c.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None, help="default: the base's dtype")
     c.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")

@@ -22,13 +22,14 @@ from jax.sharding import SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from solarjax import model as model_lib
-from solarjax.config import ConfigError, ModelConfig
+from solarjax.config import ROPE_SCALING_KEYS, ConfigError, ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
                                  plan_shards, write_safetensors)
 from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
 
-ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}
+ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHITECTURES = {v: k for k, v in ARCHITECTURES.items()}
 SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                "float16": np.dtype(np.float16)}
 # Buffers some older checkpoints carry that are recomputed, not learned.
@@ -51,19 +52,16 @@ def config_from_hf(d: dict, where: str = "config.json", param_dtype: str = "floa
     arch = ARCHITECTURES[archs[0]]
     if d.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; expected 'silu'")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key):
-            raise ConversionError(f"{where}: {key}={d[key]} is not supported; expected false")
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
-    if rope_type not in (None, "default"):
-        raise ConversionError(f"{where}: rope_scaling of type {rope_type!r} is not supported; "
-                              f"expected none (default RoPE)")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if arch != "qwen2":  # Qwen2's biases are fixed by the architecture; these keys do not exist there
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                raise ConversionError(f"{where}: {key}={d[key]} is not supported; expected false")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise ConversionError(f"{where}: missing key {key!r}")
+    if arch == "qwen2":
+        _check_qwen2_window(d, where)
+    theta, scaling = _rope_from_hf(d, where)
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -72,41 +70,102 @@ def config_from_hf(d: dict, where: str = "config.json", param_dtype: str = "floa
             head_dim=d.get("head_dim"), rope_theta=theta, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             sliding_window=d.get("sliding_window") if arch == "mistral" else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), param_dtype=param_dtype)
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), rope_scaling=scaling,
+            qkv_bias=arch == "qwen2", initializer_range=d.get("initializer_range", 0.02), param_dtype=param_dtype)
     except ConfigError as e:
         raise ConversionError(f"{where}: {e}") from None
 
 
+def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from `rope_scaling` (transformers 4: key `type` or `rope_type`,
+    theta beside it) or `rope_parameters` (transformers 5: theta inside), read as transformers 5
+    does: rope_scaling wins when both are set."""
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)  # transformers 5 writes both when it read the old form
+    partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial not in (None, 1.0):
+        raise ConversionError(f"{where}: partial_rotary_factor={partial} is not supported; expected 1.0 (RoPE on "
+                              f"the whole head)")
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConversionError(f"{where}: {key} of type {kind!r} is not supported; expected one of "
+                              f"{['default', *sorted(ROPE_SCALING_KEYS)]}")
+    if kind in ("llama3", "yarn"):  # transformers' default when it is missing
+        params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
+    return theta, {"rope_type": kind, **params}
+
+
+def _check_qwen2_window(d: dict, where: str) -> None:
+    """Qwen2's sliding window applies to layers >= max_window_layers when use_sliding_window is
+    set (or to the layers `layer_types` names); any sliding layer is refused, since solarjax has one
+    window for all layers. With use_sliding_window false (every released Qwen2/2.5) nothing slides."""
+    L = d["num_hidden_layers"]
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    first = d.get("max_window_layers", 28)
+    types = d.get("layer_types") or ["sliding_attention" if window is not None and i >= first else "full_attention"
+                                     for i in range(L)]
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if sliding:
+        raise ConversionError(f"{where}: use_sliding_window={d.get('use_sliding_window')} with sliding_window="
+                              f"{d.get('sliding_window')}, max_window_layers={first} gives layers {sliding} "
+                              f"({types[sliding[0]]}) a sliding window, which is not supported for Qwen2; "
+                              f"expected use_sliding_window=false")
+
+
 def default_arch(config: ModelConfig) -> str:
-    """Mistral when a sliding window must be expressed, else Llama (SOLAR's published form)."""
+    """Qwen2 for q/k/v biases (no other form has them), else Mistral when a sliding window must be
+    expressed, else Llama (SOLAR's published form)."""
+    if config.qkv_bias:
+        return "qwen2"
     return "mistral" if config.sliding_window is not None else "llama"
 
 
 def config_to_hf(config: ModelConfig, arch: str, dtype: str = "float32", special_ids: dict | None = None) -> dict:
-    """config.json for `config`; `special_ids` (from `special_ids(source)`) gives bos/eos/pad_token_id."""
-    if arch not in ("mistral", "llama"):
-        raise ConversionError(f"--arch {arch!r} is not supported; expected 'mistral' or 'llama'")
+    """config.json for `config`; `special_ids` (from `special_ids(source)`) gives bos/eos/pad_token_id.
+    RoPE is written in both transformers 5's form (rope_parameters) and 4's (rope_theta +
+    rope_scaling), so either reads the same model."""
+    if arch not in HF_ARCHITECTURES:
+        raise ConversionError(f"--arch {arch!r} is not supported; expected one of {sorted(HF_ARCHITECTURES)}")
+    if config.qkv_bias != (arch == "qwen2"):
+        have = "has q/k/v biases, which only" if config.qkv_bias else "has no q/k/v biases, which"
+        raise ConversionError(f"--arch {arch}: the model {have} Qwen2 has; expected --arch "
+                              f"{default_arch(config) if config.qkv_bias else 'llama or mistral'}")
     max_pos, window = config.max_position_embeddings, config.sliding_window
-    if arch == "llama" and window is not None:
+    if arch != "mistral" and window is not None:
+        if config.rope.get("rope_type") == "dynamic":  # dynamic NTK scales with max_position_embeddings
+            raise ConversionError(f"--arch {arch}: a sliding window with dynamic RoPE scaling has no {arch} form "
+                                  f"(capping max_position_embeddings at the window would change the RoPE); "
+                                  f"expected --arch mistral")
         # Llama has no sliding window; with positions capped at the window the two models compute
         # the same function, which is how SOLAR-10.7B was published (4096 positions, no window).
         max_pos, window = min(max_pos, window), None
+    rope = config.rope or {"rope_type": "default"}
     d = {
-        "architectures": ["MistralForCausalLM" if arch == "mistral" else "LlamaForCausalLM"],
+        "architectures": [HF_ARCHITECTURES[arch]],
         "model_type": arch,
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_pos,
         "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope or None, "rope_parameters": {"rope_theta": config.rope_theta, **rope},
         "tie_word_embeddings": config.tie_word_embeddings,
         **{k: v for k, v in (special_ids or {}).items() if v is not None},
-        "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
+        "initializer_range": config.initializer_range, "attention_dropout": 0.0, "use_cache": True, "dtype": dtype,
+        "torch_dtype": dtype,
     }
     if arch == "mistral":
         d["sliding_window"] = window
-    else:
-        d.update(attention_bias=False, mlp_bias=False, rope_scaling=None, pretraining_tp=1)
+    elif arch == "llama":
+        d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:  # Qwen2: no layer slides (config_from_hf refuses models where one does)
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
+        if config.to_dict()["head_dim"] is None:  # Qwen2's config has head_dim only when it is given
+            del d["head_dim"]
     return d
 
 
@@ -142,11 +201,15 @@ def weight_specs(config: ModelConfig) -> list[WeightSpec]:
     D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     H, K, E = config.num_heads, config.num_kv_heads, config.head_dim
     specs = [WeightSpec("model.embed_tokens.weight", ("embed_tokens",), None, (V, D), (V, D), False)]
+    bias = config.qkv_bias  # Qwen2: each after its weight, in HF's order
     per_layer = [
         ("input_layernorm.weight", ("input_layernorm", "scale"), (D,), (D,), False),
         ("self_attn.q_proj.weight", ("self_attn", "q_proj"), (H * E, D), (D, H, E), True),
+        *([("self_attn.q_proj.bias", ("self_attn", "q_bias"), (H * E,), (H, E), False)] if bias else []),
         ("self_attn.k_proj.weight", ("self_attn", "k_proj"), (K * E, D), (D, K, E), True),
+        *([("self_attn.k_proj.bias", ("self_attn", "k_bias"), (K * E,), (K, E), False)] if bias else []),
         ("self_attn.v_proj.weight", ("self_attn", "v_proj"), (K * E, D), (D, K, E), True),
+        *([("self_attn.v_proj.bias", ("self_attn", "v_bias"), (K * E,), (K, E), False)] if bias else []),
         ("self_attn.o_proj.weight", ("self_attn", "o_proj"), (D, H * E), (H, E, D), True),
         ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (D,), (D,), False),
         ("mlp.gate_proj.weight", ("mlp", "gate_proj"), (F, D), (D, F), True),
@@ -279,7 +342,7 @@ class _TorchFile:
 
 def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32",
             layer_map: list[int] | None = None) -> tuple[ModelConfig, dict]:
-    """Reads an HF Mistral/Llama directory into (config, params).
+    """Reads an HF Mistral/Llama/Qwen2 directory into (config, params).
 
     With a mesh, each device's shard is read straight from the memory-mapped files into its place,
     so no host ever holds a whole stacked layer leaf; without one, params land on the default device.
@@ -334,11 +397,13 @@ def _host_slice(leaf: jax.Array, spec: WeightSpec) -> np.ndarray:
 
 
 def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None = None,
-            dtype: str = "float32", shard_size: int = 5 * 10**9, tokenizer_dir: str | Path | None = None,
+            dtype: str | None = None, shard_size: int = 5 * 10**9, tokenizer_dir: str | Path | None = None,
             overwrite: bool = False, inputs=()) -> Path:
     """Writes config.json and (sharded) safetensors, tensor by tensor, atomically. `out` may not
-    overlap `inputs` or tokenizer_dir (tensorfile.check_output)."""
+    overlap `inputs` or tokenizer_dir (tensorfile.check_output). tokenizer_dir (the source model's
+    directory) also gives the bos/eos/pad ids and, when dtype is None, the dtype (else float32)."""
     arch = arch or default_arch(config)
+    dtype = dtype or source_dtype(tokenizer_dir) or "float32"
     if dtype not in SAVE_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {sorted(SAVE_DTYPES)}")
     hf_config = config_to_hf(config, arch, dtype, special_ids(tokenizer_dir))
@@ -408,9 +473,21 @@ def special_ids(src: str | Path | None) -> dict:
     return load_tokenizer(src if has_tokenizer(src) else None).special_ids()
 
 
+def source_dtype(src: str | Path | None) -> str | None:
+    """The dtype a model written from `src` keeps: its config.json's `dtype` (`torch_dtype` before
+    transformers 5), or the one special_ids.json recorded from there; None when neither says."""
+    for name in ("config.json", SPECIAL_IDS_FILE):
+        if src is not None and (Path(src) / name).is_file():
+            d = json.loads((Path(src) / name).read_text())
+            value = d.get("dtype") or d.get("torch_dtype")
+            if value in SAVE_DTYPES:
+                return value
+    return None
+
+
 def copy_tokenizer_files(src: str | Path | None, dst: Path, special_ids_file: bool = False) -> list[str]:
     """The tokenizer files (and generation_config.json) of `src`; with special_ids_file (solarjax
-    checkpoints), also special_ids.json with the source's bos/eos/pad ids, for jax-to-hf."""
+    checkpoints), also special_ids.json with the source's bos/eos/pad ids and dtype, for jax-to-hf."""
     copied = []
     if src is not None:
         for name in TOKENIZER_FILES:
@@ -418,5 +495,7 @@ def copy_tokenizer_files(src: str | Path | None, dst: Path, special_ids_file: bo
                 shutil.copy2(Path(src) / name, dst / name)
                 copied.append(name)
         if special_ids_file:
-            (dst / SPECIAL_IDS_FILE).write_text(json.dumps(special_ids(src)) + "\n")
+            dtype = source_dtype(src)
+            record = {**special_ids(src), **({"dtype": dtype} if dtype else {})}
+            (dst / SPECIAL_IDS_FILE).write_text(json.dumps(record) + "\n")
     return copied

@@ -35,7 +35,8 @@ METHODS = ("linear", "slerp")
 # Fields that decide the tensors or the function they compute; all must agree across the inputs.
 # max_position_embeddings is left out: it changes neither (the first model's is carried).
 SAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-               "head_dim", "rope_theta", "rms_norm_eps", "sliding_window", "tie_word_embeddings")
+               "head_dim", "rope_theta", "rms_norm_eps", "sliding_window", "tie_word_embeddings", "rope_scaling",
+               "qkv_bias")
 
 
 class MergeError(ValueError):

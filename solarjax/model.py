@@ -1,4 +1,4 @@
-"""The Mistral/Llama decoder in Flax linen.
+"""The Mistral/Llama/Qwen2 decoder in Flax linen.
 
 Tensor names carry their shapes, and einsums use the same letters:
   B batch   T query length   S key length   D embed (hidden)   V vocab   L layers
@@ -15,6 +15,7 @@ RMSNorm statistics, softmax and logits in float32, other math in config.dtype.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,6 @@ import numpy as np
 from solarjax.config import ModelConfig
 from solarjax.sharding import constrain, param_shardings
 
-_INIT = nn.initializers.normal(stddev=0.02)  # HF's initializer_range for Mistral/Llama
 _NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stays NaN-free
 
 REMAT_POLICIES = {
@@ -34,8 +34,10 @@ REMAT_POLICIES = {
 }
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_INIT):
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=None):
+    """A parameter, by default initialised as HF does: normal(0, initializer_range)."""
     cfg = module.config
+    init = init or nn.initializers.normal(stddev=cfg.initializer_range)
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
     # Keeps each layer's slice of a stacked weight in its shards inside the scan, so it is gathered
     # there, one layer at a time, instead of the whole stack being gathered before the loop.
@@ -72,15 +74,89 @@ def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
     return y.reshape(lead + out_dims)
 
 
-def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def _plain_inv_freq(theta: float, E: int) -> np.ndarray:
+    """RoPE's inverse frequencies [E/2], float32 as transformers computes them."""
+    return np.float32(1.0) / np.float32(theta) ** (np.arange(0, E, 2).astype(np.float32) / np.float32(E))
+
+
+def rope_frequencies(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, float]:
+    """(inv_freq [E/2], the factor on cos and sin) for config's RoPE scaling, with the formulas of
+    transformers' modeling_rope_utils: every type but `dynamic` is a constant of the config.
+
+    `dynamic` (NTK) raises the base once the sequence is longer than max_position_embeddings,
+    seq_len = max(positions) + 1 over the whole batch, as transformers does for a forward over a
+    full sequence. So with a KV cache (sample.py) each token's key keeps the frequencies of the
+    step that wrote it (the prompt's length at prefill, position + 1 after), which is what
+    transformers' generate does too. transformers also keeps a longer call's frequencies for a later
+    call of length between max_position_embeddings and that one; here every call stands alone.
+    """
+    E, theta, s = config.head_dim, config.rope_theta, config.rope
+    kind, factor = s.get("rope_type"), s.get("factor")
+    inv = _plain_inv_freq(theta, E)
+    if kind is None:
+        return jnp.asarray(inv), 1.0
+    if kind == "linear":
+        return jnp.asarray(inv / np.float32(factor)), 1.0
+    if kind == "llama3":
+        old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > old / low, inv / np.float32(factor), inv)  # long waves: interpolated
+        smooth = (np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)  # between the two: blended
+        return jnp.asarray(np.where(medium, smoothed, scaled).astype(np.float32)), 1.0
+    if kind == "yarn":
+        return _yarn(E, theta, s)
+    if kind == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions_BT).astype(jnp.float32) + 1, max_pos)
+        base = theta * (factor * seq_len / max_pos - (factor - 1)) ** (E / (E - 2))
+        return 1.0 / base ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E), 1.0
+    raise ValueError(f"model.rope_scaling.rope_type {kind!r} is not supported")  # ModelConfig refuses it first
+
+
+def _yarn(E: int, theta: float, s: dict) -> tuple[jax.Array, float]:
+    """YaRN (arXiv 2309.00071): interpolate the long wavelengths, extrapolate the short ones with a
+    linear ramp between, and scale cos/sin by the attention factor (transformers' defaults)."""
+    factor, old = s["factor"], s["original_max_position_embeddings"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dim_of(rotations):  # the dimension that turns `rotations` times over the original length
+        return E * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, E - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = np.float32(theta) ** (np.arange(0, E, 2).astype(np.float32) / np.float32(E))
+    extrapolation, interpolation = np.float32(1.0) / pos_freqs, np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(E // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolated (high frequencies), 0: interpolated
+    inv = interpolation * (1 - keep) + extrapolation * keep
+    return jnp.asarray(inv.astype(np.float32)), float(attention_factor)
+
+
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, config: ModelConfig) -> jax.Array:
     """Rotary embedding, HF's rotate-half layout: dims [0, E/2) pair with [E/2, E)."""
-    E = x_BTNE.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    inv_freq, scale = rope_frequencies(config, positions_BT)
     angle_BTe = positions_BT[..., None].astype(jnp.float32) * inv_freq
     angle_BTE = jnp.concatenate([angle_BTe, angle_BTe], axis=-1)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_BTNE.astype(jnp.float32) * jnp.cos(angle_BTE) + rotated * jnp.sin(angle_BTE)
+    cos, sin = jnp.cos(angle_BTE), jnp.sin(angle_BTE)
+    if scale != 1.0:  # YaRN's attention factor, on cos and sin as transformers applies it
+        cos, sin = cos * scale, sin * scale
+    out = x_BTNE.astype(jnp.float32) * cos + rotated * sin
     return out.astype(x_BTNE.dtype)
 
 
@@ -174,9 +250,13 @@ class Attention(nn.Module):
         w_v = _weight(self, "v_proj", (D,), (K, E), ("embed",), ("kv_heads", "head_dim"))
         w_o = _weight(self, "o_proj", (H, E), (D,), ("heads", "head_dim"), ("embed",))
         project = functools.partial(_project, out_in=self.decode_layout)
-        q_BTHE = rope(project(x_BTD, w_q, 1), positions_BT, cfg.rope_theta)
-        k_BTKE = rope(project(x_BTD, w_k, 1), positions_BT, cfg.rope_theta)
-        v_BTKE = project(x_BTD, w_v, 1)
+        q_BTHE, k_BTKE, v_BTKE = project(x_BTD, w_q, 1), project(x_BTD, w_k, 1), project(x_BTD, w_v, 1)
+        if cfg.qkv_bias:  # Qwen2; zeros at init, as HF initialises Linear biases
+            zeros = nn.initializers.zeros
+            q_BTHE = q_BTHE + _param(self, "q_bias", (H, E), ("heads", "head_dim"), zeros).astype(cfg.dtype)
+            k_BTKE = k_BTKE + _param(self, "k_bias", (K, E), ("kv_heads", "head_dim"), zeros).astype(cfg.dtype)
+            v_BTKE = v_BTKE + _param(self, "v_bias", (K, E), ("kv_heads", "head_dim"), zeros).astype(cfg.dtype)
+        q_BTHE, k_BTKE = rope(q_BTHE, positions_BT, cfg), rope(k_BTKE, positions_BT, cfg)
         if kv is None:
             out_BTHE = self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg.sliding_window)
         else:
@@ -352,7 +432,7 @@ def param_count(config: ModelConfig) -> int:
 
 
 def init_params(config: ModelConfig, rng: jax.Array, mesh=None):
-    """Random parameters (HF's init: normal(0.02), norms at one). With a mesh, each device creates
+    """Random parameters (HF's init: normal(initializer_range), norms at one, biases at zero). With a mesh, each device creates
     only its own shard: the full model never exists on one host."""
     def init(rng):
         return nn.unbox(Decoder(config).init(rng, _dummy_tokens())["params"])

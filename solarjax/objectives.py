@@ -1,10 +1,11 @@
 """Training objectives: what a batch holds and what the train step minimises.
 
-An objective is a batch layout (which rows solarjax.data builds) plus a loss function
-`loss(ctx, params, batch, reference) -> (loss, metrics)`. The jitted step, sharding, checkpoints,
-resume, eval, samples and recipes are the trainer's and the same for all of them. `metrics` holds
-the objective's means over its unit (`count`: "tokens" or "pairs"), plus that count, so eval can
-weigh batches and TensorBoard shows every metric.
+An objective is a batch layout (which rows solarjax.data builds), its units (target tokens or
+pairs, counted from the batch alone) and `sums(ctx, params, batch, reference)`: the loss and its
+metrics summed over the units. The trainer divides by the whole global batch's units, so the loss
+is the mean over all of them however the rows are split (devices, microbatches, eval batches).
+The jitted step, sharding, checkpoints, resume, eval, samples and recipes are the trainer's and the
+same for all objectives.
 
 - lm:  next-token cross entropy over every position whose next token is in the same document.
 - sft: the same over the tokens the record's mask marks (the assistant turns, solarjax.records):
@@ -15,7 +16,8 @@ weigh batches and TensorBoard shows every metric.
        reference. Nonlinear in per-sequence sums, so it differentiates per-token log-probs
        (loss.token_logprobs) by ordinary autodiff.
 
-A pair objective is one function of the policy's (and reference's) per-sequence sums, e.g. SimPO:
+A pair objective is one function of the policy's (and reference's) per-sequence sums, e.g. SimPO
+(with a `simpo` config section holding beta and gamma):
     def simpo(pol, ref, opts):
         margin = opts.beta * (pol.chosen / pol.chosen_n - pol.rejected / pol.rejected_n) - opts.gamma
         return -jax.nn.log_sigmoid(margin), {"reward_accuracy": margin > 0}
@@ -48,8 +50,9 @@ class Context:
 class Objective:
     name: str
     layout: str  # data layout: "text" (documents cut into windows), "sft" (examples), "pairs" (chosen/rejected)
-    loss: Callable  # (ctx, params, batch, reference) -> (scalar loss, {count: n, metric: mean, ...})
-    count: str = "tokens"  # the unit means are over; eval weighs batches by it
+    units: Callable  # batch -> how many units (target tokens, pairs) it has, from the batch alone
+    sums: Callable  # (ctx, params, batch, reference) -> {"loss": sum over the units, metric: sum, ...}
+    count: str = "tokens"  # the units' name in the metrics
     reference: bool = False  # the step gets a frozen reference model's parameters as a third argument
     per_token: bool = True  # the loss is a mean token cross entropy, so eval reports a perplexity too
 
@@ -57,9 +60,16 @@ class Objective:
     def batch_keys(self) -> tuple[str, ...]:
         return ("tokens", "segment_ids", "positions") + (() if self.layout == "text" else ("loss_mask",))
 
+    def mean(self, ctx: "Context", params, batch, reference=None):
+        """(mean loss, {count: units, metric: mean}) over one batch."""
+        units = self.units(batch)
+        sums = self.sums(ctx, params, batch, reference)
+        per_unit = 1.0 / jnp.maximum(units, 1).astype(jnp.float32)
+        return sums["loss"] * per_unit, {self.count: units, **{k: v * per_unit for k, v in sums.items() if k != "loss"}}
+
 
 # ---------------------------------------------------------------------------------------------
-# Token objectives: a weighted mean of next-token cross entropy
+# Token objectives: a weighted sum of next-token cross entropy
 
 
 def _next(a_BT):
@@ -75,27 +85,26 @@ def same_document_BT(batch):
     return (next_seg_BT == seg_BT) & (next_seg_BT > 0)
 
 
-def token_mean(ctx: Context, params, batch, weights_BT):
-    """(sum of weights * next-token nll / number of weighted positions, that number)."""
+def marked_BT(batch):
+    """Positions whose next token the record's mask marks (an assistant's, a response's); packed
+    examples never share a segment, so same_document keeps a prediction inside its example."""
+    return same_document_BT(batch) & (_next(batch["loss_mask"]) > 0)
+
+
+def token_nll_sum(ctx: Context, params, batch, weights_BT):
+    """sum of weights * next-token nll, through the chunked loss (exact gradients for a token sum)."""
     tokens_BT = batch["tokens"]
     x_BTD, head_DV = Decoder(ctx.config, scan_unroll=ctx.unroll).apply(
         {"params": params}, tokens_BT, batch["positions"], batch["segment_ids"], hidden=True)
-    count = weights_BT.sum()
-    total = loss_lib.cross_entropy_sum(x_BTD, head_DV, _next(tokens_BT), weights_BT.astype(jnp.float32),
-                                       ctx.chunk or tokens_BT.shape[1])
-    return total / jnp.maximum(count, 1), count
+    return loss_lib.cross_entropy_sum(x_BTD, head_DV, _next(tokens_BT), weights_BT.astype(jnp.float32),
+                                      ctx.chunk or tokens_BT.shape[1])
 
 
-def lm_loss(ctx: Context, params, batch, reference=None):
-    loss, count = token_mean(ctx, params, batch, same_document_BT(batch))
-    return loss, {"tokens": count}
-
-
-def sft_loss(ctx: Context, params, batch, reference=None):
-    """Only next tokens the mask marks (an assistant's): packed examples never share a segment,
-    so same_document keeps a prediction inside its example."""
-    loss, count = token_mean(ctx, params, batch, same_document_BT(batch) & (_next(batch["loss_mask"]) > 0))
-    return loss, {"tokens": count}
+def token_objective(name: str, layout: str, weights: Callable) -> Objective:
+    """Mean next-token cross entropy over the positions weights(batch) marks, in the global batch."""
+    return Objective(name, layout, units=lambda batch: weights(batch).sum(),
+                     sums=lambda ctx, params, batch, reference=None: {
+                         "loss": token_nll_sum(ctx, params, batch, weights(batch))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,22 +119,30 @@ class SequenceLogps(NamedTuple):
     rejected_n: jax.Array
 
 
+def _per_pair(values_BT, seg_BT):
+    """Sums over each segment, as [B, P] chosen (segments 2k-1) and rejected (2k) slots."""
+    T = seg_BT.shape[1]
+    sums_BS = jax.vmap(lambda v_T, s_T: jax.ops.segment_sum(v_T, s_T, num_segments=T + 1))(values_BT, seg_BT)
+    return sums_BS[:, 1::2][:, :T // 2], sums_BS[:, 2::2][:, :T // 2]
+
+
+def real_pairs_BP(batch):
+    """Pair slots that hold a pair: both responses have a token to score."""
+    chosen_n, rejected_n = _per_pair(marked_BT(batch).astype(jnp.int32), batch["segment_ids"])
+    return (chosen_n > 0) & (rejected_n > 0)
+
+
 def sequence_logps(ctx: Context, params, batch) -> SequenceLogps:
     """Response log-probabilities summed per sequence. Pair k of a row is segments 2k-1 (chosen)
     and 2k (rejected) (data.PackedExamples); a slot with no pair sums to 0 over 0 tokens."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
-    B, T = tokens_BT.shape
     x_BTD, head_DV = Decoder(ctx.config, scan_unroll=ctx.unroll).apply(
         {"params": params}, tokens_BT, batch["positions"], seg_BT, hidden=True)
-    logp_BT = loss_lib.token_logprobs(x_BTD, head_DV, _next(tokens_BT), ctx.chunk or T)
-    weights_BT = same_document_BT(batch) & (_next(batch["loss_mask"]) > 0)
+    logp_BT = loss_lib.token_logprobs(x_BTD, head_DV, _next(tokens_BT), ctx.chunk or tokens_BT.shape[1])
+    weights_BT = marked_BT(batch)
     # The log-prob of token t+1 sits at position t, in t's segment (the same as t+1's where weighted).
-    per_segment = jax.vmap(lambda v_T, s_T: jax.ops.segment_sum(v_T, s_T, num_segments=T + 1))
-    sums_BS = per_segment(jnp.where(weights_BT, logp_BT, 0.0), seg_BT)
-    counts_BS = per_segment(weights_BT.astype(jnp.int32), seg_BT)
-    P = T // 2
-    return SequenceLogps(sums_BS[:, 1::2][:, :P], sums_BS[:, 2::2][:, :P],
-                         counts_BS[:, 1::2][:, :P], counts_BS[:, 2::2][:, :P])
+    chosen, rejected = _per_pair(jnp.where(weights_BT, logp_BT, 0.0), seg_BT)
+    return SequenceLogps(chosen, rejected, *_per_pair(weights_BT.astype(jnp.int32), seg_BT))
 
 
 def dpo(policy: SequenceLogps, reference: SequenceLogps, options):
@@ -139,23 +156,23 @@ def dpo(policy: SequenceLogps, reference: SequenceLogps, options):
 
 def pair_objective(name: str, pair_loss: Callable, reference: bool = True) -> Objective:
     """An Objective from a per-pair loss: pair_loss(policy, reference or None, options) ->
-    (loss per pair slot [B, P], {metric: per pair slot}); here they are averaged over real pairs."""
-    def loss(ctx: Context, params, batch, reference_params=None):
+    (loss per pair slot [B, P], {metric: per pair slot}); summed here over the real pairs."""
+    def sums(ctx: Context, params, batch, reference_params=None):
         policy = sequence_logps(ctx, params, batch)
         ref = None
         if reference:
             ref = jax.tree.map(jax.lax.stop_gradient, sequence_logps(ctx, reference_params, batch))
         losses_BP, metrics = pair_loss(policy, ref, ctx.options)
-        real_BP = (policy.chosen_n > 0) & (policy.rejected_n > 0)
-        n = real_BP.sum()
-        mean = lambda v_BP: jnp.where(real_BP, v_BP, 0).astype(jnp.float32).sum() / jnp.maximum(n, 1)
-        return mean(losses_BP), {"pairs": n, **{k: mean(v) for k, v in metrics.items()}}
-    return Objective(name, "pairs", loss, count="pairs", reference=reference, per_token=False)
+        real_BP = real_pairs_BP(batch)
+        total = lambda v_BP: jnp.where(real_BP, v_BP, 0).astype(jnp.float32).sum()
+        return {"loss": total(losses_BP), **{k: total(v) for k, v in metrics.items()}}
+    return Objective(name, "pairs", units=lambda batch: real_pairs_BP(batch).sum(), sums=sums, count="pairs",
+                     reference=reference, per_token=False)
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "lm": Objective("lm", "text", lm_loss),
-    "sft": Objective("sft", "sft", sft_loss),
+    "lm": token_objective("lm", "text", same_document_BT),
+    "sft": token_objective("sft", "sft", marked_BT),
     "dpo": pair_objective("dpo", dpo),
 }
 

@@ -1,5 +1,5 @@
 """The optimizer: global-norm clipping, then AdamW on a warmup + decay schedule; no weight decay
-on norm scales (1-D parameters)."""
+on norm scales and biases (1-D parameters per layer)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig, total_steps: int, extensions=()) -> optax.GradientTransformation:
     def decay_mask(params):
         # Stacked layers add a leading axis, so a norm scale is [L, D]: decide by the leaf's name.
-        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "scale", params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: path[-1].key != "scale" and not path[-1].key.endswith("_bias"), params)
 
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     parts.append(optax.adamw(schedule(cfg, total_steps, extensions), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,

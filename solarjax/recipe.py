@@ -101,6 +101,8 @@ def summarize(recipe: RecipeConfig) -> dict:
         # Every eval metric of the objective (dpo: reward accuracy, margin, ...) at the first and last eval.
         eval_records = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in records if "eval_loss" in r]
         samples = [r["samples"] for r in records if "samples" in r]
+        tasks = {r["step"]: {k.removeprefix("task/"): v for k, v in r.items() if k.startswith("task/")}
+                 for r in records if any(k.startswith("task/") for k in r)}
         done = json.loads((stage_dir / DONE_FILE).read_text())
         stages[stage.name] = {
             # an earlier stage's name, a directory's name (init.from a path), or None (from scratch)
@@ -114,6 +116,7 @@ def summarize(recipe: RecipeConfig) -> dict:
                             "flops": step * tokens_per_step * flops_per_token, "eval_loss": loss}
                            for step, loss in evals],
             "eval_first": eval_records[0] if eval_records else {}, "eval_last": eval_records[-1] if eval_records else {},
+            "tasks_at_init": tasks.get(0), "tasks_final": tasks.get(cfg.steps),
             "samples": samples[-1] if samples else [], "seconds": done.get("seconds"),
         }
     summary = {}
@@ -152,6 +155,11 @@ def format_table(summary: dict) -> str:
             ahead = "ahead" if up < summary[key] else "NOT ahead"
             lines.append(f"at {what}: upscaled {up:.4f} vs {arm} {summary[key]:.4f} "
                          f"({up - summary[key]:+.4f}: up-scaled {ahead})")
+    metrics = sorted({m for s in summary["stages"].values() for m in (s.get("tasks_final") or {})})
+    for metric in metrics:  # eval_tasks: each stage's value before its first step -> after its last
+        lines.append(f"{metric}: " + "; ".join(
+            f"{name} {_num((s.get('tasks_at_init') or {}).get(metric))} -> {_num((s.get('tasks_final') or {}).get(metric))}"
+            for name, s in summary["stages"].items()))
     return "\n".join(lines)
 
 

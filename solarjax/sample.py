@@ -10,7 +10,9 @@ message through the model's chat template.
 
 Prompts of different lengths are left-padded to one bucketed length; padding has segment 0, so no
 real token attends to it, and each prompt's positions start at 0. The cache holds prompt + output,
-and the sliding window, when the model has one, is applied by masking within it.
+and the sliding window, when the model has one, is applied by masking within it. With dynamic RoPE
+scaling each cached key keeps the frequencies of the step that wrote it (model.rope_frequencies),
+as in transformers' generate.
 """
 
 from __future__ import annotations
@@ -128,6 +130,16 @@ def _is_eos(tokens_B, eos_E):
 _decode_params = jax.jit(decode_params, static_argnums=0)
 
 
+def position_limit(config: ModelConfig) -> int:
+    """How far the sampler lets positions go: max_position_embeddings, or factor times that for
+    dynamic RoPE scaling, which exists to run past it (transformers documents `factor` as the
+    length multiple a scaled model handles; its generate sets no limit)."""
+    s = config.rope
+    if s.get("rope_type") == "dynamic":
+        return int(config.max_position_embeddings * s["factor"])
+    return config.max_position_embeddings
+
+
 def left_pad(prompts: list[list[int]], length: int | None = None):
     """(tokens, positions, segments), int32 [B, length]: prompts right-aligned, padding with token 0
     and segment 0, positions from 0 at each prompt's first token."""
@@ -156,18 +168,19 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
         raise SamplingError(f"{len(eos_ids)} EOS ids given; at most {MAX_EOS_IDS} are supported")
     if not prompts:
         raise SamplingError("no prompts given")
+    limit = position_limit(config)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise SamplingError(f"prompt {i} is empty")
-        if len(p) > config.max_position_embeddings:
+        if len(p) > limit:
             raise SamplingError(f"prompt {i} has {len(p)} tokens, more than the model's maximum of "
-                                f"{config.max_position_embeddings} positions")
+                                f"{limit} positions")
         bad = [t for t in p if not 0 <= t < config.vocab_size]
         if bad:
             raise SamplingError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
     lengths = np.array([len(p) for p in prompts], np.int32)
     # Positions never pass the model's maximum: the last prompt position + new tokens stays inside.
-    max_new = min(sampling.max_new_tokens, config.max_position_embeddings - int(lengths.max()))
+    max_new = min(sampling.max_new_tokens, limit - int(lengths.max()))
     max_new = max(max_new, 1)
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:

@@ -13,27 +13,66 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
 
 
+ARCHS = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+
+
 def make_hf_model(arch: str = "mistral", seed: int = 0, dtype=torch.float32, **overrides):
-    """A random MistralForCausalLM or LlamaForCausalLM (eval mode, eager attention)."""
-    kwargs = {**BASE, **overrides}
-    if arch == "mistral":
-        config, cls = transformers.MistralConfig(**kwargs), transformers.MistralForCausalLM
-    else:
-        config, cls = transformers.LlamaConfig(**kwargs), transformers.LlamaForCausalLM
+    """A random MistralForCausalLM, LlamaForCausalLM or Qwen2ForCausalLM (eval mode, eager attention)."""
+    config_cls, cls = ARCHS[arch]
+    config = config_cls(**{**BASE, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).eval()
-    # Norm weights start at 1; randomise them so a mix-up between the two norms cannot hide.
+    # Norm weights start at 1 and biases at 0; randomise them so a mix-up cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
     return model.to(dtype)
 
 
 def save_hf_model(model, path: Path, **kwargs) -> Path:
     model.save_pretrained(path, **kwargs)
     return path
+
+
+# Tiny models of the kinds people bring (issue 10): each RoPE scaling, Qwen2, tied embeddings.
+# name: (arch, config overrides, RoPE as written in config.json: None keeps transformers 5's
+# rope_parameters, else transformers 4's rope_theta + rope_scaling with this key for the type).
+# Lengths in the tests (80 tokens) pass original_max_position_embeddings (llama3, yarn) and
+# max_position_embeddings (dynamic), where each scaling changes the frequencies.
+KINDS = {
+    "llama3": ("llama", dict(max_position_embeddings=256, head_dim=32, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32)), None),
+    "linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=10000.0)), "type"),
+    "dynamic": ("llama", dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="dynamic", factor=2.0, rope_theta=10000.0)), None),
+    "yarn": ("llama", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                                beta_fast=16, rope_theta=10000.0)), "rope_type"),
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                                 bos_token_id=5, eos_token_id=[6, 7], pad_token_id=8), None),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=1), None),
+}
+
+
+def save_kind(name: str, path: Path, dtype=torch.float32, **overrides):
+    """KINDS[name] saved to `path`, and the model as transformers reads it back from there."""
+    arch, kwargs, old_form = KINDS[name]
+    save_hf_model(make_hf_model(arch, dtype=dtype, **{**kwargs, **overrides}), path)
+    if old_form is not None:
+        import json
+        d = json.loads((path / "config.json").read_text())
+        rope = d.pop("rope_parameters")
+        d["rope_theta"] = rope.pop("rope_theta")
+        d["rope_scaling"] = {old_form: rope.pop("rope_type"), **rope}
+        (path / "config.json").write_text(json.dumps(d, indent=2))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    return model.eval(), path
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:

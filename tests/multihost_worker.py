@@ -20,4 +20,5 @@ cfg = train_config_from_dict(json.loads(open(config_path).read()))
 trainer = Trainer(cfg)
 assert jax.process_count() == n and len(jax.devices()) == 2 * n and len(jax.local_devices()) == 2
 record = trainer.run()
-print(json.dumps({"process": i, "loss": record["loss"], "local_rows": len(trainer.batches.rows(0))}))
+print(json.dumps({"process": i, "loss": record.get("loss"), "step": int(trainer.state["step"]),
+                  "local_rows": len(trainer.batches.rows(0))}), flush=True)

@@ -73,3 +73,35 @@ def test_replaced_width_or_heads_recompute_an_implied_head_dim(tmp_path):
         assert hf.config_from_hf(hf.config_to_hf(c, "llama")) == c  # HF's config.json says 16 either way
     with pytest.raises(ConfigError, match="hidden_size 96 is not divisible by model.num_heads 5"):
         tiny.replace(hidden_size=96, num_heads=5, num_kv_heads=1)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+def test_rope_scaling_and_biases_round_trip_through_json_yaml_and_config_json(tmp_path):
+    c = solarjax.preset("tiny").replace(rope_scaling=LLAMA3, qkv_bias=True, initializer_range=0.01)
+    assert c.rope == LLAMA3 and c.to_dict()["rope_scaling"] == LLAMA3
+    c.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == c and hash(ModelConfig.load(tmp_path / "c.json")) == hash(c)
+    from solarjax.config import train_config_from_dict
+    cfg = train_config_from_dict({"model": {"preset": "tiny", "rope_scaling": LLAMA3}})  # as YAML gives it
+    assert cfg.model.rope_scaling == c.rope_scaling and cfg.to_dict()["model"]["rope_scaling"] == LLAMA3
+    assert hf.config_from_hf(hf.config_to_hf(c, "qwen2")) == c
+    plain = solarjax.preset("tiny").replace(rope_scaling={"rope_type": "dynamic", "factor": 2})
+    assert hf.config_from_hf(hf.config_to_hf(plain, "mistral")) == plain
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "longrope", "factor": 2.0}, "model.rope_scaling.rope_type 'longrope' is not supported"),
+    ({"factor": 2.0}, "model.rope_scaling.rope_type None is not supported"),
+    ({"rope_type": "yarn", "factor": 2.0}, "rope_type 'yarn' needs key 'original_max_position_embeddings'"),
+    ({**LLAMA3, "beta_fast": 32}, "key 'beta_fast' is not used by rope_type 'llama3'"),
+    ({"rope_type": "linear", "factor": "big"}, "model.rope_scaling.factor must be a number, got 'big'"),
+    ({"rope_type": "linear", "factor": 0}, "model.rope_scaling.factor must be > 0, got 0"),
+    ({**LLAMA3, "original_max_position_embeddings": 8192.5}, "original_max_position_embeddings must be a positive"),
+    ("llama3", "model.rope_scaling must be a mapping"),
+])
+def test_bad_rope_scaling_is_named(scaling, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        solarjax.preset("tiny").replace(rope_scaling=scaling)

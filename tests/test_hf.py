@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import solarjax
 from solarjax import convert, hf
 from solarjax.tensorfile import SafetensorsFile
-from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
+from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 
 def _hf_tensors(path):
@@ -88,6 +88,40 @@ def test_llama_round_trip_and_solar_form_from_mistral(tmp_path):
     np.testing.assert_allclose(hf_logits(as_llama, tokens), hf_logits(mistral, tokens), atol=1e-5)
 
 
+def _hf_config(path) -> dict:
+    """config.json as transformers reads it (either RoPE form becomes rope_parameters)."""
+    d = transformers.AutoConfig.from_pretrained(path).to_dict()
+    d.pop("_name_or_path")
+    d["rope_parameters"].pop("type", None)  # transformers keeps this alias when it read rope_scaling {"type": ...}
+    return d
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_model_kind_round_trips_bit_exact_with_its_config(kind, tmp_path, capsys):
+    """HF -> solarjax -> HF with no options: the same tensors bit for bit and every config field
+    transformers reads (architecture, RoPE scaling, tie_word_embeddings, dtype, bos/eos/pad ids,
+    initializer_range ...), except Qwen2's max_window_layers, which is inert when nothing slides
+    and is written as the depth. The Qwen2 model is bfloat16 and stays so without --dtype."""
+    dtype = torch.bfloat16 if kind == "qwen2-tied" else torch.float32
+    _, src = save_kind(kind, tmp_path / "hf", dtype=dtype)
+    for argv in (["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"],
+                 ["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back"]):
+        code, err = _run(argv, capsys)
+        assert code == 0, err
+    want, got = _hf_tensors(src), _hf_tensors(tmp_path / "back")
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == dtype and torch.equal(got[name], tensor), name
+    assert ("model.layers.1.self_attn.v_proj.bias" in want) == (kind == "qwen2-tied")
+    theirs, ours = _hf_config(src), _hf_config(tmp_path / "back")
+    if kind == "qwen2-tied":
+        assert theirs.pop("max_window_layers") == 28 and ours.pop("max_window_layers") == 2
+    assert ours == theirs
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert theirs["dtype"] == written["dtype"] == str(dtype).removeprefix("torch.")
+    assert written["architectures"] == ["Qwen2ForCausalLM" if kind == "qwen2-tied" else "LlamaForCausalLM"]
+
+
 def test_reads_pytorch_model_bin(tmp_path):
     model = make_hf_model("llama", dtype=torch.bfloat16)
     src = save_hf_model(model, tmp_path / "hf")
@@ -150,9 +184,28 @@ def test_error_unknown_architecture(tiny_hf, tmp_path, capsys):
     _expect_error(tiny_hf, tmp_path, capsys, "architectures", "GPT2LMHeadModel", "MistralForCausalLM")
 
 
-def test_error_rope_scaling(tiny_hf, tmp_path, capsys):
-    _edit_config(tiny_hf, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    _expect_error(tiny_hf, tmp_path, capsys, "rope_scaling", "'linear'")
+@pytest.mark.parametrize("changes, patterns", [
+    # Phi-3's longrope, in either config form
+    (dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                           "original_max_position_embeddings": 64, "rope_theta": 1e4}),
+     ["rope_parameters of type 'longrope' is not supported", "'llama3'"]),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     ["rope_scaling of type 'longrope' is not supported"]),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
+     ["rope_type 'llama3' needs key 'low_freq_factor'"]),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "mscale": 1.0}),
+     ["key 'mscale' is not used by rope_type 'linear'"]),
+    (dict(partial_rotary_factor=0.5), ["partial_rotary_factor=0.5 is not supported"]),
+    (dict(architectures=["Gemma2ForCausalLM"]), ["architectures ['Gemma2ForCausalLM'] is not supported",
+                                                 "Qwen2ForCausalLM"]),
+    (dict(architectures=["MixtralForCausalLM"]), ["architectures ['MixtralForCausalLM'] is not supported"]),
+    (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     ["use_sliding_window=True with sliding_window=16, max_window_layers=1 gives layers [1]", "Qwen2"]),
+    (dict(attention_bias=True), ["attention_bias=True is not supported"]),
+])
+def test_error_unsupported_models_name_the_key(tiny_hf, tmp_path, capsys, changes, patterns):
+    _edit_config(tiny_hf, **changes)
+    _expect_error(tiny_hf, tmp_path, capsys, *patterns)
 
 
 def test_error_missing_tensor(tiny_hf, tmp_path, capsys):
@@ -299,7 +352,7 @@ def test_special_ids_survive_conversion_and_upscaling(tmp_path, capsys):
     make_bpe_tokenizer(src)
     code, err = _run(["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "ckpt" / "special_ids.json").read_text()) == ids
+    assert json.loads((tmp_path / "ckpt" / "special_ids.json").read_text()) == {**ids, "dtype": "float32"}
     code, err = _run(["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back"], capsys)
     assert code == 0, err
     code, err = _run(["upscale", "--hf", src, "--out", tmp_path / "up", "--layers", "0:2,0:2"], capsys)
@@ -309,3 +362,18 @@ def test_special_ids_survive_conversion_and_upscaling(tmp_path, capsys):
         assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (300, [301, 304], 305), out
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             assert (out / name).read_bytes() == (src / name).read_bytes(), (out, name)
+
+
+def test_export_refuses_forms_that_are_not_the_same_model():
+    """--arch chooses only between equivalent forms: Qwen2's biases have no Llama/Mistral form, and
+    the SOLAR form's capped max_position_embeddings would change dynamic RoPE."""
+    qwen2 = solarjax.preset("tiny").replace(qkv_bias=True)
+    assert hf.default_arch(qwen2) == "qwen2"
+    with pytest.raises(hf.ConversionError, match="--arch llama: the model has q/k/v biases, which only Qwen2 has"):
+        hf.config_to_hf(qwen2, "llama")
+    with pytest.raises(hf.ConversionError, match="--arch qwen2: the model has no q/k/v biases"):
+        hf.config_to_hf(solarjax.preset("tiny"), "qwen2")
+    windowed = solarjax.preset("tiny").replace(sliding_window=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(hf.ConversionError, match="a sliding window with dynamic RoPE scaling has no llama form"):
+        hf.config_to_hf(windowed, "llama")
+    assert hf.config_from_hf(hf.config_to_hf(windowed, "mistral")) == windowed

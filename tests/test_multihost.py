@@ -3,9 +3,11 @@ process, a (data 1, fsdp 4, tensor 1) mesh across both. Each process builds only
 result, and the samples logged at eval, equal one process training on 4 devices."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -48,3 +50,42 @@ def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
         lines = [json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
         return [r["samples"] for r in lines if "samples" in r]
     assert samples("multi") == samples("single") and len(samples("single")) == 1
+
+
+def _launch(config_path: Path, n: int = 2) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    return [subprocess.Popen([sys.executable, str(WORKER), str(config_path), coordinator, str(n), str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def _finish(procs) -> list[dict]:
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, corpus):  # noqa: F811
+    """A preemption notice reaches one host only: every process must save the same step and exit,
+    not wait forever in a collective the other has left; the rerun then ends where one
+    uninterrupted run does."""
+    over = {"steps": 30, "eval_every": 0, "log_every": 1, "checkpoint_every": 100, "mesh.fsdp": 4}
+    cfg = _config(tmp_path / "multi", corpus, **over)
+    (tmp_path / "multi.json").write_text(json.dumps(cfg.to_dict()))
+    procs = _launch(tmp_path / "multi.json")
+    metrics = tmp_path / "multi" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = _finish(procs)
+    steps = {r["step"] for r in stopped}
+    assert len(steps) == 1 and 3 <= steps.pop() < 30, stopped
+    step = stopped[0]["step"]
+    assert (tmp_path / "multi" / "run" / "checkpoints" / str(step)).is_dir()
+
+    resumed = _finish(_launch(tmp_path / "multi.json"))
+    assert [r["step"] for r in resumed] == [30, 30]
+    single = Trainer(_config(tmp_path / "single", corpus, **over), solarjax.make_mesh(1, 4, 1, jax.devices()[:4]))
+    np.testing.assert_allclose(resumed[0]["loss"], single.run()["loss"], rtol=1e-5)

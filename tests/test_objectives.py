@@ -313,3 +313,35 @@ def test_a_recipe_stage_sets_its_own_objective_and_reference():
         recipe_config_from_dict(d)
     with pytest.raises(ConfigError, match=r"dpo.beta must be > 0, got -1"):
         train_config_from_dict({"model": {"preset": "tiny"}, "dpo": {"beta": -1}})
+
+
+def test_dpo_microbatches_give_the_whole_batch_mean(models):
+    """Pairs averaged over the whole batch, not per group: 4 rows holding unequal numbers of pairs
+    in 2 groups on 2 devices give the loss, rewards and step of the batch at once."""
+    import jax.numpy as jnp
+    from solarjax.config import DPOConfig, OptimConfig
+    from solarjax.objectives import real_pairs_BP
+    from solarjax.optim import make_optimizer, schedule
+    from solarjax.trainer import jit_train_step, new_state
+    d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,
+                                      cache_dir=str(models["root"] / "cache")), model_dir=models["policy"], layout="pairs")
+    batch = data_lib.stack_sequences([d.train.sequence(i) for i in range(4)])
+    per_row = np.asarray(real_pairs_BP(jax.tree.map(jnp.asarray, batch)).sum(1))
+    assert per_row[0::2].sum() != per_row[1::2].sum(), per_row  # the groups (rows r % 2) differ
+    mesh = solarjax.make_mesh(2, 1, 1, jax.devices()[:2])
+    config, params = solarjax.load_model(models["policy"], mesh=mesh)
+    _, reference = solarjax.load_model(models["reference"], mesh=mesh)
+    opt_cfg = OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", eps=1.0)  # see test_optim
+    opt = make_optimizer(opt_cfg, 10)
+    results = {}
+    for k in (1, 2):
+        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=16, microbatches=k, objective="dpo",
+                              options=DPOConfig(beta=0.5))
+        with jax.set_mesh(mesh):
+            state = jax.jit(lambda p: new_state(opt, p))(jax.tree.map(jnp.copy, params))
+            new, metrics = step(state, batch, reference)
+        results[k] = (jax.device_get(metrics), jax.device_get(new["params"]))
+    assert results[1][0]["pairs"] == per_row.sum() == results[2][0]["pairs"]
+    for name in ("loss", "grad_norm", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"):
+        np.testing.assert_allclose(results[2][0][name], results[1][0][name], rtol=1e-5, atol=1e-7, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results[2][1], results[1][1])

@@ -1,5 +1,6 @@
 """The optimizer's rules, each against its formula: the schedule at its corners, weight decay on
-exactly the weights that are not norm scales, and the loss mask on document boundaries and padding."""
+exactly the weights that are not norm scales, the loss mask on document boundaries and padding,
+and gradient accumulation against the whole batch."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import optax
 import solarjax
 from solarjax.config import OptimConfig
 from solarjax.optim import make_optimizer, schedule
-from solarjax.trainer import loss_and_count
+from solarjax.trainer import jit_train_step, loss_and_count, new_state
 
 
 def test_schedule_corners():
@@ -56,3 +57,36 @@ def test_loss_ignores_targets_across_documents_and_on_padding():
     expected = -(logp[0, 6] + logp[1, 7] + logp[3, 9]) / 3
     assert int(count) == 3
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_microbatches_give_the_whole_batch_mean_loss_and_step():
+    """Gradient accumulation: 4 rows with different numbers of targets (so a mean of the groups'
+    means would be wrong), in 2 groups on a 2-device data mesh, give the same loss, gradient
+    norm and updated weights as the whole batch at once; the whole batch's gradient is jax.grad of
+    the mean loss over all targets."""
+    config = solarjax.preset("tiny")
+    params = solarjax.init_params(config, jax.random.key(2))
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(1, config.vocab_size, (4, 8)).astype(np.int32)
+    segments = np.array([[1] * 8, [1] * 3 + [0] * 5, [1] * 5 + [2] * 3, [1] * 2 + [0] * 6], np.int32)
+    positions = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2],
+                          [0, 1, 0, 0, 0, 0, 0, 0]], np.int32)
+    batch = {"tokens": tokens, "segment_ids": segments, "positions": positions}
+    # eps 1: AdamW's first step is ~lr * g, linear in the gradient, where eps 1e-8 makes it lr * sign(g)
+    # and rounding-level gradients would decide the comparison.
+    opt_cfg = OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", eps=1.0)
+    opt = make_optimizer(opt_cfg, 10)
+    mesh = solarjax.make_mesh(2, 1, 1, jax.devices()[:2])
+    expected_grads = jax.grad(lambda p: loss_and_count(config, p, jax.tree.map(jnp.asarray, batch))[0])(params)
+    results = {}
+    for k in (1, 2):
+        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=4, microbatches=k)
+        with jax.set_mesh(mesh):
+            state = jax.jit(lambda p: new_state(opt, p))(jax.tree.map(jnp.copy, params))
+            new, metrics = step(state, batch)
+        results[k] = (jax.device_get(metrics), jax.device_get(new["params"]))
+    np.testing.assert_allclose(results[1][0]["grad_norm"], float(optax.global_norm(expected_grads)), rtol=1e-5)
+    for k in (2,):
+        for name in ("loss", "grad_norm", "tokens"):
+            np.testing.assert_allclose(results[k][0][name], results[1][0][name], rtol=1e-5, err_msg=f"{k}: {name}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results[k][1], results[1][1])

@@ -14,7 +14,7 @@ from solarjax import sample
 from solarjax.model import Decoder, abstract_params, decode_params, init_cache
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
-from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model, tokenizer_file
+from hf_models import KINDS, make_bpe_tokenizer, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 PROMPT_LENGTHS = (5, 11, 8)
 NEW = 12
@@ -45,6 +45,20 @@ def test_greedy_matches_transformers_generate(arch, overrides, tmp_path):
     # The batch does not change any prompt's output.
     alone = sample.generate(config, params, prompts[1:2], Sampling(max_new_tokens=NEW), eos_ids=2)
     assert alone[0]["token_ids"] == ours[1]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_greedy_matches_transformers_generate_for_each_model_kind(kind, tmp_path):
+    """Token for token, with positions running to 111: past original_max_position_embeddings (llama3:
+    32, yarn: 64) and, for dynamic NTK, past max_position_embeddings (64) from the prompt on (its
+    base grows with the length; each new key gets the frequencies of its own step in both)."""
+    hf_model, path = save_kind(kind, tmp_path / "hf")
+    config, params = solarjax.load_model(path)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (100, 70)]
+    hf_model.generation_config.eos_token_id = None  # no stop: the first row's positions reach 100 + 12 - 1
+    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))]
+    assert ours == _hf_greedy(hf_model, prompts, NEW, eos=None) and len(ours[0]) == NEW
 
 
 @pytest.mark.parametrize("decode_layout", [False, True])

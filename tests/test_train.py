@@ -17,7 +17,7 @@ import solarjax
 from solarjax import sample
 from solarjax.config import ConfigError, RecipeConfig, load_job, load_train_config, train_config_from_dict
 from solarjax.trainer import NonFiniteLossError, Trainer
-from hf_models import make_hf_model, save_hf_model
+from hf_models import hf_logits, make_hf_model, save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"preset": "tiny", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
@@ -227,6 +227,30 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     assert samples[0]["samples"][0]["prompt"] == "alpha beta"
 
 
+def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
+    """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and
+    final/ exports as a Qwen2 that transformers runs to our logits."""
+    import transformers
+    from hf_models import make_bpe_tokenizer
+    hf_dir = save_hf_model(make_hf_model("qwen2", vocab_size=320, tie_word_embeddings=True), tmp_path / "hf")
+    make_bpe_tokenizer(hf_dir)
+    d = _config(tmp_path, corpus, steps=2, eval_every=0).to_dict()
+    d.pop("model")
+    d["init"] = {"from": str(hf_dir)}
+    trainer = Trainer(train_config_from_dict(d), _one_device_mesh())
+    assert trainer.model_config.qkv_bias and trainer.model_config.tie_word_embeddings
+    before = np.asarray(trainer.state["params"]["layers"]["self_attn"]["q_bias"])
+    assert np.isfinite(trainer.run()["loss"])
+    config, params = solarjax.load_model(tmp_path / "run" / "final")
+    assert np.abs(np.asarray(params["layers"]["self_attn"]["q_bias"]) - before).min() > 0
+    solarjax.save_hf(config, params, tmp_path / "export", tokenizer_dir=tmp_path / "run" / "final")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
+    assert type(theirs).__name__ == "Qwen2ForCausalLM" and theirs.config.tie_word_embeddings
+    tokens = np.random.RandomState(0).randint(0, 320, (1, 16))
+    ours = np.asarray(solarjax.logits(config, params, tokens))
+    assert np.abs(ours - hf_logits(theirs.eval(), tokens)).max() <= 1e-5
+
+
 def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus):
     """Resumed at step 6 of 10 with steps=20, the cosine goes on from the rate it had reached and
     decays to the same floor at 20 (it used to jump to where a 20-step schedule would have been)."""
@@ -289,6 +313,21 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
     assert steps == [2, 4, 6, 8]
 
 
+def test_a_stop_between_a_checkpoint_and_its_eval_evaluates_on_resume(tmp_path, corpus):
+    """The checkpoint of an eval step is saved before the eval runs; a crash in between leaves the
+    checkpoint without the eval, and the resumed run must make it up, not skip it."""
+    Trainer(_config(tmp_path / "a", corpus), _one_device_mesh()).run()
+    Trainer(_config(tmp_path / "b", corpus), _one_device_mesh()).run(until=4)
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines if not ('"eval_loss"' in line and '"step": 4' in line)))
+    Trainer(_config(tmp_path / "b", corpus), _one_device_mesh()).run()
+    evals = {run: [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / run / "run" / "metrics.jsonl")
+                                                           .read_text().splitlines()) if "eval_loss" in r]
+             for run in ("a", "b")}
+    assert [step for step, _ in evals["a"]] == [0, 4, 8] and evals["b"] == evals["a"]
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, capsys):
     """The newest checkpoint's biggest file is truncated (a crash or a full disk mid-write): resume
     warns naming it, moves it aside, continues from the one before and ends where an undamaged run
@@ -319,3 +358,27 @@ def test_low_precision_parameters_are_refused_for_training(tmp_path, corpus):
     the fix (float32 parameters, bfloat16 compute)."""
     with pytest.raises(ConfigError, match=r"model.param_dtype bfloat16 is refused for training.*model.dtype: bfloat16"):
         Trainer(_config(tmp_path, corpus, **{"model.param_dtype": "bfloat16"}), _one_device_mesh())
+
+
+def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
+    """eval_tasks: the first and last evals carry the task's metrics, and the last ones are what
+    solarjax.evaluate gives for the final parameters."""
+    from solarjax import evaluate as evaluate_lib
+    from solarjax.checkpoint import load_params
+
+    task = tmp_path / "pets.jsonl"
+    task.write_text("".join(json.dumps({"context": f"the {a} says", "choices": [" meow", " woof", " moo"], "gold": i % 3})
+                            + "\n" for i, a in enumerate(["cat", "dog", "cow", "bird", "fish", "ant"])))
+    cfg = _config(tmp_path, corpus, steps=4, eval_every=4, eval_tasks=[str(task)])
+    mesh = solarjax.make_mesh(1, 1, 1, jax.devices()[:1])
+    trainer = Trainer(cfg, mesh)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "task/pets/acc" in r}
+    assert sorted(scored) == [0, 4] and "eval_loss" in scored[4]
+    config, params = load_params(tmp_path / "run" / "final")
+    expected = evaluate_lib.evaluate(config, params, trainer.data.tokenizer, evaluate_lib.load_task(str(task)), mesh)
+    for metric in ("acc", "acc_norm"):
+        assert scored[4][f"task/pets/{metric}"] == pytest.approx(expected["results"]["pets"][metric])
+    with pytest.raises(ConfigError, match="eval_tasks: .*nope.jsonl"):
+        Trainer(_config(tmp_path / "bad", corpus, eval_tasks=[str(tmp_path / "nope.jsonl")]), mesh)

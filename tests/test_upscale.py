@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import solarjax
 from solarjax import convert, hf, upscale
 from solarjax.upscale import UpscaleError, UpscaleSpec
-from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
+from hf_models import hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 
 def _hf_tensors(path):
@@ -26,7 +26,9 @@ def _hf_tensors(path):
 
 def _mergekit_passthrough(base: dict, slices) -> dict:
     """What mergekit's passthrough merge writes for these slices, built from its documented
-    semantics (not from solarjax): non-layer tensors copied, output layers numbered in order."""
+    semantics (not from solarjax): non-layer tensors copied, output layers numbered in order, each
+    with every tensor of its base layer: weights, and Qwen2's q/k/v biases, which mergekit's
+    qwen2.json lists among each layer's tensors. A tied lm_head is absent and stays so."""
     out = {k: v for k, v in base.items() if not k.startswith("model.layers.")}
     j = 0
     for start, end in slices:
@@ -107,6 +109,35 @@ def test_streaming_plan_as_llama_loads_in_transformers(base8, tmp_path):
     config, params = solarjax.load_model(base8, upscale=UpscaleSpec(layers="0:5,3:8"))
     tokens = np.random.RandomState(0).randint(0, 128, (2, 8))
     assert np.abs(np.asarray(solarjax.logits(config, params, tokens)) - hf_logits(grown, tokens)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2-tied"])
+def test_dus_of_llama3_and_qwen2_equals_mergekit_and_keeps_the_model_kind(kind, tmp_path, capsys):
+    """A Llama 3 (llama3 RoPE scaling) and a Qwen2 (q/k/v biases, tied embeddings), grown 4 -> 6
+    layers: streaming and the param tree write mergekit's tensors, biases following their layers;
+    the result keeps its architecture, RoPE and ties, and transformers computes what we compute."""
+    _, base = save_kind(kind, tmp_path / "base", num_hidden_layers=4)
+    assert convert.main(["upscale", "--hf", str(base), "--out", str(tmp_path / "stream"), "--n", "4", "--m", "1"]) == 0
+    capsys.readouterr()
+    config, params = solarjax.load_hf(base)
+    grown, new_config = upscale.depth_upscale(params, config, n=4, m=1)
+    hf.save_hf(new_config, grown, tmp_path / "tree", tokenizer_dir=base)
+    expected = _mergekit_passthrough(_hf_tensors(base), [(0, 3), (1, 4)])
+    assert ("model.layers.5.self_attn.q_proj.bias" in expected) == (kind == "qwen2-tied")
+    stream, tree = _hf_tensors(tmp_path / "stream"), _hf_tensors(tmp_path / "tree")
+    assert stream.keys() == tree.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(stream[name], expected[name]) and torch.equal(tree[name], expected[name]), name
+    base_config = json.loads((base / "config.json").read_text())
+    for out in ("stream", "tree"):
+        d = json.loads((tmp_path / out / "config.json").read_text())
+        assert d["num_hidden_layers"] == 6 and d["architectures"] == base_config["architectures"], out
+        assert d["rope_parameters"] == base_config["rope_parameters"], out
+        assert d["tie_word_embeddings"] == base_config["tie_word_embeddings"], out
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream", attn_implementation="eager")
+    tokens = np.random.RandomState(0).randint(0, 128, (2, 40))  # past llama3's original 32 positions
+    ours = np.asarray(solarjax.logits(new_config, grown, tokens))
+    assert np.abs(ours - hf_logits(theirs.eval(), tokens)).max() <= 1e-5
 
 
 def test_loader_places_grown_model_in_shards(base8, tmp_path):

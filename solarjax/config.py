@@ -201,6 +201,7 @@ class DataConfig:
     seed: int = 0
     add_bos: bool | None = None  # None: as the tokenizer does (tokenizer.json's post-processor / add_bos_token)
     add_eos: bool = True
+    chat_template: str | None = None  # a jinja file for sft/dpo records, over the tokenizer's own template
 
     def __post_init__(self):
         for name in ("sources", "validation"):
@@ -276,12 +277,25 @@ class InitConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (objective: dpo, solarjax/objectives.py)."""
+    beta: float = 0.1  # reward = beta * (log p_policy - log p_reference) of a response
+    reference: str | None = None  # HF dir or solarjax checkpoint (in a recipe: a stage); None: the initial policy
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig | None  # None: taken from init.from
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     init: InitConfig = InitConfig()
+    objective: str = "lm"  # lm (next token) | sft (assistant tokens) | dpo (preference pairs): objectives.py
+    dpo: DPOConfig = DPOConfig()
     run_dir: str = "runs/demo"
     steps: int = 100
     global_batch: int = 8
@@ -331,6 +345,9 @@ class TrainConfig:
             raise ConfigError(f"eval_tasks_limit must be null or a positive integer, got {self.eval_tasks_limit!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
+        from solarjax.objectives import OBJECTIVES  # here, not above: objectives imports this module
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -364,7 +381,7 @@ def _build(cls, d, where: str):
 
 def train_config_from_dict(d: dict) -> TrainConfig:
     d = dict(d or {})
-    sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
+    sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "dpo": DPOConfig}
     kwargs = {name: _build(cls, d.pop(name) or {}, name) for name, cls in sections.items() if name in d}
     init = dict(d.pop("init", None) or {})
     if "from" in init:
@@ -494,6 +511,11 @@ def recipe_config_from_dict(d: dict) -> RecipeConfig:
                               f"(order: {', '.join(stages)})")
         if from_stage is not None:
             init["from"] = str(Path(run_dir) / from_stage / "final")
+        reference = (merged.get("dpo") or {}).get("reference")
+        if reference in list(stages)[len(built):]:
+            raise ConfigError(f"{where}.dpo.reference: stage {reference!r} does not run before {name!r}")
+        if reference in earlier:  # a stage's final parameters, like init.from
+            merged["dpo"] = {**merged["dpo"], "reference": str(Path(run_dir) / reference / "final")}
         if init.get("from") is not None:  # the model comes from there: keep only how it runs
             model = merged.get("model") or {}
             merged["model"] = {k: v for k, v in model.items() if k in TrainConfig.RUNTIME_MODEL_KEYS}

@@ -102,7 +102,7 @@ def resolve_sources(sources: tuple[str, ...]) -> list[Source]:
     return [Source("files", fmt, tuple(paths)) for fmt, paths in sorted(by_format.items())] + out
 
 
-def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig) -> str:
+def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig, layout: str = "text") -> str:
     h = hashlib.sha256()
     for s in sources:
         h.update(json.dumps([s.kind, s.format]).encode())
@@ -117,6 +117,8 @@ def fingerprint(sources: list[Source], tokenizer: Tokenizer, cfg: DataConfig) ->
     h.update(tokenizer.fingerprint().encode())
     # The cache format version; 2: documents with U+FFFD are kept (1 dropped them as not UTF-8).
     h.update(json.dumps([cfg.text_field, cfg.add_bos, cfg.add_eos, 2]).encode())
+    if layout != "text":  # rendered records: their layout and its version (1); text caches keep their names
+        h.update(json.dumps([layout, 1]).encode())
     return h.hexdigest()[:20]
 
 
@@ -135,11 +137,15 @@ def _utf8_files(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
-def _load(source: Source, text_field: str, hf_cache: Path):
+def _load(source: Source, text_field: str | None, hf_cache: Path):
     """(dataset of one text column or None when no file is left, text files skipped as not UTF-8).
-    json/csv/parquet/saved/hub text arrives decoded: nothing there is skipped for its characters."""
+    json/csv/parquet/saved/hub text arrives decoded: nothing there is skipped for its characters.
+    text_field None: records (sft, dpo), every column as it is."""
     import datasets
     not_utf8: list[str] = []
+    if text_field is None and source.format in ("text", "csv"):
+        raise DataError(f"{', '.join(source.paths[:3])}: {source.format} files hold no records; sft and dpo "
+                        f"data are json/jsonl/parquet records, saved datasets or hub datasets")
     try:
         if source.kind == "files":
             paths, kwargs = list(source.paths), {}
@@ -160,6 +166,8 @@ def _load(source: Source, text_field: str, hf_cache: Path):
         raise
     except Exception as e:  # datasets/pyarrow raise many types; name the source either way
         raise DataError(f"{', '.join(source.paths[:3])}: cannot load ({type(e).__name__}: {e})") from None
+    if text_field is None:
+        return ds, not_utf8
     if source.format != "text" and text_field not in ds.column_names:
         raise DataError(f"{', '.join(source.paths[:3])}: no text field {text_field!r}; columns are "
                         f"{ds.column_names} (set data.text_field)")
@@ -168,6 +176,18 @@ def _load(source: Source, text_field: str, hf_cache: Path):
     ds = ds.select_columns([text_field])
     # Loaders disagree on string vs large_string; one type lets sources be concatenated.
     return ds.cast(datasets.Features({text_field: datasets.Value("large_string")})), not_utf8
+
+
+def _fork_is_safe() -> bool:
+    """datasets.map forks its workers, which is unsafe once JAX has started its backend threads
+    (a recipe's later stage with new data): then this process tokenizes alone."""
+    if "jax" not in sys.modules:
+        return True
+    try:
+        from jax._src import xla_bridge
+        return not xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a private API: when it moves, keep the workers
+        return True
 
 
 class _Tokenize:
@@ -195,7 +215,8 @@ class _Tokenize:
 
 
 class TokenCache:
-    """tokens.bin (flat uint16/uint32 ids, memory-mapped) + offsets.npy (document starts, n_docs + 1)."""
+    """tokens.bin (flat uint16/uint32 ids, memory-mapped) + offsets.npy (document starts, n_docs + 1);
+    rendered records (sft, dpo) add mask.bin (uint8 per token: 1 where the loss learns the token)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -204,6 +225,9 @@ class TokenCache:
         n = int(self.offsets[-1])
         self.tokens = (np.memmap(self.path / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
                        if n else np.zeros(0, self.meta["dtype"]))
+        self.mask = None
+        if (self.path / "mask.bin").is_file():
+            self.mask = np.memmap(self.path / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
 
     @property
     def n_docs(self) -> int:
@@ -217,28 +241,49 @@ class TokenCache:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
 
-def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer) -> TokenCache:
-    """Tokenizes `sources` into the cache, or returns the existing cache for the same inputs."""
+def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer, layout: str = "text") -> TokenCache:
+    """Tokenizes `sources` into the cache, or returns the existing cache for the same inputs.
+    layout "text": documents of cfg.text_field; "sft" / "pairs": records rendered by the chat
+    template with their loss masks (solarjax.records; a pair is two documents, chosen then rejected)."""
     resolved = resolve_sources(sources)
+    if layout != "text":  # file by file: files of one format may hold different record layouts (columns)
+        resolved = [Source(s.kind, s.format, (p,)) for s in resolved for p in s.paths]
     root = Path(os.path.expanduser(cfg.cache_dir))
-    path = root / fingerprint(resolved, tokenizer, cfg)
+    path = root / fingerprint(resolved, tokenizer, cfg, layout)
     if (path / "meta.json").is_file():
         return TokenCache(path)
     import datasets
     # datasets' own arrow caches go beside ours, so one cache_dir holds (and frees) everything.
-    loaded = [_load(s, cfg.text_field, root / "hf") for s in resolved]
+    loaded = [_load(s, cfg.text_field if layout == "text" else None, root / "hf") for s in resolved]
     not_utf8 = [f for _, bad in loaded for f in bad]
     counts = {"empty": 0, "not_utf8": len(not_utf8)}
     parts = [ds for ds, _ in loaded if ds is not None]
+    what = ', '.join(sources) or ('the built-in corpus' if layout == "text" else 'the built-in records')
     if not parts:
-        raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text (0 empty, "
+        raise DataError(f"{what}: no document has any text (0 empty, "
                         f"{len(not_utf8)} not UTF-8: {', '.join(not_utf8[:3])})")
-    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if len(ds) == 0:
-        raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: the dataset is empty")
-    mapped = ds.map(_Tokenize(str(tokenizer.source), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
-                    batch_size=64, num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
-                    remove_columns=ds.column_names, desc="tokenizing")
+    workers = cfg.num_proc if cfg.num_proc > 1 and _fork_is_safe() else 1
+    if layout == "text":
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if len(ds) == 0:
+            raise DataError(f"{what}: the dataset is empty")
+        mapped = ds.map(_Tokenize(str(tokenizer.source), cfg.text_field, cfg.add_bos, cfg.add_eos), batched=True,
+                        batch_size=64, num_proc=min(workers, len(ds)) if workers > 1 else None,
+                        remove_columns=ds.column_names, desc="tokenizing")
+    else:
+        from solarjax.records import Render
+        if not tokenizer.chat_template:
+            raise DataError(f"{what}: {layout} records are rendered by a chat template, and tokenizer "
+                            f"{tokenizer.source} has none; set data.chat_template to a jinja file")
+        counts["no_target"] = 0
+        # Each source on its own: sources may hold different layouts (different columns).
+        mapped = datasets.concatenate_datasets([
+            ds.map(Render(layout, tokenizer, ", ".join(src.paths[:2])), batched=True, batch_size=64, with_indices=True,
+                   num_proc=min(workers, len(ds)) if workers > 1 and len(ds) > 1 else None,
+                   remove_columns=ds.column_names, desc="rendering records")
+            for src, ds in zip(resolved, parts) if len(ds)])
+        if len(mapped) == 0:
+            raise DataError(f"{what}: the dataset is empty")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     # Every host of a pod may build the same cache at once in a shared cache_dir, and pids repeat
     # across hosts: the temporary name is unique, and only its owner ever deletes it.
@@ -246,23 +291,32 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer)
     tmp.mkdir(parents=True)
     try:
         offsets = [0]
+        masks = open(tmp / "mask.bin", "wb") if layout != "text" else None
         with open(tmp / "tokens.bin", "wb") as f:
             for batch in tqdm(mapped.iter(batch_size=1024), total=math.ceil(len(mapped) / 1024),
                               desc="writing token cache", unit="batch", disable=None):
-                for ids, status in zip(batch["ids"], batch["status"]):
-                    if status:
-                        counts["empty"] += 1
+                for i, (ids, status) in enumerate(zip(batch["ids"], batch["status"])):
+                    if status:  # a record's rows share its status, so a pair is kept or skipped whole
+                        counts["empty" if status == 1 else "no_target"] += 1
                         continue
                     f.write(np.asarray(ids, dtype).tobytes())
+                    if masks is not None:
+                        masks.write(np.asarray(batch["mask"][i], np.uint8).tobytes())
                     offsets.append(offsets[-1] + len(ids))
+        if masks is not None:
+            masks.close()
         if len(offsets) == 1:
-            raise DataError(f"{', '.join(sources) or 'the built-in corpus'}: no document has any text "
-                            f"({counts['empty']} empty, {counts['not_utf8']} not UTF-8)")
+            raise DataError(f"{what}: no document has any text ({counts['empty']} empty, "
+                            f"{counts['not_utf8']} not UTF-8, {counts.get('no_target', 0)} with nothing to learn)")
+        if counts.get("no_target"):
+            print(f"warning: {what}: skipped {counts['no_target']} rows with nothing to learn (no assistant "
+                  f"message, or an empty response)", file=sys.stderr)
         if not_utf8:
             print(f"warning: skipped {len(not_utf8)} documents with bytes that are not UTF-8: "
                   f"{', '.join(not_utf8[:3])}{', ...' if len(not_utf8) > 3 else ''}", file=sys.stderr)
         np.save(tmp / "offsets.npy", np.asarray(offsets, np.int64))
         meta = {"sources": [s.paths[:20] for s in resolved], "tokenizer": str(tokenizer.source), "dtype": dtype,
+                "layout": layout,
                 "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
@@ -359,43 +413,144 @@ class Batches:
 
 
 def stack_sequences(seqs) -> dict[str, np.ndarray]:
-    """(tokens, segment_ids, positions) per row -> the batch dict, each [rows, seq_len] int32."""
+    """(tokens, segment_ids, positions) per row, or a dict per row (PackedExamples) -> the batch
+    dict, each [rows, seq_len] int32."""
+    if isinstance(seqs[0], dict):
+        return {k: np.stack([s[k] for s in seqs]) for k in seqs[0]}
     return {"tokens": np.stack([s[0] for s in seqs]), "segment_ids": np.stack([s[1] for s in seqs]),
             "positions": np.stack([s[2] for s in seqs])}
+
+
+class PackedExamples:
+    """Rendered records (sft examples, or dpo pairs: chosen then rejected) packed whole into rows
+    of seq_len: an example (a pair) is never split across rows. Each example has its own segment
+    id (1, 2, ... in its row, so a pair's chosen is an odd segment and its rejected the next even
+    one) and positions from 0; the rest of a row is padding (segment 0). `loss_mask` marks the
+    tokens the loss learns.
+
+    Packing is first-fit over a window of open rows, in cache order: deterministic, so every
+    process and every resume sees the same rows. An example longer than seq_len keeps its first
+    seq_len tokens; a pair longer than seq_len is cut to fit, the longer side first, neither below
+    seq_len // 2. Both are counted in `truncated`; one with no token left to learn is dropped
+    (`dropped`)."""
+
+    WINDOW = 64  # open rows a new example may go into; more packs tighter and costs more per example
+
+    def __init__(self, cache: TokenCache, units: np.ndarray, seq_len: int, pairs: bool):
+        self.cache, self.seq_len, self.pairs = cache, seq_len, pairs
+        T, per = seq_len, 2 if pairs else 1
+        lengths = np.diff(cache.offsets)
+        self.examples, self.truncated, self.dropped = len(units), 0, 0
+        free = np.full(self.WINDOW, -1, np.int64)  # room left in each open row; -1: no row there
+        open_rows: list[list[tuple[int, int]]] = [[] for _ in range(self.WINDOW)]
+        rows: list[list[tuple[int, int]]] = []
+        for u in np.asarray(units, np.int64):
+            docs = [int(u) * per + k for k in range(per)]
+            keep = self._fit([int(lengths[d]) for d in docs])
+            if keep != [int(lengths[d]) for d in docs]:
+                self.truncated += 1
+                if not all(cache.mask[cache.offsets[d]:cache.offsets[d] + n].any() for d, n in zip(docs, keep)):
+                    self.dropped += 1
+                    continue
+            need = sum(keep)
+            slot = int(np.argmax(free >= need))
+            if free[slot] < need:  # no open row has room: close the fullest, open a new one there
+                slot = int(np.argmin(np.where(free < 0, -1, free)))
+                if free[slot] >= 0:
+                    rows.append(open_rows[slot])
+                open_rows[slot], free[slot] = [], T
+            open_rows[slot] += list(zip(docs, keep))
+            free[slot] -= need
+        rows += [r for r, f in zip(open_rows, free) if f >= 0 and r]
+        self._start = np.cumsum([0] + [len(r) for r in rows])
+        self._items = np.asarray([item for r in rows for item in r], np.int64).reshape(-1, 2)
+        self.n_tokens = int(self._items[:, 1].sum()) if len(self._items) else 0
+
+    def _fit(self, lengths: list[int]) -> list[int]:
+        T = self.seq_len
+        if sum(lengths) <= T:
+            return lengths
+        if len(lengths) == 1:
+            return [T]
+        a, b = lengths
+        half = T // 2
+        if a <= half:
+            return [a, T - a]
+        if b <= half:
+            return [T - b, b]
+        return [half, T - half]
+
+    def __len__(self) -> int:
+        return len(self._start) - 1
+
+    def sequence(self, i: int) -> dict[str, np.ndarray]:
+        """tokens, segment_ids, positions, loss_mask: each [seq_len] int32; segment 0 is padding."""
+        T, c = self.seq_len, self.cache
+        row = {k: np.zeros(T, np.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        at = 0
+        for seg, (doc, n) in enumerate(self._items[self._start[i]:self._start[i + 1]], start=1):
+            a = c.offsets[doc]
+            row["tokens"][at:at + n] = c.tokens[a:a + n]
+            row["loss_mask"][at:at + n] = c.mask[a:a + n]
+            row["segment_ids"][at:at + n] = seg
+            row["positions"][at:at + n] = np.arange(n)
+            at += n
+        return row
+
+    def describe(self) -> str:
+        fill = self.n_tokens / max(1, len(self) * self.seq_len)
+        what = "pairs" if self.pairs else "examples"
+        return (f"{self.examples:,} {what} in {len(self):,} rows of {self.seq_len} ({fill:.0%} filled); "
+                f"{self.truncated:,} longer than seq_len truncated, {self.dropped:,} of them dropped with "
+                f"nothing left to learn")
 
 
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train: PackedSequences
-    validation: PackedSequences | None
+    train: PackedSequences | PackedExamples
+    validation: PackedSequences | PackedExamples | None
 
     def batches(self, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> Batches:
         return Batches(self.train, global_batch, seed, process_index, process_count)
 
 
-def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None) -> Data:
+def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None,
+              layout: str = "text") -> Data:
     """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
-    data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer."""
-    tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir)
+    data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer.
+    layout: "text" (documents cut into windows), "sft" or "pairs" (records packed whole); without
+    sources, records are derived from the built-in corpus (solarjax.records.builtin_records)."""
+    tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
-    cache = build_cache(cfg.sources, cfg, tokenizer)
-    all_docs = np.arange(cache.n_docs)
+    sources = cfg.sources
+    if layout != "text" and not sources:
+        from solarjax.records import write_builtin
+        sources = (str(write_builtin(layout, cfg.cache_dir)),)
+    per = 2 if layout == "pairs" else 1  # documents per unit that is packed and held out whole
+
+    def pack(cache, units):
+        if layout == "text":
+            return PackedSequences(cache, units, cfg.seq_len)
+        return PackedExamples(cache, units, cfg.seq_len, pairs=layout == "pairs")
+
+    cache = build_cache(sources, cfg, tokenizer, layout)
+    all_units = np.arange(cache.n_docs // per)
     validation = None
     if cfg.validation:
-        val_cache = build_cache(cfg.validation, cfg, tokenizer)
-        validation = PackedSequences(val_cache, np.arange(val_cache.n_docs), cfg.seq_len)
-        train_docs = all_docs
+        val_cache = build_cache(cfg.validation, cfg, tokenizer, layout)
+        validation = pack(val_cache, np.arange(val_cache.n_docs // per))
+        train_units = all_units
     elif cfg.validation_fraction:
-        n_val = max(1, round(cfg.validation_fraction * cache.n_docs))
-        if n_val >= cache.n_docs:
-            raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {cache.n_docs} documents "
-                            f"leaves none for training")
-        held_out = np.zeros(cache.n_docs, bool)
-        held_out[np.random.default_rng([cfg.seed, 1]).permutation(cache.n_docs)[:n_val]] = True
-        validation = PackedSequences(cache, all_docs[held_out], cfg.seq_len)
-        train_docs = all_docs[~held_out]
+        n_val = max(1, round(cfg.validation_fraction * len(all_units)))
+        if n_val >= len(all_units):
+            raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {len(all_units)} "
+                            f"{'documents' if layout == 'text' else 'records'} leaves none for training")
+        held_out = np.zeros(len(all_units), bool)
+        held_out[np.random.default_rng([cfg.seed, 1]).permutation(len(all_units))[:n_val]] = True
+        validation = pack(cache, all_units[held_out])
+        train_units = all_units[~held_out]
     else:
-        train_docs = all_docs
-    return Data(tokenizer, PackedSequences(cache, train_docs, cfg.seq_len), validation)
+        train_units = all_units
+    return Data(tokenizer, pack(cache, train_units), validation)

@@ -94,3 +94,25 @@ def chunk_length(seq_len: int, local_batch: int, rows: int) -> int:
         if seq_len % c == 0 and c * max(local_batch, 1) <= rows:
             best = c
     return best
+
+
+def token_logprobs(x_BTD, w_DV, labels_BT, chunk: int):
+    """log softmax(x[b, t] @ W)[labels[b, t]] for every position, float32 [B, T], by chunks.
+
+    For losses that are not a weighted token sum (DPO's per-sequence sums go through a sigmoid), so
+    ordinary autodiff: each chunk is rematerialized in the backward pass, which keeps the logits
+    to one chunk's [B, chunk, V] at a time at the cost of recomputing them once.
+    """
+    B, T, _ = x_BTD.shape
+    if T % chunk:
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {T}")
+
+    @jax.checkpoint
+    def one(x_BcD, labels_Bc):
+        logits_BcV = jnp.matmul(x_BcD, w_DV, preferred_element_type=jnp.float32)
+        picked_Bc = jnp.take_along_axis(logits_BcV, labels_Bc[..., None], -1)[..., 0]
+        return picked_Bc - jax.nn.logsumexp(logits_BcV, -1)
+
+    _, logp_CBc = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None,
+                               (_by_chunk(x_BTD, chunk), _by_chunk(labels_BT, chunk)))
+    return jnp.moveaxis(logp_CBc, 0, 1).reshape(B, T)

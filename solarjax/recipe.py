@@ -98,6 +98,8 @@ def summarize(recipe: RecipeConfig) -> dict:
         flops_per_token = model_flops_per_token(config, cfg.data.seq_len)
         tokens_per_step = _tokens_per_step(cfg)
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        # Every eval metric of the objective (dpo: reward accuracy, margin, ...) at the first and last eval.
+        eval_records = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in records if "eval_loss" in r]
         samples = [r["samples"] for r in records if "samples" in r]
         tasks = {r["step"]: {k.removeprefix("task/"): v for k, v in r.items() if k.startswith("task/")}
                  for r in records if any(k.startswith("task/") for k in r)}
@@ -105,7 +107,7 @@ def summarize(recipe: RecipeConfig) -> dict:
         stages[stage.name] = {
             # an earlier stage's name, a directory's name (init.from a path), or None (from scratch)
             "from": stage.from_stage or (cfg.init.source and Path(cfg.init.source).name),
-            "upscale": cfg.init.upscale, "layers": config.num_layers,
+            "objective": cfg.objective, "upscale": cfg.init.upscale, "layers": config.num_layers,
             "parameters": param_count(config), "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "flops_per_token": flops_per_token, "flops": cfg.steps * tokens_per_step * flops_per_token,
             "eval_loss_at_init": next((loss for step, loss in evals if step == 0), None),
@@ -113,6 +115,7 @@ def summarize(recipe: RecipeConfig) -> dict:
             "eval_curve": [{"step": step, "tokens": step * tokens_per_step,
                             "flops": step * tokens_per_step * flops_per_token, "eval_loss": loss}
                            for step, loss in evals],
+            "eval_first": eval_records[0] if eval_records else {}, "eval_last": eval_records[-1] if eval_records else {},
             "tasks_at_init": tasks.get(0), "tasks_final": tasks.get(cfg.steps),
             "samples": samples[-1] if samples else [], "seconds": done.get("seconds"),
         }
@@ -130,14 +133,21 @@ def summarize(recipe: RecipeConfig) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    rows = [("stage", "from", "layers", "params", "tokens", "model FLOPs", "eval loss at init", "final eval loss")]
+    rows = [("stage", "from", "objective", "layers", "params", "tokens", "model FLOPs", "eval loss at init",
+             "final eval loss")]
     for name, s in summary["stages"].items():
         grown = f"{s['from']} (DUS)" if s["upscale"] else s["from"] or "scratch"
-        rows.append((name, grown, str(s["layers"]), f"{s['parameters'] / 1e6:.2f}M", f"{s['tokens'] / 1e6:.2f}M",
-                     f"{s['flops']:.3g}", _num(s["eval_loss_at_init"]), _num(s["eval_loss_final"])))
+        rows.append((name, grown, s["objective"], str(s["layers"]), f"{s['parameters'] / 1e6:.2f}M",
+                     f"{s['tokens'] / 1e6:.2f}M", f"{s['flops']:.3g}", _num(s["eval_loss_at_init"]),
+                     _num(s["eval_loss_final"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for name, s in summary["stages"].items():  # an objective's own held-out metrics, first -> last eval
+        extra = [k for k in s["eval_last"] if k not in ("eval_loss", "eval_perplexity")]
+        if extra:
+            lines.append(f"{name}: " + ", ".join(f"{k[5:]} {_num(s['eval_first'].get(k))} -> {_num(s['eval_last'][k])}"
+                                                 for k in extra))
     up = summary.get("upscaled_loss_final")
     for key, arm, what in (("base_continued_loss_final", "control", "equal tokens"),
                            ("base_continued_equal_flops_loss_final", "control_equal_flops", "equal model FLOPs")):
@@ -158,13 +168,16 @@ def _num(x) -> str:
 
 
 def plot_curves(summary: dict, path: Path) -> None:
-    """Eval loss of every continued stage against its tokens and its model FLOPs; base's end dashed."""
+    """Eval loss of every continued stage against its tokens and its model FLOPs; base's end dashed.
+    Only lm stages: an sft or dpo loss is another quantity (none: no plot)."""
+    if not any(s["from"] and s["objective"] == "lm" for s in summary["stages"].values()):
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for name, s in summary["stages"].items():
-        if not s["from"]:
+        if not s["from"] or s["objective"] != "lm":
             continue
         for ax, x, unit in zip(axes, ("tokens", "flops"), (1e6, 1e12)):
             points = s["eval_curve"]

@@ -18,6 +18,7 @@ spaces differently ("a  b"), so on such text the two disagree; tests/test_tokeni
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -67,8 +68,9 @@ class Tokenizer:
     preferred, as transformers' fast tokenizers do). Configs are read from the file's directory
     when the file has its standard name."""
 
-    def __init__(self, source: str | Path):
+    def __init__(self, source: str | Path, chat_template: str | None = None):
         self.source = Path(source)
+        self._chat_template_override = chat_template  # data.chat_template's text, over the directory's own
         path = self.source
         if path.is_dir():
             found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
@@ -94,7 +96,7 @@ class Tokenizer:
         self._resolve_specials()
 
     def __reduce__(self):  # datasets.map workers and pickles reload from the files
-        return Tokenizer, (str(self.source),)
+        return Tokenizer, (str(self.source), self._chat_template_override)
 
     def _config(self, name: str) -> dict:
         return _read_json(self.directory / name) if self.directory else {}
@@ -163,6 +165,8 @@ class Tokenizer:
         for f in self.files:
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
         h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos]).encode())
+        if self._chat_template_override is not None:  # only then: caches made before it keep their names
+            h.update(b"chat_template" + self._chat_template_override.encode())
         return h.hexdigest()
 
     # -- text <-> ids ---------------------------------------------------------------------------
@@ -201,6 +205,8 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
+        if self._chat_template_override is not None:
+            return self._chat_template_override
         template = self.config.get("chat_template")
         if self.directory and (self.directory / "chat_template.jinja").is_file():
             template = (self.directory / "chat_template.jinja").read_text()
@@ -236,6 +242,8 @@ class Tokenizer:
         else:
             for f in self.files:
                 shutil.copy2(f, directory / f.name)
+        if self._chat_template_override is not None:  # transformers reads it before tokenizer_config.json's
+            (directory / "chat_template.jinja").write_text(self._chat_template_override)
         (directory / SPECIAL_IDS_FILE).write_text(json.dumps(self.special_ids()) + "\n")
 
     def special_ids(self) -> dict:
@@ -244,6 +252,7 @@ class Tokenizer:
         return {"bos_token_id": self.bos_id, "eos_token_id": eos, "pad_token_id": self.pad_id}
 
 
+@functools.lru_cache(maxsize=8)  # compiling is most of a short render's time; SFT renders each record 2n+1 times
 def _compile(template: str):
     """transformers' chat-template environment: sandboxed, trim_blocks and lstrip_blocks, its globals."""
     import jinja2
@@ -266,14 +275,22 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """A tokenizer.json or .model file, a directory holding one, or None for the default Mistral tokenizer."""
-    return Tokenizer(default_tokenizer_path() if path is None else path)
+def load_tokenizer(path: str | Path | None = None, chat_template: str | Path | None = None) -> Tokenizer:
+    """A tokenizer.json or .model file, a directory holding one, or None for the default Mistral
+    tokenizer; chat_template: a jinja file that replaces the directory's template (data.chat_template)."""
+    text = None
+    if chat_template is not None:
+        try:
+            text = Path(chat_template).expanduser().read_text()
+        except OSError as e:
+            raise TokenizerError(f"chat template {chat_template}: {e.strerror}") from None
+    return Tokenizer(default_tokenizer_path() if path is None else path, text)
 
 
-def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = None) -> Tokenizer:
+def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = None,
+                      chat_template: str | Path | None = None) -> Tokenizer:
     """data.tokenizer when set; else the tokenizer of the model being trained (init.from) when it
     has one; else the default Mistral tokenizer."""
     if path is None and has_tokenizer(model_dir):
         path = model_dir
-    return load_tokenizer(path)
+    return load_tokenizer(path, chat_template)

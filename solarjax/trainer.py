@@ -35,34 +35,21 @@ from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax import loss as loss_lib
-from solarjax.model import Decoder, abstract_params, init_params, param_count
+from solarjax import objectives as objectives_lib
+from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
-def _targets(batch):
-    """Next-token labels and which positions have one: a next token in the same document."""
-    tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
-    # Labels shift left rather than the hidden states: slicing copies them.
-    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
-    next_seg_BT = jnp.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))  # 0 after the last position: no target
-    return next_BT, (next_seg_BT == seg_BT) & (next_seg_BT > 0)
-
-
 def loss_sum_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
-    """Summed next-token cross entropy over positions that have a target, and their count.
-
-    chunk: positions per step of the chunked vocabulary loss (solarjax.loss; must divide the
-    sequence length); None: one chunk, the whole sequence.
+    """Summed next-token cross entropy over positions whose next token is in the same document
+    (the lm objective), and their count. chunk: positions per step of the chunked vocabulary loss
+    (solarjax.loss; must divide the sequence length); None: one chunk, the whole sequence.
     """
-    x_BTD, head_DV = Decoder(config, scan_unroll=unroll).apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], hidden=True)
-    next_BT, valid_BT = _targets(batch)
-    total = loss_lib.cross_entropy_sum(x_BTD, head_DV, next_BT, valid_BT.astype(jnp.float32),
-                                       chunk or next_BT.shape[1])
-    return total, valid_BT.sum()
+    lm = objectives_lib.get("lm")
+    return lm.sums(objectives_lib.Context(config, chunk, unroll), params, batch)["loss"], lm.units(batch)
 
 
 def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
@@ -100,36 +87,50 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
 
 
 def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None, microbatches: int = 1):
+                   chunk: int | None = None, microbatches: int = 1, objective: str = "lm", options=None):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
-    and donated state buffers. chunk: as in loss_and_count. microbatches: the batch's rows are
-    split into this many groups, run one after another (a scan) with their gradients summed, so
-    activations are those of one group; the result is the whole batch's mean loss and gradient."""
-    def train_step(state, batch):
-        count = _targets(batch)[1].sum()  # over the whole batch: each group's sum / all targets
-        per_target = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+    and donated state buffers; (state, batch, reference) for an objective with a frozen reference
+    model, whose parameters are sharded like the policy's and are not in the optimizer state.
+    chunk: as in loss_and_count. microbatches: the batch's rows are split into this many groups,
+    run one after another (a scan) with their gradients summed, so activations are those of one
+    group; the result is the whole batch's mean loss and gradient. objective: a name in
+    objectives.OBJECTIVES; options: its config section (e.g. DPOConfig)."""
+    obj = objectives_lib.get(objective)
+    ctx = objectives_lib.Context(model_config, chunk, unroll, options)
 
-        def loss_and_grads(rows):
-            return jax.value_and_grad(
-                lambda p: loss_sum_and_count(model_config, p, rows, unroll, chunk)[0] * per_target)(state["params"])
+    def train_step(state, batch, reference=None):
+        count = obj.units(batch)  # over the whole batch: each group's sums / all units
+        per_unit = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+
+        def grads_and_sums(rows):
+            def loss(p):
+                sums = obj.sums(ctx, p, rows, reference)
+                return sums["loss"] * per_unit, sums
+            (_, sums), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+            return grads, sums
         if microbatches == 1:
-            loss, grads = loss_and_grads(batch)
+            grads, sums = grads_and_sums(batch)
         else:
             # Row r goes to group r % K: each group keeps the batch's spread over the devices.
             groups = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(a.shape[0] // microbatches, microbatches,
                                                                    *a.shape[1:]), 1, 0), batch)
 
             def accumulate(acc, rows):
-                return jax.tree.map(jnp.add, acc, loss_and_grads(rows)), None
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, groups)
+                return jax.tree.map(jnp.add, acc, grads_and_sums(rows)), None
+            sums_shape = jax.eval_shape(lambda rows: obj.sums(ctx, state["params"], rows, reference),
+                                        jax.tree.map(lambda a: a[0], groups))
+            zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
+                     jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape))
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, groups)
+        metrics = {k: v * per_unit for k, v in sums.items()}  # means over the whole batch's units
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1}
-        return new, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
+        return new, {**metrics, obj.count: count, "grad_norm": optax.global_norm(grads),
                      "lr": lr_schedule(state["step"])}
     shardings = state_shardings(model_config, optimizer, mesh)
-    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
+    in_shardings = (shardings, batch_sharding(mesh)) + ((shardings["params"],) if obj.reference else ())
+    return jax.jit(train_step, in_shardings=in_shardings,
                    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
@@ -137,6 +138,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.objective = objectives_lib.get(cfg.objective)
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
@@ -147,7 +149,7 @@ class Trainer:
                               f"updates would take that dtype and most small updates round away (68% of "
                               f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
                               f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
-        self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source)
+        self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source, layout=self.objective.layout)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.global_batch % (batch_rows * cfg.microbatches):
@@ -162,12 +164,17 @@ class Trainer:
         first_total, *extensions = self.schedule_plan
         self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions))
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
+        initial = None
         if restored is not None:
             self.state = restored
         else:
             self.model_config, params = self._initial_params()
+            shardings = state_shardings(self.model_config, self.optimizer, self.mesh)
+            if self.objective.reference and cfg.dpo.reference is None:  # a copy: new_state donates params
+                initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])(params)
             self.state = jax.jit(lambda p: new_state(self.optimizer, p), donate_argnums=0,
-                                 out_shardings=state_shardings(self.model_config, self.optimizer, self.mesh))(params)
+                                 out_shardings=shardings)(params)
+        self.reference = self._reference_params(initial)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
         if cfg.eval_tasks and jax.process_count() > 1:
             raise ConfigError("eval_tasks runs in single-process jobs only for now; score checkpoints with "
@@ -181,7 +188,9 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.loss_chunk = loss_chunk(cfg, self.mesh)
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=self.loss_chunk, microbatches=cfg.microbatches)
+                                         chunk=self.loss_chunk, microbatches=cfg.microbatches,
+                                         objective=cfg.objective, options=objective_options(cfg))
+        self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, objective_options(cfg))
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
@@ -189,6 +198,8 @@ class Trainer:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
                   f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}", file=sys.stderr)
+            if isinstance(self.data.train, data_lib.PackedExamples):
+                print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -250,7 +261,9 @@ class Trainer:
         the data sources that are local paths, and the token cache."""
         data = self.cfg.data
         sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
-        paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, *sources]  # not hub names or globs
+        paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
+        if self.objective.reference:
+            paths.append(self.cfg.dpo.reference)
         return [os.path.expanduser(p) for p in paths if p is not None]
 
     # -- state --------------------------------------------------------------------------------
@@ -270,6 +283,25 @@ class Trainer:
         params, config = apply_plan(params, cfg.model, spec.plan(cfg.model.num_layers), self.mesh)
         return config, params
 
+    def _reference_params(self, initial):
+        """The frozen reference of an objective that has one: dpo.reference, or the initial policy
+        (`initial`, or on resume rebuilt from init as at the start: the same values)."""
+        if not self.objective.reference:
+            return None
+        source = self.cfg.dpo.reference
+        if source is None:
+            return initial if initial is not None else self._initial_params()[1]
+        config, params = ckpt_lib.load_model(source, self.mesh)
+        runtime = TrainConfig.RUNTIME_MODEL_KEYS + ("max_position_embeddings",)
+        for f in dataclasses.fields(config):
+            ours, theirs = getattr(self.model_config, f.name), getattr(config, f.name)
+            if f.name not in runtime and ours != theirs:
+                raise ConfigError(f"dpo.reference {source} has {f.name}={theirs!r}, but the policy has {ours!r}; "
+                                  f"the reference must be the same architecture")
+        if config.param_dtype != self.model_config.param_dtype:
+            params = jax.tree.map(lambda a: a.astype(self.model_config.param_dtype), params)
+        return params
+
     def _saved_model_config(self) -> ModelConfig:
         """The resumed run's model; the config may change how it runs (dtype, remat), not what it is."""
         saved = ModelConfig.load(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -285,9 +317,13 @@ class Trainer:
                                   f"{ours!r}; use another run_dir or the same model")
         return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
 
-    def _eval_step(self, params, batch):
-        loss, count = loss_and_count(self.model_config, params, batch, chunk=self.loss_chunk)
-        return loss * count, count
+    def _eval_step(self, params, batch, reference=None):
+        """The objective's loss and metrics summed over the batch, and its units, to be added up."""
+        return {**self.objective.sums(self.loss_context, params, batch, reference),
+                self.objective.count: self.objective.units(batch)}
+
+    def _step_args(self) -> tuple:
+        return () if self.reference is None else (self.reference,)
 
     def _device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
@@ -317,23 +353,32 @@ class Trainer:
             batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
             local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, batches.steps_per_epoch))]
         else:  # fewer sequences than one batch: all of them; the other rows are padding (segment 0, no loss)
-            pad = (np.zeros(val.seq_len, np.int32),) * 3
+            pad = jax.tree.map(np.zeros_like, val.sequence(0))
             rows = range(p * G // P, (p + 1) * G // P)
             local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad for r in rows])]
-        total, count = 0.0, 0
+        sums = {}
         for batch in local:
-            s, n = self.eval_step(self.state["params"], self._device_batch(batch))
-            total, count = total + float(s), count + int(n)
-        loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+            for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),
+                                                      *self._step_args())).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        count = max(sums.pop(self.objective.count), 1)
+        loss = sums.pop("loss") / count
+        result = {"eval_loss": loss}
+        if self.objective.per_token:
+            result["eval_perplexity"] = math.exp(min(loss, 50.0))
+        return {**result, **{f"eval_{k}": v / count for k, v in sums.items()}}
 
     def samples(self) -> list[dict]:
         """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
         cfg, tokenizer = self.cfg, self.data.tokenizer
         if not cfg.sample_prompts:
             return []
-        results = sample_lib.generate(self.model_config, self.state["params"],
-                                      tokenizer.encode_batch(list(cfg.sample_prompts)),
+        if self.objective.layout != "text" and tokenizer.chat_template:  # as the model was tuned: a user turn
+            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in cfg.sample_prompts]
+        else:
+            ids = tokenizer.encode_batch(list(cfg.sample_prompts))
+        results = sample_lib.generate(self.model_config, self.state["params"], ids,
                                       sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_ids)
         stop = set(tokenizer.eos_ids)
         return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t not in stop])}
@@ -385,7 +430,7 @@ class Trainer:
                     self._eval_and_sample(start, metrics_file, record, bar, samples=start > 0)
                 batch = self._device_batch(self.batches.batch(start)) if start < last else None
                 for step in range(start, last):
-                    self.state, metrics = self.train_step(self.state, batch)  # dispatched; runs on
+                    self.state, metrics = self.train_step(self.state, batch, *self._step_args())  # dispatched; runs on
                     if step + 1 < last:  # while the next batch is built and sent, before any sync below
                         batch = self._device_batch(self.batches.batch(step + 1))
                     pending.append((step + 1, metrics))
@@ -468,6 +513,12 @@ class Trainer:
 SCHEDULE_FILE = "schedule.json"
 
 
+def objective_options(cfg: TrainConfig):
+    """The config section named after the objective (dpo: DPOConfig), or None (lm and sft have none)."""
+    section = getattr(cfg, cfg.objective, None)
+    return section if dataclasses.is_dataclass(section) else None
+
+
 def _is_eval(record: dict) -> bool:
     return "eval_loss" in record or any(k.startswith("task/") for k in record)
 
@@ -514,9 +565,14 @@ class _TensorBoard:
         self._writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
 
     def write(self, record: dict) -> None:
-        for key, tag in self.KEYS.items():
-            if key in record:
-                self._writer.add_scalar(tag, record[key], record["step"])
+        """The known keys by their tags, eval_tasks' as task/TASK/METRIC, an objective's own
+        metrics (dpo's rewards, ...) as train/KEY or eval/KEY."""
+        for key, value in record.items():
+            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            tag = self.KEYS.get(key) or (key if key.startswith("task/") else
+                                         f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}")
+            self._writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         self._writer.close()
@@ -596,13 +652,17 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     model_config = planned_model_config(cfg)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
+    objective = objectives_lib.get(cfg.objective)
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
-             for k in ("tokens", "segment_ids", "positions")}
+             for k in objective.batch_keys}
 
     def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
-        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches)
+        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches,
+                              cfg.objective, objective_options(cfg))
+        state = abstract_state(config, optimizer, mesh)
+        reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
-            compiled = step.lower(abstract_state(config, optimizer, mesh), batch).compile()
+            compiled = step.lower(state, batch, *reference).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return compiled, float(cost.get("flops", 0.0)) * len(topo.devices)

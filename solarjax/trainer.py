@@ -646,9 +646,10 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     gen, name = topology_name(topology)
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # libtpu missing or the name unknown to it
-        raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); "
-                          f"install the tpu extra: pip install -e '.[tpu]'") from None
+    except Exception as e:  # libtpu missing, busy, or the name unknown to it
+        fix = ("another process is using libtpu (e.g. a running JAX job on this machine); let it finish, "
+               "then retry" if "lockfile" in str(e) else "install the tpu extra: pip install -e '.[tpu]'")
+        raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); {fix}") from None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     model_config = planned_model_config(cfg)
     optimizer = make_optimizer(cfg.optim, cfg.steps)

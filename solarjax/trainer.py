@@ -43,19 +43,13 @@ from solarjax.tensorfile import check_output
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
-def loss_sum_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
-    """Summed next-token cross entropy over positions whose next token is in the same document
-    (the lm objective), and their count. chunk: positions per step of the chunked vocabulary loss
-    (solarjax.loss; must divide the sequence length); None: one chunk, the whole sequence.
-    """
-    lm = objectives_lib.get("lm")
-    return lm.sums(objectives_lib.Context(config, chunk, unroll), params, batch)["loss"], lm.units(batch)
-
-
 def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
-    """Mean next-token cross entropy over positions whose next token is in the same document."""
-    total, count = loss_sum_and_count(config, params, batch, unroll, chunk)
-    return total / jnp.maximum(count, 1), count
+    """Mean next-token cross entropy over positions whose next token is in the same document (the
+    lm objective), and their count. chunk: positions per step of the chunked vocabulary loss
+    (solarjax.loss; must divide the sequence length); None: one chunk, the whole sequence."""
+    lm = objectives_lib.get("lm")
+    loss, metrics = lm.mean(objectives_lib.Context(config, chunk, unroll), params, batch)
+    return loss, metrics[lm.count]
 
 
 class NonFiniteLossError(FloatingPointError):

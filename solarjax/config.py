@@ -12,6 +12,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # see solarjax.attention
 # RoPE scaling types and their keys, as transformers' modeling_rope_utils reads them
 # (model.rope_frequencies computes each): (required, optional). partial_rotary_factor is not supported.
 ROPE_SCALING_KEYS = {
@@ -49,6 +50,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; softmax, norms' statistics and logits stay float32
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each block, see REMAT_POLICIES
+    attention: str = "auto"  # which implementation computes attention in training, see solarjax.attention
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -85,6 +87,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
         object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
         object.__setattr__(self, "initializer_range", float(self.initializer_range))
@@ -316,7 +320,7 @@ class TrainConfig:
     microbatches: int = 1  # gradient accumulation: the global batch in this many sequential groups
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
-    RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
+    RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "log_every", "eval_batches", "sample_tokens", "checkpoint_every",

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solarjax.attention import attend, attention_mask, self_attend
 from solarjax.config import ModelConfig
 from solarjax.sharding import constrain, param_shardings
-
-_NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stays NaN-free
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -160,70 +159,6 @@ def rope(x_BTNE: jax.Array, positions_BT: jax.Array, config: ModelConfig) -> jax
     return out.astype(x_BTNE.dtype)
 
 
-def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, sliding_window: int | None) -> jax.Array:
-    """[B, T, S] bool: same segment, causal by position, and within the sliding window.
-
-    Positions restart at each packed document and rise by one per token inside it, so comparing
-    positions of the same segment is the same as comparing indices.
-    """
-    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
-    mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_pos <= q_pos)
-    if sliding_window is not None:
-        mask_BTS &= q_pos - k_pos < sliding_window  # HF: key kept iff q - k < window
-    return mask_BTS
-
-
-def attend(q_BTHE, k, v, mask_BTS, cached=False) -> jax.Array:
-    """Grouped-query attention; query head h reads kv head h // G, as HF's repeat_kv does.
-
-    k and v are [B, S, K, E] as projected, or in the KV cache's layout when cached: k [B, K, E, S],
-    v [B, K, S, E], with the queries as [B, K, G*T, E] rows: two plain batched matmuls, which
-    XLA:CPU then runs without copying the cache at every decoded token (4x faster at 16 rows).
-    """
-    B, T, H, E = q_BTHE.shape
-    K = k.shape[1 if cached else 2]
-    G = H // K
-    q_BTKGE = q_BTHE.reshape(B, T, K, G, E)
-    if cached:
-        q_BKXE = q_BTKGE.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # X = (G, T)
-        scores_BKXS = jnp.einsum("BKXE,BKES->BKXS", q_BKXE, k, preferred_element_type=jnp.float32)
-        scores_BKGTS = scores_BKXS.reshape(B, K, G, T, -1) * (E ** -0.5)
-    else:
-        scores_BKGTS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BTKGE, k, preferred_element_type=jnp.float32) * (E ** -0.5)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v.dtype)
-    if cached:
-        out_BKXE = jnp.einsum("BKXS,BKSE->BKXE", probs_BKGTS.reshape(B, K, G * T, -1), v)
-        out_BTKGE = out_BKXE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4)
-    else:
-        out_BTKGE = jnp.einsum("BKGTS,BSKE->BTKGE", probs_BKGTS, v)
-    return out_BTKGE.reshape(B, T, H, E)
-
-
-def self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, sliding_window: int | None) -> jax.Array:
-    """Attention of a sequence to itself (training, scoring, prefill without a cache), in query
-    chunks: the chunk of queries [s, e) reads only keys [b, e), where b = s - window + 1 (or 0), and
-    is recomputed in the backward pass instead of saving its probabilities. Exact, because a key
-    with a later index, or one a window or more earlier, is always masked: positions rise by one
-    per token within a document (see attention_mask). Half the score FLOPs of the full square at
-    T = 512, and no [B, H, T, T] array is kept: 10% off a CPU training step (bench/b1_b2_train.py).
-    """
-    T = q_BTHE.shape[1]
-    chunk = max(128, -(-T // 8))  # at most 8 chunks, so compile time stays flat in T
-
-    @jax.checkpoint
-    def one(q, k, v, q_pos, k_pos, q_seg, k_seg):
-        return attend(q, k, v, attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window))
-
-    outs = []
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        b = 0 if sliding_window is None else max(0, s - sliding_window + 1)
-        outs.append(one(q_BTHE[:, s:e], k_BTKE[:, b:e], v_BTKE[:, b:e], positions_BT[:, s:e], positions_BT[:, b:e],
-                        segment_ids_BT[:, s:e], segment_ids_BT[:, b:e]))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
 class RMSNorm(nn.Module):
     config: ModelConfig
 
@@ -258,7 +193,8 @@ class Attention(nn.Module):
             v_BTKE = v_BTKE + _param(self, "v_bias", (K, E), ("kv_heads", "head_dim"), zeros).astype(cfg.dtype)
         q_BTHE, k_BTKE = rope(q_BTHE, positions_BT, cfg), rope(k_BTKE, positions_BT, cfg)
         if kv is None:
-            out_BTHE = self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg.sliding_window)
+            out_BTHE = self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg.sliding_window,
+                                   cfg.attention)
         else:
             k_pos_BS, k_seg_BS, index = kv_meta
             k_BKET = k_BTKE.transpose(0, 2, 3, 1).astype(kv[0].dtype)

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from solarjax import attention as attention_lib
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
@@ -180,6 +181,8 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        attention_lib.choose(self.model_config.attention, self.mesh.devices.flat[0].platform,  # refuse now
+                             self.model_config.sliding_window, cfg.data.seq_len)
         self.loss_chunk = loss_chunk(cfg, self.mesh)
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
                                          chunk=self.loss_chunk, microbatches=cfg.microbatches,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench_small import best_time
-from solarjax.model import _project
+from solarjax.xla_cpu import dense
 
 
 def training_shapes(n=2048):
@@ -50,7 +50,7 @@ def decode_shapes(layers=8, d=512, f=1536, rows=16):
 
     def w_xt(x, ups_t, downs_t):  # weights [out, in]: the sampler's decode layout
         for u, w in zip(ups_t, downs_t):
-            x = x + _project(_project(x, u, 1, out_in=True), w, 1, out_in=True)
+            x = x + dense("ND,DF->NF", dense("ND,DF->NF", x, u, True), w, True)
         return x
 
     flops = layers * 2 * 2 * rows * d * f

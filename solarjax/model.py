@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.attention import attend, attention_mask, self_attend
+from solarjax import xla_cpu
 from solarjax.config import ModelConfig
 from solarjax.sharding import constrain, param_shardings
 
@@ -43,34 +44,31 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return constrain(value, axes)
 
 
-def _weight(module: nn.Module, name: str, in_dims: tuple, out_dims: tuple, in_axes: tuple, out_axes: tuple):
-    """A projection weight in the module's layout: [*in, *out] for training, [*out, *in] (HF's) in
-    the decode layout. Cast to the compute dtype."""
-    if module.decode_layout:
-        shape, axes = out_dims + in_dims, out_axes + in_axes
-    else:
-        shape, axes = in_dims + out_dims, in_axes + out_axes
-    return _param(module, name, shape, axes).astype(module.config.dtype)
+# Each weight letter's size and logical axis (solarjax.sharding.RULES), for weights declared by
+# their einsum letters.
+AXES = {"D": "embed", "H": "heads", "K": "kv_heads", "E": "head_dim", "F": "mlp", "V": "vocab"}
 
 
-def _project(x, w, n_in: int, out_in: bool, out_dtype=None) -> jax.Array:
-    """x [..., *in] times w -> [..., *out], contracting x's last n_in dims with w's in-dims.
+def _sizes(cfg: ModelConfig) -> dict[str, int]:
+    return {"D": cfg.hidden_size, "H": cfg.num_heads, "K": cfg.num_kv_heads, "E": cfg.head_dim,
+            "F": cfg.intermediate_size, "V": cfg.vocab_size}
 
-    out_in (the decode layout, w [*out, *in]) computes W @ x^T: XLA:CPU's GEMM repacks its right
-    operand on every call, so with the few decoded rows there, the large weight streams through
-    as stored; 1.6x faster at 16 rows than x @ W (bench/gemm_shapes.py). The barriers stop XLA
-    from rewriting the product back into x @ W^T.
-    """
-    lead, n = x.shape[:x.ndim - n_in], int(np.prod(x.shape[x.ndim - n_in:]))
-    x2 = x.reshape(-1, n)  # one matrix product, whatever the weight's rank: XLA:CPU copied
-    # multi-axis operands (o_proj, [H, E, D]) and their gradients into matrices at every call.
-    if not out_in:
-        y = jnp.matmul(x2, w.reshape(n, -1), preferred_element_type=out_dtype)
-        return y.reshape(lead + w.shape[n_in:])
-    out_dims = w.shape[:w.ndim - n_in]
-    x2t = jax.lax.optimization_barrier(x2.T)
-    y = jax.lax.optimization_barrier(jnp.matmul(w.reshape(-1, n), x2t, preferred_element_type=out_dtype)).T
-    return y.reshape(lead + out_dims)
+
+def _weight(module: nn.Module, name: str, letters: str, decode_order: str | None = None) -> jax.Array:
+    """The weight with axes `letters` (as the einsum names them), in the compute dtype; stored in
+    `decode_order` instead in the decode layout (solarjax.xla_cpu)."""
+    letters = decode_order if module.decode_layout else letters
+    sizes = _sizes(module.config)
+    value = _param(module, name, tuple(sizes[c] for c in letters), tuple(AXES[c] for c in letters))
+    return value.astype(module.config.dtype)
+
+
+def dense(module: nn.Module, name: str, eq: str, x: jax.Array) -> jax.Array:
+    """x times the module's weight `name` by the einsum eq, e.g. dense(self, "q_proj", "BTD,DHE->BTHE", x);
+    how it runs on each backend is xla_cpu.dense's business."""
+    _, w_letters, _, contracted = xla_cpu.parse(eq)
+    w = _weight(module, name, w_letters, xla_cpu.decode_order(w_letters, contracted))
+    return xla_cpu.dense(eq, x, w, module.decode_layout)
 
 
 def _plain_inv_freq(theta: float, E: int) -> np.ndarray:
@@ -179,13 +177,10 @@ class Attention(nn.Module):
         """kv: this layer's cache (k_BKES, v_BKSE) or None; kv_meta: (key positions BS, key
         segments BS, write index), shared by all layers. Returns (out_BTD, updated kv or None)."""
         cfg = self.config
-        D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        w_q = _weight(self, "q_proj", (D,), (H, E), ("embed",), ("heads", "head_dim"))
-        w_k = _weight(self, "k_proj", (D,), (K, E), ("embed",), ("kv_heads", "head_dim"))
-        w_v = _weight(self, "v_proj", (D,), (K, E), ("embed",), ("kv_heads", "head_dim"))
-        w_o = _weight(self, "o_proj", (H, E), (D,), ("heads", "head_dim"), ("embed",))
-        project = functools.partial(_project, out_in=self.decode_layout)
-        q_BTHE, k_BTKE, v_BTKE = project(x_BTD, w_q, 1), project(x_BTD, w_k, 1), project(x_BTD, w_v, 1)
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BTHE = dense(self, "q_proj", "BTD,DHE->BTHE", x_BTD)
+        k_BTKE = dense(self, "k_proj", "BTD,DKE->BTKE", x_BTD)
+        v_BTKE = dense(self, "v_proj", "BTD,DKE->BTKE", x_BTD)
         if cfg.qkv_bias:  # Qwen2; zeros at init, as HF initialises Linear biases
             zeros = nn.initializers.zeros
             q_BTHE = q_BTHE + _param(self, "q_bias", (H, E), ("heads", "head_dim"), zeros).astype(cfg.dtype)
@@ -203,7 +198,7 @@ class Attention(nn.Module):
                          jax.lax.dynamic_update_slice_in_dim(kv[1], v_BKTE, index, axis=2))
             mask_BTS = attention_mask(positions_BT, k_pos_BS, segment_ids_BT, k_seg_BS, cfg.sliding_window)
             out_BTHE = attend(q_BTHE, k, v, mask_BTS, cached=True)
-        return project(out_BTHE, w_o, 2), kv
+        return dense(self, "o_proj", "BTHE,HED->BTD", out_BTHE), kv
 
 
 class Mlp(nn.Module):
@@ -212,13 +207,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD):
-        D, F = self.config.hidden_size, self.config.intermediate_size
-        w_gate = _weight(self, "gate_proj", (D,), (F,), ("embed",), ("mlp",))
-        w_up = _weight(self, "up_proj", (D,), (F,), ("embed",), ("mlp",))
-        w_down = _weight(self, "down_proj", (F,), (D,), ("mlp",), ("embed",))
-        project = functools.partial(_project, n_in=1, out_in=self.decode_layout)
-        h_BTF = jax.nn.silu(project(x_BTD, w_gate)) * project(x_BTD, w_up)
-        return project(h_BTF, w_down)
+        gate_BTF = dense(self, "gate_proj", "BTD,DF->BTF", x_BTD)
+        up_BTF = dense(self, "up_proj", "BTD,DF->BTF", x_BTD)
+        return dense(self, "down_proj", "BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF)
 
 
 class Block(nn.Module):
@@ -242,9 +233,9 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
-    # The decode layout (see decode_params): layers as separate modules layers_0..layers_{L-1},
+    # The decode layout (xla_cpu.decode_params): layers as separate modules layers_0..layers_{L-1},
     # because XLA:CPU copies each layer's slice of a stacked weight on every scan step, and
-    # projection weights stored [out, in] (see _project). The sampler uses it on CPU.
+    # projection weights stored [out, in] (solarjax.xla_cpu). The sampler uses it on CPU.
     decode_layout: bool = False
     scan_unroll: int = 1  # layers per scan iteration; only compile_for_topology's FLOP count changes it
 
@@ -298,13 +289,14 @@ class Decoder(nn.Module):
         if last_only:
             x_BTD = x_BTD[:, -1:]
         x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings:  # the table [V, D] is the head in the decode order
             head = embedding_VD if self.decode_layout else embedding_VD.T
         else:
-            head = _weight(self, "lm_head", (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",))
+            head = _weight(self, "lm_head", "DV", "VD")
+        head = head.astype(cfg.dtype)  # a tied table is stored in param_dtype
         if hidden:
-            return x_BTD, head.astype(cfg.dtype)
-        logits_BTV = _project(x_BTD, head.astype(cfg.dtype), 1, self.decode_layout, jnp.float32)  # astype: a tied table
+            return x_BTD, head
+        logits_BTV = xla_cpu.dense("BTD,DV->BTV", x_BTD, head, self.decode_layout, jnp.float32)
         if cache is None:
             return logits_BTV
         return logits_BTV, {"k": kv[0], "v": kv[1], "pos": kv_meta[0], "seg": kv_meta[1], "index": index + T}
@@ -328,29 +320,6 @@ def init_cache(config: ModelConfig, batch: int, length: int, stacked: bool = Tru
         "seg": jnp.zeros((batch, length), jnp.int32),  # [B, S] its segment, 0 = empty or padding
         "index": jnp.zeros((), jnp.int32),  # next slot to write
     }
-
-
-def decode_params(config: ModelConfig, params) -> dict:
-    """Training-layout parameters in the decode layout (Decoder(decode_layout=True)): the stacked
-    layers split into layers_0..layers_{L-1} and each weight's axes reordered as that layout
-    declares them, matched by logical axis name. Costs one copy of the weights; under a mesh the
-    copy keeps each weight's sharding by name."""
-    names = lambda tree: jax.tree.map(lambda p: p.names, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    train = names(abstract_params(config))
-    decode = names(abstract_params(config, decode_layout=True))
-
-    def relayout(a, t, d):
-        return constrain(a.transpose([t.index(n) for n in d]), d)
-
-    out = {}
-    for key, value in params.items():
-        if key != "layers":
-            out[key] = jax.tree.map(relayout, value, train[key], decode[key])
-            continue
-        for i in range(config.num_layers):  # t[1:]: a layer's axes without the leading "layers"
-            out[f"layers_{i}"] = jax.tree.map(lambda a, t, d: relayout(a[i], t[1:], d), value, train[key],
-                                              decode[f"layers_{i}"])
-    return out
 
 
 def _dummy_tokens() -> jax.Array:

@@ -31,7 +31,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from solarjax.config import ModelConfig
-from solarjax.model import Decoder, decode_params, init_cache
+from solarjax.model import Decoder, init_cache
+from solarjax.xla_cpu import decode_params
 
 
 class SamplingError(ValueError):
@@ -184,7 +185,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     max_new = max(max_new, 1)
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
-        # The decode layout (model.decode_params) halves XLA:CPU's time per decoded token
+        # The decode layout (xla_cpu.decode_params) halves XLA:CPU's time per decoded token
         # (bench/b3_b4_decode.py); one copy of the weights up front pays for itself within a token or two.
         params = _decode_params(config, params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),

@@ -7,6 +7,7 @@ import pytest
 
 import solarjax
 from solarjax import model as model_lib
+from solarjax import xla_cpu
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind
 
 PARITY_CASES = {
@@ -156,10 +157,31 @@ def test_decode_layout_equals_train_layout(tied):
     config = solarjax.preset("tiny").replace(num_layers=3, sliding_window=4, tie_word_embeddings=tied)
     params = solarjax.init_params(config, jax.random.key(5))
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 9)))
-    unstacked = model_lib.decode_params(config, params)
+    unstacked = xla_cpu.decode_params(config, params)
     assert sorted(k for k in unstacked if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
     np.testing.assert_array_equal(unstacked["layers_2"]["mlp"]["up_proj"], params["layers"]["mlp"]["up_proj"][2].T)
     np.testing.assert_array_equal(unstacked["layers_1"]["self_attn"]["o_proj"],
                                   params["layers"]["self_attn"]["o_proj"][1].transpose(2, 0, 1))
     out = jax.jit(model_lib.Decoder(config, decode_layout=True).apply)({"params": unstacked}, tokens)
     np.testing.assert_allclose(out, solarjax.logits(config, params, tokens), atol=1e-5)
+
+
+def test_the_einsum_path_of_accelerators_equals_the_cpu_path(monkeypatch):
+    """xla_cpu.dense runs the projections as 2-D matmuls on CPU (which the HF parity tests check)
+    and as the written einsums elsewhere: both give the same logits and gradients."""
+    config = solarjax.preset("tiny").replace(num_layers=2, num_kv_heads=2)
+    params = solarjax.init_params(config, jax.random.key(2))
+    tokens = np.random.RandomState(3).randint(0, config.vocab_size, (2, 10))
+
+    def value_and_grad():
+        loss = lambda p: jnp.mean(jax.nn.logsumexp(model_lib.Decoder(config).apply({"params": p}, tokens), -1))
+        return jax.value_and_grad(loss)(params)  # not jitted: the platform is read at trace time
+    want = value_and_grad()
+    used = []
+    monkeypatch.setattr(xla_cpu, "platform", lambda: used.append(1) or "tpu")
+    monkeypatch.setattr(xla_cpu.jnp, "matmul", None)  # the einsum path must not need it
+    got = value_and_grad()
+    assert used
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)

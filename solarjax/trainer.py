@@ -275,7 +275,7 @@ class Trainer:
         params = init_params(cfg.model, jax.random.key(init.seed), self.mesh)
         if spec is None:
             return cfg.model, params
-        params, config = apply_plan(params, cfg.model, spec.plan(cfg.model.num_layers), self.mesh)
+        config, params = apply_plan(cfg.model, params, spec.plan(cfg.model.num_layers), self.mesh)
         return config, params
 
     def _reference_params(self, initial):

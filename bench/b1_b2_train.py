@@ -27,7 +27,7 @@ import transformers
 import yaml
 
 from bench_small import best_time, models
-from solarjax.trainer import model_flops_per_token
+from solarjax.topology import model_flops_per_token
 
 B, T, LOG_EVERY = 4, 512, 2
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,7 +83,7 @@ def load_model(path: str | Path, mesh=None, upscale: UpscaleSpec | None = None) 
         config, params = load_params(path, mesh)
         if upscale is None:
             return config, params
-        params, config = apply_plan(params, config, upscale.plan(config.num_layers), mesh)
+        config, params = apply_plan(config, params, upscale.plan(config.num_layers), mesh)
         return config, params
     if (path / "config.json").is_file():
         if upscale is None:

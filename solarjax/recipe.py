@@ -24,7 +24,8 @@ from solarjax import checkpoint as ckpt_lib
 from solarjax import hf
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
 from solarjax.model import param_count
-from solarjax.trainer import Trainer, model_flops_per_token, planned_model_config, read_metrics
+from solarjax.topology import model_flops_per_token, planned_model_config
+from solarjax.trainer import Trainer, read_metrics
 
 DONE_FILE = "done.json"
 # The stages whose losses make SOLAR's claim, by name: (summary key, stage, which eval).

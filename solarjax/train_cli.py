@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         return 2
     if args.compile_only:
         import json
-        from solarjax.trainer import compile_for_topology
+        from solarjax.topology import compile_for_topology
         if not args.topology:
             print("error: --compile-only needs --topology (e.g. v5p-128)", file=sys.stderr)
             return 2

@@ -41,6 +41,7 @@ from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
+from solarjax.topology import model_flops_per_token, peak_tflops_per_device
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
@@ -277,7 +278,7 @@ class Trainer:
         params = init_params(cfg.model, jax.random.key(init.seed), self.mesh)
         if spec is None:
             return cfg.model, params
-        params, config = apply_plan(params, cfg.model, spec.plan(cfg.model.num_layers), self.mesh)
+        config, params = apply_plan(cfg.model, params, spec.plan(cfg.model.num_layers), self.mesh)
         return config, params
 
     def _reference_params(self, initial):
@@ -538,16 +539,6 @@ def read_metrics(metrics_file: str | Path) -> list[dict]:
     return [json.loads(line) for line in _records_up_to(Path(metrics_file), sys.maxsize)]
 
 
-# Dense bf16 peak per device (TFLOP/s), for MFU; matched against jax's device_kind.
-PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
-               "TPU v6 lite": 918, "TPU v6e": 918, "NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312}
-
-
-def peak_tflops_per_device() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if kind.startswith(k)), None)
-
-
 class _TensorBoard:
     """Scalar event files in the run directory (tensorboardX), beside metrics.jsonl, so that
     `tensorboard --logdir runs/X` shows every run (and every stage of a recipe) side by side."""
@@ -575,30 +566,6 @@ class _TensorBoard:
         self._writer.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for a TPU slice, on any machine with libtpu installed (no TPU needed)
-
-HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}  # per chip
-
-
-def topology_name(name: str) -> tuple[str, str]:
-    """'v5p-128' (TensorCores, as Cloud names slices) or 'v5p:4x4x4' -> (generation, 'v5p:4x4x4')."""
-    if ":" in name:
-        return name.split(":")[0], name
-    gen, _, count = name.partition("-")
-    if gen not in HBM_GIB or not count.isdigit():
-        raise ConfigError(f"--topology {name!r} is not like v5p-128, v4-32, v5e-16 or v5p:4x4x4")
-    chips = int(count) // 2 if gen in ("v4", "v5p") else int(count)  # v4/v5p count 2 cores a chip
-    # Cloud's shapes: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... and 2x2, 2x4, 4x4, 4x8, ...
-    dims = ([2, 2, 1] if chips >= 4 else [1, 1, 1]) if gen in ("v4", "v5p") else [1, 1]
-    while math.prod(dims) < chips:
-        smallest = min(dims)
-        dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
-    if math.prod(dims) != chips:
-        raise ConfigError(f"--topology {name!r}: {chips} chips is not a power of two")
-    return gen, f"{gen}:{'x'.join(map(str, dims))}"
-
-
 def loss_chunk(cfg: TrainConfig, mesh) -> int:
     """Positions per step of the chunked vocabulary loss for this run's batch on this mesh."""
     rows = cfg.loss_chunk_tokens
@@ -606,89 +573,3 @@ def loss_chunk(cfg: TrainConfig, mesh) -> int:
         rows = 256 if mesh.devices.flat[0].platform == "cpu" else 4096
     local_rows = cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"] * cfg.microbatches)
     return loss_lib.chunk_length(cfg.data.seq_len, local_rows, rows)
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """6 FLOPs per weight that multiplies (the untied embedding table is a gather and does not),
-    plus 12 * L * (H * E) * T for attention scores and values (PaLM's count)."""
-    weights = param_count(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
-    return 6 * weights + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
-
-
-def planned_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model a run of `cfg` trains, read from configs alone (no parameters are loaded)."""
-    model_config = cfg.model
-    if model_config is None:
-        source = Path(cfg.init.source)
-        if ckpt_lib.is_checkpoint(source):
-            model_config = ModelConfig.load(source / ckpt_lib.CONFIG_FILE)
-        elif (source / "config.json").is_file():
-            from solarjax import hf
-            model_config = hf.config_from_hf(json.loads((source / "config.json").read_text()), str(source))
-        else:
-            raise FileNotFoundError(f"init.from {source}: neither an HF model directory nor a solarjax checkpoint")
-        model_config = model_config.replace(**cfg.model_runtime)
-    if cfg.init.upscale:
-        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
-        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
-    return model_config
-
-
-def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
-    """Lowers and compiles the train step for a TPU topology with libtpu's compiler and reports
-    per-chip memory and FLOPs. The model comes from cfg.model, or from init.from's config."""
-    import os
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask here
-    from jax.experimental import topologies
-    gen, name = topology_name(topology)
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # libtpu missing, busy, or the name unknown to it
-        fix = ("another process is using libtpu (e.g. a running JAX job on this machine); let it finish, "
-               "then retry" if "lockfile" in str(e) else "install the tpu extra: pip install -e '.[tpu]'")
-        raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); {fix}") from None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
-    model_config = planned_model_config(cfg)
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
-    objective = objectives_lib.get(cfg.objective)
-    batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
-             for k in objective.batch_keys}
-
-    def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
-        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches,
-                              cfg.objective, objective_options(cfg))
-        state = abstract_state(config, optimizer, mesh)
-        reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
-            compiled = step.lower(state, batch, *reference).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return compiled, float(cost.get("flops", 0.0)) * len(topo.devices)
-
-    start = time.perf_counter()
-    report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
-              "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len}
-    try:
-        compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh), cfg.microbatches)
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return {**report, "fits": False, "error": str(e).splitlines()[0]}
-    seconds = time.perf_counter() - start
-    # XLA counts a while loop's body once, so the scanned step's own count misses L-1 layers.
-    # Fully unrolled 1- and 2-layer variants give the per-layer and the fixed cost instead.
-    # The loss runs as one chunk and the batch as one group there, for the same reason (scans too).
-    one, two = (compile_step(model_config.replace(num_layers=n), n, cfg.data.seq_len, 1)[1] for n in (1, 2))
-    compiled_flops = one + (model_config.num_layers - 1) * (two - one)
-    mem = compiled.memory_analysis()
-    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    model_flops = model_flops_per_token(model_config, cfg.data.seq_len) * cfg.global_batch * cfg.data.seq_len
-    return {
-        **report, "fits": per_chip <= HBM_GIB[gen] * 2**30, "compile_s": round(seconds, 1),
-        "per_chip_gib": {"arguments": mem.argument_size_in_bytes / 2**30, "temp": mem.temp_size_in_bytes / 2**30,
-                         "total": per_chip / 2**30, "hbm": HBM_GIB[gen]},
-        "hbm_headroom": 1 - per_chip / (HBM_GIB[gen] * 2**30),
-        "compiled_flops_per_step": compiled_flops,
-        "model_flops_per_step": model_flops,
-        "flop_ratio": compiled_flops / model_flops,
-    }

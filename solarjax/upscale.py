@@ -97,20 +97,29 @@ def _layer_leaves(params, fn):
     return {**params, "layers": jax.tree.map(fn, params["layers"])}
 
 
-def apply_plan(params, config: ModelConfig, plan: Plan, mesh=None):
-    """(params, config) with layers gathered by `plan`. Runs under jit with the new tree's
+def _check_config_first(config, where: str) -> None:
+    # These took (params, config) before every loader settled on (config, params).
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"{where}(config, params, ...): the first argument must be the ModelConfig, "
+                        f"got {type(config).__name__}")
+
+
+def apply_plan(config: ModelConfig, params, plan: Plan, mesh=None):
+    """(config, params) with layers gathered by `plan`. Runs under jit with the new tree's
     shardings, so sharded inputs stay sharded: nothing is gathered onto one host."""
+    _check_config_first(config, "apply_plan")
     index = np.asarray(check_plan(plan, config.num_layers), np.int32)
     new_config = config.replace(num_layers=len(index))
     out_shardings = param_shardings(model_lib.abstract_params(new_config), mesh) if mesh is not None else None
     grow = jax.jit(lambda p: _layer_leaves(p, lambda leaf: jnp.take(leaf, index, axis=0)),
                    out_shardings=out_shardings)
-    return grow(params), new_config
+    return new_config, grow(params)
 
 
-def depth_upscale(params, config: ModelConfig, n: int, m: int, mesh=None):
-    """SOLAR's DUS on the param tree: returns (params, config) of 2(n - m) layers."""
-    return apply_plan(params, config, UpscaleSpec(n=n, m=m).plan(config.num_layers), mesh)
+def depth_upscale(config: ModelConfig, params, n: int, m: int, mesh=None):
+    """SOLAR's DUS on the param tree: returns (config, params) of 2(n - m) layers."""
+    _check_config_first(config, "depth_upscale")
+    return apply_plan(config, params, UpscaleSpec(n=n, m=m).plan(config.num_layers), mesh)
 
 
 # Block expansion (LLaMA Pro, arXiv 2401.02415): identity-initialised copies, trained alone.
@@ -118,13 +127,14 @@ def depth_upscale(params, config: ModelConfig, n: int, m: int, mesh=None):
 ZEROED_IN_NEW_BLOCKS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
 
-def expand_blocks(params, config: ModelConfig, k: int, mesh=None):
+def expand_blocks(config: ModelConfig, params, k: int, mesh=None):
     """After every k-th block insert a copy of it whose o_proj and down_proj are zero, so each new
     block adds nothing to the residual stream and the grown model computes the base function.
 
-    Returns (params, config, trainable): `trainable` is a tree like params whose leaves broadcast
-    against them, 1 on the new blocks and 0 elsewhere, for `freeze_mask`.
+    Returns (config, params, trainable): `trainable` is a tree like params whose leaves broadcast
+    against them, 1 on the new blocks and 0 elsewhere, for `optim.make_optimizer(trainable=...)`.
     """
+    _check_config_first(config, "expand_blocks")
     L = config.num_layers
     if not isinstance(k, int) or k < 1 or L % k:
         raise UpscaleError(f"block expansion every k={k!r} blocks must divide the depth of {L} layers "
@@ -136,7 +146,7 @@ def expand_blocks(params, config: ModelConfig, k: int, mesh=None):
         if (i + 1) % k == 0:
             index.append(i)
             is_new.append(True)
-    grown, new_config = apply_plan(params, config, tuple((i, i + 1) for i in index), mesh)
+    new_config, grown = apply_plan(config, params, tuple((i, i + 1) for i in index), mesh)
     new = np.asarray(is_new)
 
     def zero_new(path, leaf):
@@ -148,17 +158,7 @@ def expand_blocks(params, config: ModelConfig, k: int, mesh=None):
     trainable = jax.tree.map(lambda leaf: jnp.zeros((), jnp.float32), grown)
     trainable["layers"] = jax.tree.map(
         lambda leaf: jnp.asarray(new, jnp.float32).reshape((-1,) + (1,) * (leaf.ndim - 1)), grown["layers"])
-    return grown, new_config, trainable
-
-
-def freeze_mask(trainable):
-    """optax transformation: multiply updates by `trainable` (weight decay included), so frozen
-    parameters and frozen layers of a stacked leaf never move. Chain it last."""
-    import optax
-
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda u, t: (u * t).astype(u.dtype), updates, trainable), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return new_config, grown, trainable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ machine (train.py --compile-only --topology ...)."""
 import pytest
 
 from solarjax.config import ConfigError
-from solarjax.trainer import compile_for_topology, topology_name
+from solarjax.topology import compile_for_topology, topology_name
 from test_train import TINY, _config, corpus  # noqa: F401  (the corpus fixture)
 
 

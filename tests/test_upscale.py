@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 import solarjax
 from solarjax import convert, hf, upscale
+from solarjax.config import OptimConfig
+from solarjax.optim import make_optimizer
 from solarjax.upscale import UpscaleError, UpscaleSpec
 from hf_models import hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
@@ -59,7 +61,7 @@ def test_solar_index_map():
 
 def test_param_tree_dus_maps_every_tensor(base8, tmp_path):
     config, params = solarjax.load_hf(base8)
-    grown, new_config = upscale.depth_upscale(params, config, n=8, m=2)
+    new_config, grown = upscale.depth_upscale(config, params, n=8, m=2)
     assert new_config.num_layers == 12 and new_config.replace(num_layers=8) == config
     index = list(range(6)) + list(range(2, 8))
     for (path, leaf), base_leaf in zip(jax.tree_util.tree_leaves_with_path(grown["layers"]),
@@ -89,7 +91,7 @@ def test_streaming_equals_param_tree_and_mergekit(base8, tmp_path, dtype, capsys
 
     # The param-tree path followed by jax-to-hf writes the same tensors, bit for bit.
     config, params = solarjax.load_hf(base8)
-    grown, new_config = upscale.depth_upscale(params, config, n=8, m=2)
+    new_config, grown = upscale.depth_upscale(config, params, n=8, m=2)
     hf.save_hf(new_config, grown, tmp_path / "tree", arch="mistral", dtype=dtype)
     tree = _hf_tensors(tmp_path / "tree")
     # And what mergekit's passthrough would write, from the base files, cast the same way.
@@ -120,7 +122,7 @@ def test_dus_of_llama3_and_qwen2_equals_mergekit_and_keeps_the_model_kind(kind, 
     assert convert.main(["upscale", "--hf", str(base), "--out", str(tmp_path / "stream"), "--n", "4", "--m", "1"]) == 0
     capsys.readouterr()
     config, params = solarjax.load_hf(base)
-    grown, new_config = upscale.depth_upscale(params, config, n=4, m=1)
+    new_config, grown = upscale.depth_upscale(config, params, n=4, m=1)
     hf.save_hf(new_config, grown, tmp_path / "tree", tokenizer_dir=base)
     expected = _mergekit_passthrough(_hf_tensors(base), [(0, 3), (1, 4)])
     assert ("model.layers.5.self_attn.q_proj.bias" in expected) == (kind == "qwen2-tied")
@@ -148,7 +150,7 @@ def test_loader_places_grown_model_in_shards(base8, tmp_path):
     q = params["layers"]["self_attn"]["q_proj"]
     assert q.shape[0] == 12 and q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     base_config, base = solarjax.load_hf(base8)
-    ref, _ = upscale.depth_upscale(base, base_config, 8, 2)
+    _, ref = upscale.depth_upscale(base_config, base, 8, 2)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # From a solarjax checkpoint the same spec gives the same tree, sharded on the mesh.
@@ -163,7 +165,7 @@ def test_loader_places_grown_model_in_shards(base8, tmp_path):
 def test_block_expansion_keeps_the_function_and_trains_only_new_blocks():
     config = solarjax.preset("tiny").replace(num_layers=4)
     params = solarjax.init_params(config, jax.random.key(0))
-    grown, new_config, trainable = upscale.expand_blocks(params, config, k=2)
+    new_config, grown, trainable = upscale.expand_blocks(config, params, k=2)
     assert new_config.num_layers == 6
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 12))
     base_logits = np.asarray(solarjax.logits(config, params, tokens))
@@ -174,7 +176,8 @@ def test_block_expansion_keeps_the_function_and_trains_only_new_blocks():
     def loss(p):
         out = Decoder(new_config).apply({"params": p}, tokens)
         return -jax.numpy.mean(jax.nn.log_softmax(out)[..., 0])
-    opt = optax.chain(optax.adamw(1e-2, weight_decay=0.1), upscale.freeze_mask(trainable))
+    opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1), 10,
+                         trainable=trainable)
 
     @jax.jit
     def step(p):
@@ -220,7 +223,11 @@ def test_zero_layer_plan_and_bad_k():
     config = solarjax.preset("tiny").replace(num_layers=4)
     params = jax.eval_shape(lambda: solarjax.init_params(config, jax.random.key(0)))
     with pytest.raises(UpscaleError, match=r"k=3 blocks must divide the depth of 4 layers \(k in \[1, 2, 4\]\)"):
-        upscale.expand_blocks(params, config, k=3)
+        upscale.expand_blocks(config, params, k=3)
+    # The order was (params, config) before every loader settled on (config, params).
+    with pytest.raises(TypeError, match=r"depth_upscale\(config, params, ...\): the first argument must be the "
+                                        r"ModelConfig, got dict"):
+        upscale.depth_upscale(params, config, n=4, m=1)
 
 
 def test_cli_errors(base8, tmp_path, capsys):

@@ -4,7 +4,7 @@ For each preset (a model shape and how it is run: batch, sequence, microbatches,
   train:  the trainer's own jitted step (trainer.jit_train_step with the optimizer, schedule and
           loss chunking train.py builds; AdamW, float32 parameters and moments, bf16 compute) on
           random tokens; warm-up steps untimed, then timed steps ending in block_until_ready.
-          tokens/s, and MFU = tokens/s x model FLOPs per token (trainer.model_flops_per_token: 6 per
+          tokens/s, and MFU = tokens/s x model FLOPs per token (topology.model_flops_per_token: 6 per
           weight that multiplies + PaLM's attention term) / the chip's dense bf16 peak.
   decode: solarjax.sample.generate (jitted prefill + KV-cache decode loop), greedy, no EOS, bf16
           weights, a few rows; tokens/s of the decode loop (timed by generate, after compilation).
@@ -17,7 +17,7 @@ it measured; progress goes to stderr as it happens. A measurement is skipped, an
   python bench/b8_gpu.py --tiny --peak-tflops 1 --out b8.json   # the CPU smoke run the tests make
   python bench/b8_gpu.py --presets mistral-7b --batch 2 --model remat=dots_no_batch --out b8.json
 
-The peak comes from trainer.PEAK_TFLOPS by the device kind; an unknown device is refused unless
+The peak comes from topology.PEAK_TFLOPS by the device kind; an unknown device is refused unless
 --peak-tflops is given (a guessed peak would make the MFU meaningless).
 """
 
@@ -49,8 +49,8 @@ from solarjax.model import init_params, param_count  # noqa: E402
 from solarjax.objectives import get as get_objective  # noqa: E402
 from solarjax.optim import make_optimizer, schedule  # noqa: E402
 from solarjax.sharding import batch_sharding, make_mesh  # noqa: E402
-from solarjax.trainer import (PEAK_TFLOPS, jit_train_step, loss_chunk, model_flops_per_token,  # noqa: E402
-                              new_state, state_shardings)
+from solarjax.topology import PEAK_TFLOPS, model_flops_per_token  # noqa: E402
+from solarjax.trainer import jit_train_step, loss_chunk, new_state, state_shardings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,7 @@ def peak_tflops(kind: str, override: float | None) -> tuple[float, str]:
         raise SystemExit(f"error: no dense bf16 peak is known for device kind {kind!r} (known: "
                          f"{', '.join(PEAK_TFLOPS)}); give --peak-tflops N for it")
     key = max(match, key=len)
-    return float(PEAK_TFLOPS[key]), f"solarjax.trainer.PEAK_TFLOPS[{key!r}]"
+    return float(PEAK_TFLOPS[key]), f"solarjax.topology.PEAK_TFLOPS[{key!r}]"
 
 
 def _is_oom(e: Exception) -> bool:

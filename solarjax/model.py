@@ -326,9 +326,14 @@ def _dummy_tokens() -> jax.Array:
     return jnp.zeros((1, 1), jnp.int32)
 
 
+def _for_init(config: ModelConfig) -> ModelConfig:
+    """Parameters do not depend on the attention kernel; init traces one token off any mesh."""
+    return config.replace(attention="xla")
+
+
 def abstract_params(config: ModelConfig, decode_layout: bool = False):
     """Shapes, dtypes and logical axes of every parameter (boxed), with nothing allocated."""
-    return jax.eval_shape(Decoder(config, decode_layout).init, jax.random.key(0), _dummy_tokens())["params"]
+    return jax.eval_shape(Decoder(_for_init(config), decode_layout).init, jax.random.key(0), _dummy_tokens())["params"]
 
 
 def param_count(config: ModelConfig) -> int:
@@ -340,7 +345,7 @@ def init_params(config: ModelConfig, rng: jax.Array, mesh=None):
     """Random parameters (HF's init: normal(initializer_range), norms at one, biases at zero). With a mesh, each device creates
     only its own shard: the full model never exists on one host."""
     def init(rng):
-        return nn.unbox(Decoder(config).init(rng, _dummy_tokens())["params"])
+        return nn.unbox(Decoder(_for_init(config)).init(rng, _dummy_tokens())["params"])
     if mesh is None:
         return jax.jit(init)(rng)
     return jax.jit(init, out_shardings=param_shardings(abstract_params(config), mesh))(rng)

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from solarjax import attention
 from solarjax import checkpoint as ckpt_lib
 from solarjax import objectives as objectives_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
@@ -119,7 +120,9 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
 
     start = time.perf_counter()
     report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
-              "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len}
+              "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len,
+              "attention": attention.choose(model_config.attention, "tpu", model_config.sliding_window,
+                                            cfg.data.seq_len)}
     try:
         compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh), cfg.microbatches)
     except jax.errors.JaxRuntimeError as e:

@@ -26,6 +26,7 @@ def test_compile_for_a_tpu_slice_reports_memory_and_flops(tmp_path, corpus):  # 
     cfg = _config(tmp_path, corpus, **{"mesh.fsdp": -1, "global_batch": 8, "model.num_layers": 3})
     report = compile_for_topology(cfg, "v5p-8")
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["attention"] == "splash"  # auto, for a TPU mesh, although this host is a CPU
     assert report["fits"] and 0 < report["per_chip_gib"]["total"] < 95 and report["hbm_headroom"] > 0.9
     # The compiler's FLOPs for the whole step against 6N + attention: the two counts agree.
     assert 0.9 < report["flop_ratio"] < 1.4, report

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from solarjax import checkpoint, hf, merge, upscale
+from solarjax.sharding import mesh_from_flag
 from solarjax.tensorfile import check_output, parse_size
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             merge.merge_hf(args.hf, args.out, args.method, weights=merge.parse_weights(args.weights), t=args.t,
                            dtype=args.dtype, shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
         elif args.command == "hf-to-jax":
-            config, params = hf.load_hf(args.hf)
+            config, params = hf.load_hf(args.hf, mesh_from_flag("1,-1,1"))  # over all local devices
             checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
                                    inputs=[args.hf])
         elif args.command == "upscale":
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                                shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
         else:
             shard_size = parse_size(args.shard_size)
-            config, params = checkpoint.load_params(args.ckpt)
+            config, params = checkpoint.load_params(args.ckpt, mesh_from_flag("1,-1,1"))
             hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
                        tokenizer_dir=args.ckpt, overwrite=args.overwrite, inputs=[args.ckpt])
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # every solarjax input error is a ValueError

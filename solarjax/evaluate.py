@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder
-from solarjax.sharding import batch_sharding, make_mesh
+from solarjax.sharding import batch_sharding, make_mesh, mesh_from_flag
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 FEWSHOT_DELIMITER = "\n\n"
@@ -810,10 +810,9 @@ def main(argv=None) -> int:
         if args.num_fewshot is not None and args.num_fewshot < 0:
             raise TaskError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
         try:
-            mesh_sizes = [int(x) for x in args.mesh.split(",")]
-            assert len(mesh_sizes) == 3
-        except (ValueError, AssertionError):
-            raise TaskError(f"--mesh must be three integers data,fsdp,tensor, got {args.mesh!r}") from None
+            mesh = mesh_from_flag(args.mesh)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
         entries = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not entries:
             raise TaskError("--tasks names no task")
@@ -823,7 +822,6 @@ def main(argv=None) -> int:
         if args.tokenizer is None and not has_tokenizer(path):
             raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; name the model's tokenizer with "
                                  f"--tokenizer (scores depend on it, so none is assumed)")
-        mesh = make_mesh(*mesh_sizes)
         config, params = load_model(path, mesh)
         tokenizer = load_tokenizer(source).check_fits(config.vocab_size, str(path))
         items = [] if args.log_items else None

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder, init_cache
+from solarjax.sharding import mesh_from_flag
 from solarjax.xla_cpu import decode_params
 
 
@@ -241,6 +242,8 @@ def _parser():
     p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over this machine's devices (-1: the "
+                   "rest); the default shards the weights over all of them")
     p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a directory with one; default: the "
                    "model directory's own (a directory without one is refused)")
     return p
@@ -266,7 +269,8 @@ def main(argv=None) -> int:
                 raise SamplingError(f"prompt {i} is empty")
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         path = Path(args.ckpt or args.hf)
-        config, params = load_model(path)
+        mesh = mesh_from_flag(args.mesh)
+        config, params = load_model(path, mesh)
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
         elif has_tokenizer(path):
@@ -279,7 +283,8 @@ def main(argv=None) -> int:
                    for p in prompts]
         else:
             ids = tokenizer.encode_batch(prompts)
-        results = generate(config, params, ids, sampling, tokenizer.eos_ids)
+        with jax.set_mesh(mesh):
+            results = generate(config, params, ids, sampling, tokenizer.eos_ids)
     except (SamplingError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,21 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def mesh_from_flag(text: str, flag: str = "--mesh") -> Mesh:
+    """A mesh over this process's devices from "data,fsdp,tensor" (one may be -1: the rest), as the
+    CLIs take it; the default "1,-1,1" shards every weight over all local devices (FSDP), and a
+    mesh without -1 uses the first data x fsdp x tensor of them."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+        assert len(sizes) == 3
+    except (ValueError, AssertionError):
+        raise ValueError(f"{flag} must be three integers data,fsdp,tensor, got {text!r}") from None
+    devices = jax.local_devices()
+    if -1 not in sizes:  # a smaller mesh takes the first devices
+        devices = devices[:math.prod(sizes)]
+    return make_mesh(*sizes, devices=devices)
+
+
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
     """PartitionSpec for one array: each logical axis takes its mesh axes if they divide the dim
     and are not used by an earlier dim."""

@@ -4,6 +4,7 @@ import json
 import shutil
 import struct
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import solarjax
-from solarjax import convert, hf
+from solarjax import checkpoint, convert, hf
 from solarjax.tensorfile import SafetensorsFile
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
@@ -31,13 +32,18 @@ def _run(argv, capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
-def test_round_trip_is_bit_exact_and_loads_in_transformers(dtype, sharded, tmp_path, capsys):
+def test_round_trip_is_bit_exact_and_loads_in_transformers(dtype, sharded, tmp_path, capsys, monkeypatch):
     torch_dtype = getattr(torch, dtype)
     model = make_hf_model("mistral", dtype=torch_dtype, head_dim=32, sliding_window=8, rope_theta=50000.0)
     src = save_hf_model(model, tmp_path / "hf", **({"max_shard_size": "60KB"} if sharded else {}))
     shutil.copy(tokenizer_file(), src / "tokenizer.model")
     assert (src / "model.safetensors.index.json").exists() == sharded
 
+    devices = []  # conversion spreads the weights over every local device, not device 0 alone
+    for module, name in ((checkpoint, "save_params"), (hf, "save_hf")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **k: (devices.extend(
+            len(x["layers"]["mlp"]["up_proj"].sharding.device_set) for x in a if isinstance(x, dict)), real(*a, **k))[1])
     code, err = _run(["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"], capsys)
     assert code == 0, err
     assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == tokenizer_file().read_bytes()
@@ -50,6 +56,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(dtype, sharded, tmp_p
     if sharded:
         assert len(list(back.glob("model-*-of-*.safetensors"))) > 1
     assert (back / "tokenizer.model").exists()
+    assert devices == [len(jax.devices())] * 2
 
     want, got = _hf_tensors(src), _hf_tensors(back)
     assert sorted(got) == sorted(want)

@@ -185,6 +185,27 @@ def test_cli_json(mistral_vocab_model, capsys):
         assert r["timing"]["decode_tokens_per_s"] > 0
 
 
+def test_cli_samples_over_all_local_devices(mistral_vocab_model, capsys, monkeypatch):
+    """By default the CLI shards the weights over every local device (FSDP) and samples there;
+    the tokens are those of one device."""
+    seen = []
+    real = sample.generate
+
+    def spy(config, params, *args):
+        seen.append(len(params["embed_tokens"].sharding.device_set))
+        return real(config, params, *args)
+    monkeypatch.setattr(sample, "generate", spy)
+    runs = {}
+    for mesh in ("1,-1,1", "1,1,1"):
+        args = ["--hf", str(mistral_vocab_model), "--prompt", "Paris is", "--max-new-tokens", "6", "--format", "json"]
+        assert sample.main(args + (["--mesh", mesh] if mesh != "1,-1,1" else [])) == 0
+        runs[mesh] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert seen == [len(jax.devices()), 1]
+    assert runs["1,-1,1"] == runs["1,1,1"]
+    assert sample.main(["--hf", str(mistral_vocab_model), "--prompt", "x", "--mesh", "2,2"]) == 2
+    assert "--mesh must be three integers data,fsdp,tensor, got '2,2'" in capsys.readouterr().err
+
+
 def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
     def run(*args):
         code = sample.main([str(a) for a in args])

@@ -6,7 +6,10 @@ clipping 1.0), float32; runs alternate in one script. B2 is model FLOPs/s over t
 practical peak (a large float32 matmul timed in the same run); model FLOPs per token are the
 trainer's (and B6's) count: 6 per weight that multiplies plus PaLM's attention term.
 
-  python bench/b1_b2_train.py [--steps 12] [--runs 3]
+  python bench/b1_b2_train.py [--steps 12] [--runs 3] [--compare OTHER_CHECKOUT]
+
+--compare also runs another checkout's train.py (e.g. a worktree of the commit before a change),
+alternating with this one's, for a before/after in one run.
 """
 
 import argparse
@@ -39,7 +42,7 @@ def matmul_peak(n=2048, repeats=5) -> float:
     return 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), repeats)
 
 
-def train_py(steps: int, workdir: Path) -> float:
+def train_py(steps: int, workdir: Path, root: Path = ROOT) -> float:
     """Median tokens/s of train.py's log intervals after the first (which holds the compile)."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     config = {"model": {"preset": "bench-small"}, "data": {"seq_len": T}, "global_batch": B, "steps": steps,
@@ -47,8 +50,8 @@ def train_py(steps: int, workdir: Path) -> float:
               "optim": {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant"}}
     path = workdir / "b1.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(path)], check=True, env=env,
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "train.py"), "--config", str(path)], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rates = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "tokens_per_s" in r]
@@ -59,6 +62,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--compare", type=Path, help="another checkout whose train.py runs alternately")
     args = p.parse_args(argv)
     config, _, hf_model = models("mistral")
     hf_model.train()
@@ -74,9 +78,12 @@ def main(argv=None):
         torch_opt.step()
         return loss.item()
 
-    ours, theirs = [], []
+    ours, theirs, other = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.runs):
+            if args.compare:
+                other.append(train_py(args.steps, Path(tmp), args.compare.resolve()))
+                print(f"run: {args.compare} {other[-1]:.0f} tokens/s", file=sys.stderr)
             ours.append(train_py(args.steps, Path(tmp)))
             torch_step()  # warm-up
             t = time.perf_counter()
@@ -93,6 +100,9 @@ def main(argv=None):
     print("|---|---|---|---|")
     print(f"| B1 | {o:.0f} ({min(ours):.0f}-{max(ours):.0f}) | {h:.0f} ({min(theirs):.0f}-{max(theirs):.0f}) "
           f"| {o / h:.2f} |")
+    if other:
+        c = statistics.median(other)
+        print(f"| B1, {args.compare} | {c:.0f} ({min(other):.0f}-{max(other):.0f}) | | {c / h:.2f} |")
     print(f"\nB2: {fpt / 1e6:.1f} MFLOP/token * {o:.0f} tokens/s = {fpt * o / 1e9:.1f} GFLOP/s; practical peak "
           f"(2048^3 float32 matmul) {peak / 1e9:.1f} GFLOP/s -> MFU {100 * fpt * o / peak:.0f}% "
           f"(HF: {100 * fpt * h / peak:.0f}%)")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.config import ATTENTION as IMPLEMENTATIONS, ConfigError
-from solarjax.sharding import logical_to_spec
+from solarjax.sharding import logical_to_spec, platform
 
 _NATIVE = {"splash": ("tpu",), "pallas_gpu": ("gpu", "cuda"), "cudnn": ("gpu", "cuda")}
 _NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stays NaN-free
@@ -41,15 +41,6 @@ _NEG_INF = float(np.finfo(np.float32).min)  # finite, so a fully masked row stay
 
 class AttentionError(ConfigError):
     pass
-
-
-def platform() -> str:
-    """The platform being compiled for: the mesh's devices when a mesh is set (so an ahead-of-time
-    compile for a TPU topology on a CPU host picks TPU kernels), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
-        return mesh.abstract_device.platform
-    return jax.default_backend()
 
 
 def choose(name: str, platform: str, sliding_window: int | None, length: int) -> str:

@@ -109,6 +109,15 @@ def param_shardings(boxed_abstract, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def platform() -> str:
+    """The platform being compiled for: the mesh's devices when a mesh is set (so an ahead-of-time
+    compile for a TPU topology on a CPU host picks TPU kernels), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding hint for an activation, by logical axes, under the mesh set with jax.set_mesh.
 

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.attention import platform
-from solarjax.sharding import constrain
+from solarjax.sharding import constrain, platform
 
 
 def parse(eq: str) -> tuple[str, str, str, str]:

@@ -38,11 +38,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder
-from solarjax.sharding import batch_sharding, make_mesh, mesh_from_flag
+from solarjax.sharding import make_mesh, mesh_from_flag
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 FEWSHOT_DELIMITER = "\n\n"
@@ -525,20 +527,37 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(config: ModelConfig, params, tokens_BT, targets_BT, mask_BT):
-    """Summed log-probabilities of the masked targets per row [B], and whether each masked target
-    is the argmax (the harness's is_greedy). Rows are right-padded: attention is causal, so the
-    padding after a row's tokens changes none of their logits."""
-    logits_BTV = Decoder(config).apply({"params": params}, tokens_BT)
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    target_logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-    return jnp.where(mask_BT, target_logp_BT, 0.0).sum(-1), (greedy_BT | ~mask_BT).all(-1)
+def _score(config: ModelConfig, params, tokens_BT, starts_B, targets_BC, mask_BC):
+    """Summed log-probabilities of each row's continuation [B], and whether every continuation token
+    is the argmax (the harness's is_greedy). A row's continuation is predicted at positions
+    starts[b] .. starts[b] + C - 1 (masked to its length): only those hidden states are projected
+    onto the vocabulary, so no [B, T, V] logits are made. Rows are right-padded: attention is causal,
+    so the padding after a row's tokens changes none of their logits."""
+    x_BTD, head_DV = Decoder(config).apply({"params": params}, tokens_BT, hidden=True)
+    C = targets_BC.shape[1]
+    at_BC = jnp.minimum(starts_B[:, None] + jnp.arange(C), tokens_BT.shape[1] - 1)
+    x_BCD = jnp.take_along_axis(x_BTD, at_BC[..., None], axis=1)
+    logits_BCV = jnp.einsum("BCD,DV->BCV", x_BCD, head_DV, preferred_element_type=jnp.float32)
+    logp_BCV = jax.nn.log_softmax(logits_BCV, axis=-1)
+    target_logp_BC = jnp.take_along_axis(logp_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    greedy_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
+    return jnp.where(mask_BC, target_logp_BC, 0.0).sum(-1), (greedy_BC | ~mask_BC).all(-1)
 
 
 def _bucket(n: int, cap: int) -> int:
-    """Row lengths round up to 32, 64, 128, ... (at most the model's maximum): one compile each."""
+    """Lengths round up to 32, 64, 128, ... (at most cap): one compile each."""
     return min(max(32, 1 << (n - 1).bit_length()), cap)
+
+
+def _global(a: np.ndarray, sharding):
+    """A host array that every process holds whole, as a global array on `sharding` (device_put
+    alone cannot place it on another process's devices)."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def _host(x) -> np.ndarray:
+    """A global array's value on every process (its rows may live on several)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 class Scorer:
@@ -549,18 +568,19 @@ class Scorer:
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         self.config, self.params, self.mesh = config, params, mesh
         self.batch_size = -(-batch_size // rows) * rows  # whole rows per device
-        self.sharding = batch_sharding(mesh)
+        self.sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # rows; any rank
         self.compiled: dict[int, object] = {}
         self.stats = {"scored_tokens": 0, "score_s": 0.0, "compile_s": 0.0, "generated_tokens": 0, "generate_s": 0.0}
 
-    def _compiled(self, T: int):
-        if T not in self.compiled:
+    def _compiled(self, T: int, C: int):
+        if (T, C) not in self.compiled:
             t0 = time.perf_counter()
-            shape = jax.ShapeDtypeStruct((self.batch_size, T), jnp.int32, sharding=self.sharding)
-            mask = jax.ShapeDtypeStruct((self.batch_size, T), jnp.bool_, sharding=self.sharding)
-            self.compiled[T] = _score.lower(self.config, self.params, shape, shape, mask).compile()
+            spec = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)  # noqa: E731
+            B = self.batch_size
+            self.compiled[T, C] = _score.lower(self.config, self.params, spec(B, T), spec(B), spec(B, C),
+                                               spec(B, C, dtype=jnp.bool_)).compile()
             self.stats["compile_s"] += time.perf_counter() - t0
-        return self.compiled[T]
+        return self.compiled[T, C]
 
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]], desc: str = "") -> list[tuple[float, bool]]:
         L = self.config.max_position_embeddings
@@ -578,18 +598,20 @@ class Scorer:
             while i < len(order):
                 T = _bucket(len(rows[order[i]][0]) - 1, L)
                 group = [j for j in order[i:i + B] if _bucket(len(rows[j][0]) - 1, L) == T]
-                tokens, targets = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
-                mask = np.zeros((B, T), bool)
+                C = _bucket(max(rows[j][1] for j in group), T)  # most continuations are short: one C per T
+                tokens, starts = np.zeros((B, T), np.int32), np.zeros((B,), np.int32)
+                targets, mask = np.zeros((B, C), np.int32), np.zeros((B, C), bool)
                 for r, j in enumerate(group):
                     whole, n_cont = rows[j]
                     n = len(whole) - 1
-                    tokens[r, :n], targets[r, :n] = whole[:-1], whole[1:]
-                    mask[r, n - n_cont:n] = True
-                fn = self._compiled(T)
+                    tokens[r, :n] = whole[:-1]
+                    starts[r] = n - n_cont
+                    targets[r, :n_cont], mask[r, :n_cont] = whole[n - n_cont + 1:], True
+                fn = self._compiled(T, C)
                 t0 = time.perf_counter()
                 with jax.set_mesh(self.mesh):
-                    sums, greedy = fn(self.params, *(jax.device_put(a, self.sharding) for a in (tokens, targets, mask)))
-                sums, greedy = np.asarray(sums), np.asarray(greedy)
+                    sums, greedy = fn(self.params, *(_global(a, self.sharding) for a in (tokens, starts, targets, mask)))
+                sums, greedy = _host(sums), _host(greedy)
                 self.stats["score_s"] += time.perf_counter() - t0
                 self.stats["scored_tokens"] += int(sum(len(rows[j][0]) - 1 for j in group))
                 for r, j in enumerate(group):

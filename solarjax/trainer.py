@@ -172,9 +172,6 @@ class Trainer:
                                  out_shardings=shardings)(params)
         self.reference = self._reference_params(initial)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
-        if cfg.eval_tasks and jax.process_count() > 1:
-            raise ConfigError("eval_tasks runs in single-process jobs only for now; score checkpoints with "
-                              "python -m solarjax.evaluate instead")
         try:  # bad names and files fail now, not at the first eval
             self.tasks = [t for arg in cfg.eval_tasks for t in evaluate_lib.load_task(arg)]
         except evaluate_lib.TaskError as e:

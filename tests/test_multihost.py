@@ -1,6 +1,6 @@
 """A real two-process run: jax.distributed over localhost with gloo collectives, 2 CPU devices per
 process, a (data 1, fsdp 4, tensor 1) mesh across both. Each process builds only its rows; the
-result, and the samples logged at eval, equal one process training on 4 devices."""
+result, and the samples and task scores logged at eval, equal one process training on 4 devices."""
 
 import json
 import signal
@@ -15,6 +15,7 @@ import numpy as np
 
 import solarjax
 from solarjax.trainer import Trainer
+import eval_tasks
 from test_train import _config, corpus  # noqa: F401  (the corpus fixture)
 
 WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
@@ -27,8 +28,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
+    tasks = eval_tasks.write_all(tmp_path / "tasks")
     over = {"steps": 3, "eval_every": 3, "checkpoint_every": 3, "mesh.fsdp": 4, "sample_prompts": ["alpha beta"],
-            "sample_tokens": 4}
+            "sample_tokens": 4, "eval_tasks": [f"truthfulqa_mc2={tasks['truthfulqa_mc2']}"]}
     single = Trainer(_config(tmp_path / "single", corpus, **over), solarjax.make_mesh(1, 4, 1, jax.devices()[:4]))
     single_loss = single.run()["loss"]
 
@@ -46,10 +48,14 @@ def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
         np.testing.assert_allclose(r["loss"], single_loss, rtol=1e-5)
     assert (tmp_path / "multi" / "run" / "checkpoints" / "3").is_dir()
     # The eval's samples (the sampler on a mesh that spans both processes) equal the single run's.
-    def samples(run):
+    def logged(run, key):
         lines = [json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
-        return [r["samples"] for r in lines if "samples" in r]
-    assert samples("multi") == samples("single") and len(samples("single")) == 1
+        return [r[key] for r in lines if key in r]
+    assert logged("multi", "samples") == logged("single", "samples") and len(logged("single", "samples")) == 1
+    # eval_tasks' scoring (rows over both processes' devices, results gathered): mc2 at steps 0 and 3.
+    mc2 = "task/truthfulqa_mc2/mc2"
+    assert len(logged("single", mc2)) == 2 and logged("single", mc2)[0] != logged("single", mc2)[1]
+    np.testing.assert_allclose(logged("multi", mc2), logged("single", mc2), rtol=1e-5)
 
 
 def _launch(config_path: Path, n: int = 2) -> list[subprocess.Popen]:

@@ -312,6 +312,9 @@ class TrainConfig:
     # builtin_next_line, arc_challenge=DIR); metrics.jsonl gets task/TASK/METRIC keys (task/builtin_next_line/acc).
     eval_tasks: tuple[str, ...] = ()
     eval_tasks_limit: int | None = None  # documents per task; None: all
+    # Steps between task scorings (a multiple of eval_every); 0: only before the first step and
+    # after the last (all a recipe's summary reads); None: at every eval.
+    eval_tasks_every: int | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     # Tokens per device in one step of the chunked vocabulary loss (solarjax.loss); None: 256 on
@@ -347,6 +350,11 @@ class TrainConfig:
         if self.eval_tasks_limit is not None and (not isinstance(self.eval_tasks_limit, int)
                                                   or isinstance(self.eval_tasks_limit, bool) or self.eval_tasks_limit < 1):
             raise ConfigError(f"eval_tasks_limit must be null or a positive integer, got {self.eval_tasks_limit!r}")
+        every = self.eval_tasks_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 0
+                                  or (every and self.eval_every and every % self.eval_every)):
+            raise ConfigError(f"eval_tasks_every must be null, 0 or a positive multiple of eval_every "
+                              f"({self.eval_every}), got {every!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
         from solarjax.objectives import OBJECTIVES  # here, not above: objectives imports this module

@@ -325,9 +325,12 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict | None:
-        """Held-out loss (with a validation set) and the eval_tasks' metrics, as one record."""
-        result = {**self._eval_loss(), **self._eval_tasks()}
+    def evaluate(self, step: int | None = None) -> dict | None:
+        """Held-out loss (with a validation set) and the eval_tasks' metrics, as one record. The
+        tasks are scored at step 0, the last step and multiples of eval_tasks_every (None: every eval)."""
+        every = self.cfg.eval_tasks_every
+        tasks_due = step is None or every is None or step in (0, self.cfg.steps) or (every and step % every == 0)
+        result = {**self._eval_loss(), **(self._eval_tasks() if tasks_due else {})}
         return result or None
 
     def _eval_tasks(self) -> dict:
@@ -465,7 +468,7 @@ class Trainer:
         return record
 
     def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, bar, samples: bool = True) -> None:
-        result = self.evaluate()
+        result = self.evaluate(step)
         if result:
             self._write(metrics_file, {"step": step, **result})
             record.update(result)

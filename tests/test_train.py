@@ -375,16 +375,20 @@ def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
     task = tmp_path / "pets.jsonl"
     task.write_text("".join(json.dumps({"context": f"the {a} says", "choices": [" meow", " woof", " moo"], "gold": i % 3})
                             + "\n" for i, a in enumerate(["cat", "dog", "cow", "bird", "fish", "ant"])))
-    cfg = _config(tmp_path, corpus, steps=4, eval_every=4, eval_tasks=[str(task)])
+    # eval_tasks_every 0: scored before the first step and after the last only, not at step 2's eval.
+    cfg = _config(tmp_path, corpus, steps=4, eval_every=2, eval_tasks=[str(task)], eval_tasks_every=0)
     mesh = solarjax.make_mesh(1, 1, 1, jax.devices()[:1])
     trainer = Trainer(cfg, mesh)
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scored = {r["step"]: r for r in records if "task/pets/acc" in r}
     assert sorted(scored) == [0, 4] and "eval_loss" in scored[4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     config, params = load_params(tmp_path / "run" / "final")
     expected = evaluate_lib.evaluate(config, params, trainer.data.tokenizer, evaluate_lib.load_task(str(task)), mesh)
     for metric in ("acc", "acc_norm"):
         assert scored[4][f"task/pets/{metric}"] == pytest.approx(expected["results"]["pets"][metric])
+    with pytest.raises(ConfigError, match=r"eval_tasks_every must be null, 0 or a positive multiple of eval_every \(2\), got 3"):
+        _config(tmp_path / "bad", corpus, eval_every=2, eval_tasks_every=3)
     with pytest.raises(ConfigError, match="eval_tasks: .*nope.jsonl"):
         Trainer(_config(tmp_path / "bad", corpus, eval_tasks=[str(tmp_path / "nope.jsonl")]), mesh)

@@ -375,8 +375,9 @@ def logits(config: ModelConfig, params, token_ids, positions=None, segment_ids=N
 
 def _check_positions(pos_BT: np.ndarray, seg_BT: np.ndarray | None) -> None:
     """The Decoder's contract (attention_mask, self_attend): within a document, positions rise by
-    one per token."""
-    same_doc = np.ones_like(pos_BT[:, 1:], bool) if seg_BT is None else (seg_BT[:, 1:] == seg_BT[:, :-1])
+    one per token. Padding (segment 0, as the data pipeline pads) is no document: nothing attends to it."""
+    same_doc = (np.ones_like(pos_BT[:, 1:], bool) if seg_BT is None
+                else (seg_BT[:, 1:] == seg_BT[:, :-1]) & (seg_BT[:, 1:] > 0))
     bad = np.argwhere(same_doc & (pos_BT[:, 1:] != pos_BT[:, :-1] + 1))
     if len(bad):
         b, t = bad[0]

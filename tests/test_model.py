@@ -149,6 +149,12 @@ def test_logits_rejects_bad_token_ids():
     # A new document (segment) may restart its positions.
     solarjax.logits(config, params, np.array([[1, 2, 3]]), positions=np.array([[0, 1, 0]]),
                     segment_ids=np.array([[1, 1, 2]]))
+    # Padding as the data pipeline makes it (segment 0, position 0) is no document; a real one is checked.
+    solarjax.logits(config, params, np.array([[1, 2, 0, 0]]), positions=np.array([[0, 1, 0, 0]]),
+                    segment_ids=np.array([[1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="row 0, index 3 has position 0 after 0"):
+        solarjax.logits(config, params, np.array([[1, 2, 3, 4]]), positions=np.array([[0, 1, 0, 0]]),
+                        segment_ids=np.array([[1, 1, 2, 2]]))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -192,7 +192,9 @@ class Trainer:
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
                   f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
-                  f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}", file=sys.stderr)
+                  f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
+                  + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
+                  file=sys.stderr)
             if isinstance(self.data.train, data_lib.PackedExamples):
                 print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,15 @@
 """Objectives: SFT's assistant-token mask and loss, and DPO's loss and rewards, equal the same
 quantities computed independently with transformers (its tokenizer, its chat template, its model's
-log-probs); the packer never splits an example; SFT and DPO runs resume exactly."""
+log-probs); the packer never splits an example; SFT and DPO runs killed with SIGKILL resume exactly."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,7 +23,7 @@ import solarjax
 from solarjax import data as data_lib
 from solarjax import records
 from solarjax.config import ConfigError, DataConfig, train_config_from_dict
-from solarjax.trainer import Trainer
+from solarjax.trainer import Trainer, read_metrics
 from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -47,6 +53,7 @@ PAIRS = [  # (record, prompt messages, chosen text, rejected text)
       "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away"}]},  # UltraFeedback's
      [{"role": "user", "content": "Hi"}], "Hello!", "Go away"),
 ]
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(vocab_size=320, hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=2,
              bos_token_id=300, eos_token_id=304)
 
@@ -96,7 +103,7 @@ def _their_assistant_labels(tok, messages):
     return ids, labels
 
 
-def _cfg(tmp_path, models, objective, sources, **over):
+def _cfg_dict(tmp_path, models, objective, sources, **over) -> dict:
     d = {"init": {"from": str(models["policy"])}, "objective": objective,
          "data": {"sources": [str(s) for s in sources], "seq_len": 128, "num_proc": 1,
                   "cache_dir": str(models["root"] / "cache")},
@@ -109,7 +116,11 @@ def _cfg(tmp_path, models, objective, sources, **over):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return train_config_from_dict(d)
+    return d
+
+
+def _cfg(tmp_path, models, objective, sources, **over):
+    return train_config_from_dict(_cfg_dict(tmp_path, models, objective, sources, **over))
 
 
 def _mesh(n=2):
@@ -244,21 +255,57 @@ def test_the_packer_never_splits_an_example(pairs):
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_resume_is_exact(tmp_path, models, objective):
-    """Stopped after step 2 and resumed (a new Trainer, the reference rebuilt from init.from) ends
-    bit-identical to an uninterrupted run."""
+def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path, models, objective):
+    """train.py killed with SIGKILL (no handler runs, no last save) once it has saved a checkpoint of
+    step >= 2, then the same command: a new process restores that checkpoint, rebuilds the data
+    position and DPO's reference (from init.from), and ends with every step's loss and metrics (DPO's
+    rewards) and final parameters bit-identical to an uninterrupted run."""
     sources = models["sft"] if objective == "sft" else [models["more_pairs"]]
-    over = {"data.seq_len": 64, "global_batch": 2, "steps": 4}
-    straight = Trainer(_cfg(tmp_path / "a", models, objective, sources, **over), _mesh())
-    straight.run()
-    Trainer(_cfg(tmp_path / "b", models, objective, sources, **over), _mesh()).run(until=2)
-    resumed = Trainer(_cfg(tmp_path / "b", models, objective, sources, **over), _mesh())
-    assert int(resumed.state["step"]) == 2 and len(resumed.data.train) > 2
-    resumed.run()
-    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    steps = 12  # after step 2's checkpoint, ~1 s of steps and saves in which to kill it
+    over = {"data.seq_len": 64, "steps": steps, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+    config = tmp_path / "killed.yaml"
+    config.write_text(json.dumps(_cfg_dict(tmp_path / "killed", models, objective, sources, **over)))
+    job = [sys.executable, str(ROOT / "train.py"), "--config", str(config)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0",  # one device, as the mesh says
+           # The resumed process reads the killed one's compiled programs from disk (XLA's output
+           # for the same program; no state of the run): 2-3 s less.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run = tmp_path / "killed" / "run"
+    killed = subprocess.Popen(job, stderr=subprocess.DEVNULL, env=env)
+    saved = lambda: [int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit()]  # noqa: E731
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None and not any(s >= 2 for s in saved()):
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at = max(saved(), default=0)
+    assert 2 <= at < steps and not (run / "final").exists()
+
+    # The same command, and meanwhile (on the other core) the uninterrupted run as the reference.
+    with open(tmp_path / "resumed.err", "w") as err:
+        resumed = subprocess.Popen(job, stderr=err, env=env)
+    try:
+        straight = Trainer(_cfg(tmp_path / "straight", models, objective, sources, **over), _mesh(1))
+        straight.run()
+        resumed.wait(timeout=120)
+    finally:
+        resumed.kill()  # nothing if it has finished; no process left behind if anything above failed
+    stderr = (tmp_path / "resumed.err").read_text()
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"resumed from its checkpoint of step {at}" in stderr  # not started over
+    timing = {"tokens_per_s", "model_tflops_per_s", "mfu"}
+    metrics = lambda p: [{k: v for k, v in r.items() if k not in timing}  # noqa: E731
+                         for r in read_metrics(p / "run" / "metrics.jsonl")]
+    assert len(straight.data.train) > 2  # batches differ: resuming needs the data position
+    expected = metrics(tmp_path / "straight")
+    assert [r["step"] for r in expected] == list(range(1, steps + 1))
+    if objective == "dpo":
+        assert {"reward_margin", "chosen_reward", "rejected_reward", "reward_accuracy"} <= set(expected[0])
+    assert metrics(tmp_path / "killed") == expected
+    _, final = solarjax.load_model(run / "final")
+    for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(final), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    losses = lambda p: [r["loss"] for r in map(json.loads, (p / "run" / "metrics.jsonl").read_text().splitlines())]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
 def test_records_errors_name_the_record(models, tmp_path):

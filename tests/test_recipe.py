@@ -159,31 +159,40 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, list]:
 
 def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):  # noqa: F811
     def job(name):
-        d = _recipe_dict(tmp_path / name, corpus, base_steps=4, up_steps=40, checkpoint_every=5, eval_every=10,
+        # Killed once step 10's checkpoint exists: 10 steps (~5 s) left in which to kill it.
+        d = _recipe_dict(tmp_path / name, corpus, base_steps=4, up_steps=20, checkpoint_every=5, eval_every=10,
                          export=None)
         d["stages"] = {k: d["stages"][k] for k in ("base", "upscaled")}
         (tmp_path / f"{name}.yaml").write_text(json.dumps(d))
         return [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / f"{name}.yaml")]
 
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device, as the mesh says
-    straight = subprocess.run(job("straight"), capture_output=True, text=True, timeout=300, env=env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The uninterrupted run goes on beside the killed and the resumed one (on the other core).
+    with open(tmp_path / "straight.err", "w") as err:
+        straight = subprocess.Popen(job("straight"), stderr=err, env=env)
+    try:
+        killed = subprocess.Popen(job("killed"), stderr=subprocess.DEVNULL, env=env)
+        checkpoints = tmp_path / "killed" / "run" / "upscaled" / "checkpoints"
+        saved = lambda: [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]  # noqa: E731
+        deadline = time.time() + 240
+        while time.time() < deadline and killed.poll() is None and not any(s >= 10 for s in saved()):
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert killed.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+        at = max(saved(), default=0)
+        assert 10 <= at < 20
+        assert (tmp_path / "killed" / "run" / "base" / "done.json").is_file()
+        assert not (tmp_path / "killed" / "run" / "upscaled" / "done.json").exists()
 
-    killed = subprocess.Popen(job("killed"), stderr=subprocess.DEVNULL, env=env)
-    checkpoints = tmp_path / "killed" / "run" / "upscaled" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None and not (
-            checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 10 for p in checkpoints.iterdir())):
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    assert (tmp_path / "killed" / "run" / "base" / "done.json").is_file()
-    assert not (tmp_path / "killed" / "run" / "upscaled" / "done.json").exists()
-
-    resumed = subprocess.run(job("killed"), capture_output=True, text=True, timeout=300, env=env)
+        resumed = subprocess.run(job("killed"), capture_output=True, text=True, timeout=300, env=env)
+        straight.wait(timeout=300)
+    finally:
+        straight.kill()  # nothing if it has finished; no process left behind if anything above failed
+    assert straight.returncode == 0, (tmp_path / "straight.err").read_text()[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage 1/2 base: finished earlier, skipped" in resumed.stderr
+    assert f"resumed from its checkpoint of step {at}" in resumed.stderr  # not started over
     for stage in ("base", "upscaled"):
         a = read_metrics(tmp_path / "straight" / "run" / stage / "metrics.jsonl")
         b = read_metrics(tmp_path / "killed" / "run" / stage / "metrics.jsonl")

@@ -261,7 +261,7 @@ def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path, models, objective):
     position and DPO's reference (from init.from), and ends with every step's loss and metrics (DPO's
     rewards) and final parameters bit-identical to an uninterrupted run."""
     sources = models["sft"] if objective == "sft" else [models["more_pairs"]]
-    steps = 12  # after step 2's checkpoint, ~1 s of steps and saves in which to kill it
+    steps = 20  # after step 2's checkpoint, ~2 s of steps and saves in which to kill it (a busy machine is slower)
     over = {"data.seq_len": 64, "steps": steps, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
     config = tmp_path / "killed.yaml"
     config.write_text(json.dumps(_cfg_dict(tmp_path / "killed", models, objective, sources, **over)))

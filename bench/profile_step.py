@@ -2,10 +2,13 @@
 on a model preset, traced with jax.profiler, XLA's ops summed by name (fusions, GEMMs, copies).
 
   python bench/profile_step.py [--preset bench-small] [--batch 4] [--seq 512] [--steps 3] [--top 25]
+  python bench/profile_step.py --preset tiny-mistral --set num_layers=4 hidden_size=64 intermediate_size=128 \
+      head_dim=16 --seq 256     (the demo's base)
 """
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import sys
@@ -32,8 +35,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--loss-chunk-tokens", type=int, default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="model fields over the preset's")
     args = p.parse_args(argv)
-    config = solarjax.preset(args.preset)
+    config = dataclasses.replace(solarjax.preset(args.preset),
+                                 **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     cfg = TrainConfig(model=config, data=DataConfig(seq_len=args.seq), global_batch=args.batch,
                       loss_chunk_tokens=args.loss_chunk_tokens)
     mesh = make_mesh(1, 1, 1)

@@ -5,10 +5,8 @@ log-probs); the packer never splits an example; SFT and DPO runs killed with SIG
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +22,7 @@ from solarjax import data as data_lib
 from solarjax import records
 from solarjax.config import ConfigError, DataConfig, train_config_from_dict
 from solarjax.trainer import Trainer, read_metrics
+from killing import sigkill_after_checkpoint
 from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -271,15 +270,7 @@ def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path, models, objective):
            # for the same program; no state of the run): 2-3 s less.
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     run = tmp_path / "killed" / "run"
-    killed = subprocess.Popen(job, stderr=subprocess.DEVNULL, env=env)
-    saved = lambda: [int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit()]  # noqa: E731
-    deadline = time.time() + 120
-    while time.time() < deadline and killed.poll() is None and not any(s >= 2 for s in saved()):
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    at = max(saved(), default=0)
+    at = sigkill_after_checkpoint(job, env, run / "checkpoints", 2, timeout=120)
     assert 2 <= at < steps and not (run / "final").exists()
 
     # The same command, and meanwhile (on the other core) the uninterrupted run as the reference.

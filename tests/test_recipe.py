@@ -7,11 +7,9 @@ export must be what they claim."""
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +23,7 @@ from solarjax import data as data_lib
 from solarjax import recipe as recipe_lib
 from solarjax.config import ConfigError, load_job, recipe_config_from_dict
 from solarjax.trainer import read_metrics
+from killing import sigkill_after_checkpoint
 from test_train import TINY, corpus  # noqa: F401  (the corpus fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,16 +170,8 @@ def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):
     with open(tmp_path / "straight.err", "w") as err:
         straight = subprocess.Popen(job("straight"), stderr=err, env=env)
     try:
-        killed = subprocess.Popen(job("killed"), stderr=subprocess.DEVNULL, env=env)
-        checkpoints = tmp_path / "killed" / "run" / "upscaled" / "checkpoints"
-        saved = lambda: [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]  # noqa: E731
-        deadline = time.time() + 240
-        while time.time() < deadline and killed.poll() is None and not any(s >= 10 for s in saved()):
-            time.sleep(0.05)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        assert killed.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-        at = max(saved(), default=0)
+        at = sigkill_after_checkpoint(job("killed"), env, tmp_path / "killed" / "run" / "upscaled" / "checkpoints", 10,
+                                      timeout=240)
         assert 10 <= at < 20
         assert (tmp_path / "killed" / "run" / "base" / "done.json").is_file()
         assert not (tmp_path / "killed" / "run" / "upscaled" / "done.json").exists()

@@ -569,7 +569,7 @@ class Scorer:
         self.config, self.params, self.mesh = config, params, mesh
         self.batch_size = -(-batch_size // rows) * rows  # whole rows per device
         self.sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # rows; any rank
-        self.compiled: dict[int, object] = {}
+        self.compiled: dict[tuple[int, int], object] = {}  # (T, C) -> the compiled _score
         self.stats = {"scored_tokens": 0, "score_s": 0.0, "compile_s": 0.0, "generated_tokens": 0, "generate_s": 0.0}
 
     def _compiled(self, T: int, C: int):

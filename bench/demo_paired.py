@@ -17,15 +17,15 @@ import numpy as np
 import solarjax
 from solarjax.checkpoint import load_params
 from solarjax.config import load_job
-from solarjax.data import Batches, load_data
+from solarjax.data import load_data, stack_sequences
 from solarjax.recipe import stage_train_config
 
 
-def window_sums(config, params, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+def window_sums(config, params, windows, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Per window: summed next-token nll where the next token is in the same document, and the count."""
     nll, count = [], []
-    for step in range(batches.steps_per_epoch):
-        b = batches.batch(step)
+    for start in range(0, len(windows), rows):
+        b = stack_sequences([windows.sequence(i) for i in range(start, min(start + rows, len(windows)))])
         z = np.asarray(solarjax.logits(config, params, b["tokens"], b["positions"], b["segment_ids"]), np.float64)
         logp = z - z.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -41,12 +41,11 @@ def main(path: str, first: str = "upscaled", second: str = "control") -> None:
     recipe = load_job(path)
     cfg = stage_train_config(recipe, recipe.stages[0])
     data = load_data(cfg.data)
-    batches = Batches(data.validation, cfg.global_batch, seed=0)
     mesh = solarjax.make_mesh(1, 1, 1, jax.devices()[:1])
     scores = {}
     for stage in (first, second):
         config, params = load_params(Path(recipe.run_dir) / stage / "final", mesh)
-        scores[stage] = window_sums(config, params, batches)
+        scores[stage] = window_sums(config, params, data.validation, cfg.global_batch)
     (a, n), (b, n2) = scores[first], scores[second]
     assert (n == n2).all()
     diff = a.sum() / n.sum() - b.sum() / n.sum()

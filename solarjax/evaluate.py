@@ -38,13 +38,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder
-from solarjax.sharding import make_mesh, mesh_from_flag
+from solarjax.sharding import global_from_host, host_value, make_mesh, mesh_from_flag
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 FEWSHOT_DELIMITER = "\n\n"
@@ -549,17 +548,6 @@ def _bucket(n: int, cap: int) -> int:
     return min(max(32, 1 << (n - 1).bit_length()), cap)
 
 
-def _global(a: np.ndarray, sharding):
-    """A host array that every process holds whole, as a global array on `sharding` (device_put
-    alone cannot place it on another process's devices)."""
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-
-def _host(x) -> np.ndarray:
-    """A global array's value on every process (its rows may live on several)."""
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
 class Scorer:
     """Log-likelihoods of (context tokens, continuation tokens) pairs in padded batches of
     `batch_size` rows per length bucket, on `mesh`'s devices (rows over data x fsdp)."""
@@ -610,8 +598,8 @@ class Scorer:
                 fn = self._compiled(T, C)
                 t0 = time.perf_counter()
                 with jax.set_mesh(self.mesh):
-                    sums, greedy = fn(self.params, *(_global(a, self.sharding) for a in (tokens, starts, targets, mask)))
-                sums, greedy = _host(sums), _host(greedy)
+                    sums, greedy = fn(self.params, *(global_from_host(a, self.sharding) for a in (tokens, starts, targets, mask)))
+                sums, greedy = host_value(sums), host_value(greedy)
                 self.stats["score_s"] += time.perf_counter() - t0
                 self.stats["scored_tokens"] += int(sum(len(rows[j][0]) - 1 for j in group))
                 for r, j in enumerate(group):

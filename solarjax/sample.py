@@ -28,11 +28,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder, init_cache
-from solarjax.sharding import mesh_from_flag
+from solarjax.sharding import host_value, mesh_from_flag
 from solarjax.xla_cpu import decode_params
 
 
@@ -202,9 +201,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     t1 = time.perf_counter()
     out, steps = jax.block_until_ready(decode(params, cache, first, lengths, rng, *knobs))
     t2 = time.perf_counter()
-    # On a mesh spanning processes, each holds only its shards of the tokens.
-    out, steps = (x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
-                  for x in (out, steps))
+    out, steps = host_value(out), host_value(steps)
     prefill_s, decode_s = t1 - t0, t2 - t1
     results, generated = [], 0
     for row in np.asarray(out):

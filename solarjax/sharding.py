@@ -12,6 +12,8 @@ import warnings
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -107,6 +109,18 @@ def param_shardings(boxed_abstract, mesh: Mesh):
                           f"{name} {dim} is not divisible by mesh {sizes}, so that dim is replicated{why}")
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def global_from_host(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, as a global array on `sharding` (device_put
+    alone cannot place it on another process's devices)."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """A global array's whole value on every process (on a mesh spanning processes, each holds only
+    its shards)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def platform() -> str:

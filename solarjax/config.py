@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from solarjax.errors import ConfigError  # noqa: F401  (solarjax.config.ConfigError, as before)
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # see solarjax.attention
@@ -22,10 +24,6 @@ ROPE_SCALING_KEYS = {
     "yarn": (("factor", "original_max_position_embeddings"),
              ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

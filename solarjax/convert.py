@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from solarjax import checkpoint, hf, merge, upscale
+from solarjax.errors import cli
 from solarjax.sharding import mesh_from_flag
 from solarjax.tensorfile import check_output, parse_size
 
@@ -68,30 +69,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     sources = [args.ckpt] if args.command == "jax-to-hf" else args.hf if args.command == "merge" else [args.hf]
-    try:
-        check_output(args.out, sources)  # before loading: refused at once, not after minutes of reading
-        if args.command == "merge":
-            merge.merge_hf(args.hf, args.out, args.method, weights=merge.parse_weights(args.weights), t=args.t,
-                           dtype=args.dtype, shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
-        elif args.command == "hf-to-jax":
-            config, params = hf.load_hf(args.hf, mesh_from_flag("1,-1,1"))  # over all local devices
-            checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
-                                   inputs=[args.hf])
-        elif args.command == "upscale":
-            spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers)
-            upscale.upscale_hf(args.hf, args.out, spec, arch=args.arch, dtype=args.dtype,
-                               shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
-        else:
-            shard_size = parse_size(args.shard_size)
-            config, params = checkpoint.load_params(args.ckpt, mesh_from_flag("1,-1,1"))
-            hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
-                       tokenizer_dir=args.ckpt, overwrite=args.overwrite, inputs=[args.ckpt])
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # every solarjax input error is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_output(args.out, sources)  # before loading: refused at once, not after minutes of reading
+    if args.command == "merge":
+        merge.merge_hf(args.hf, args.out, args.method, weights=merge.parse_weights(args.weights), t=args.t,
+                       dtype=args.dtype, shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
+    elif args.command == "hf-to-jax":
+        config, params = hf.load_hf(args.hf, mesh_from_flag("1,-1,1"))  # over all local devices
+        checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
+                               inputs=[args.hf])
+    elif args.command == "upscale":
+        spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers)
+        upscale.upscale_hf(args.hf, args.out, spec, arch=args.arch, dtype=args.dtype,
+                           shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
+    else:
+        shard_size = parse_size(args.shard_size)
+        config, params = checkpoint.load_params(args.ckpt, mesh_from_flag("1,-1,1"))
+        hf.save_hf(config, params, args.out, arch=args.arch, dtype=args.dtype, shard_size=shard_size,
+                   tokenizer_dir=args.ckpt, overwrite=args.overwrite, inputs=[args.ckpt])
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -35,13 +35,14 @@ from tqdm.auto import tqdm
 
 from solarjax.config import DataConfig
 from solarjax.tokenizer import Tokenizer, resolve_tokenizer
+from solarjax.errors import SolarjaxError
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
            ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-class DataError(ValueError):
+class DataError(SolarjaxError):
     """A data source is missing, empty or malformed; the message names the file or field."""
 
 

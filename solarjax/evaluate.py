@@ -44,12 +44,13 @@ from tqdm import tqdm
 from solarjax.config import ModelConfig
 from solarjax.model import Decoder
 from solarjax.sharding import global_from_host, host_value, make_mesh, mesh_from_flag
+from solarjax.errors import SolarjaxError, cli
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 FEWSHOT_DELIMITER = "\n\n"
 
 
-class TaskError(ValueError):
+class TaskError(SolarjaxError):
     """A task name, file or field is wrong; the message names it."""
 
 
@@ -807,39 +808,33 @@ def _format_text(out: dict) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv=None) -> int:
     from solarjax.checkpoint import load_model
     from solarjax.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 
     args = _parser().parse_args(argv)
-    try:
-        for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
-                            ("--max-gen-tokens", args.max_gen_tokens)):
-            if value is not None and value < 1:
-                raise TaskError(f"{name} must be a positive integer, got {value}")
-        if args.num_fewshot is not None and args.num_fewshot < 0:
-            raise TaskError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-        try:
-            mesh = mesh_from_flag(args.mesh)
-        except ValueError as e:
-            raise TaskError(str(e)) from None
-        entries = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not entries:
-            raise TaskError("--tasks names no task")
-        tasks = [t for entry in entries for t in load_task(entry, args.num_fewshot)]
-        path = Path(args.ckpt or args.hf)
-        source = args.tokenizer or path
-        if args.tokenizer is None and not has_tokenizer(path):
-            raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; name the model's tokenizer with "
-                                 f"--tokenizer (scores depend on it, so none is assumed)")
-        config, params = load_model(path, mesh)
-        tokenizer = load_tokenizer(source).check_fits(config.vocab_size, str(path))
-        items = [] if args.log_items else None
-        t0 = time.perf_counter()
-        out = evaluate(config, params, tokenizer, tasks, mesh, args.batch_size, args.limit, args.max_gen_tokens, items)
-    except (TaskError, TokenizerError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
+                        ("--max-gen-tokens", args.max_gen_tokens)):
+        if value is not None and value < 1:
+            raise TaskError(f"{name} must be a positive integer, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise TaskError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    mesh = mesh_from_flag(args.mesh)
+    entries = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not entries:
+        raise TaskError("--tasks names no task")
+    tasks = [t for entry in entries for t in load_task(entry, args.num_fewshot)]
+    path = Path(args.ckpt or args.hf)
+    source = args.tokenizer or path
+    if args.tokenizer is None and not has_tokenizer(path):
+        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; name the model's tokenizer with "
+                             f"--tokenizer (scores depend on it, so none is assumed)")
+    config, params = load_model(path, mesh)
+    tokenizer = load_tokenizer(source).check_fits(config.vocab_size, str(path))
+    items = [] if args.log_items else None
+    t0 = time.perf_counter()
+    out = evaluate(config, params, tokenizer, tasks, mesh, args.batch_size, args.limit, args.max_gen_tokens, items)
     out["config"] = {"model": str(path), "tokenizer": str(tokenizer.path), "tasks": entries,
                      "num_fewshot": {t.group or t.name: t.num_fewshot for t in tasks}, "limit": args.limit,
                      "batch_size": args.batch_size, "max_gen_tokens": args.max_gen_tokens,

@@ -27,6 +27,7 @@ from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
                                  plan_shards, write_safetensors)
 from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
+from solarjax.errors import SolarjaxError
 
 ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_ARCHITECTURES = {v: k for k, v in ARCHITECTURES.items()}
@@ -36,7 +37,7 @@ SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.b
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(SolarjaxError):
     """An HF checkpoint or config does not match what solarjax expects; the message names it."""
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from solarjax import checkpoint, hf
 from solarjax.config import ModelConfig
 from solarjax.tensorfile import SafetensorsWriter, TensorInfo, atomic_output_dir, check_output, plan_shards
+from solarjax.errors import SolarjaxError
 
 DOT_THRESHOLD = 0.9995  # mergekit's: directions closer than this are treated as parallel
 EPS = 1e-8  # mergekit's: a tensor with a norm at or below this is not normalised
@@ -39,7 +40,7 @@ SAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "
                "qkv_bias")
 
 
-class MergeError(ValueError):
+class MergeError(SolarjaxError):
     """The inputs cannot be merged as asked; the message names the model, field or tensor."""
 
 

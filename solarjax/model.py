@@ -26,6 +26,7 @@ from solarjax.attention import attend, attention_mask, self_attend
 from solarjax import xla_cpu
 from solarjax.config import ModelConfig
 from solarjax.sharding import constrain, param_shardings
+from solarjax.errors import SolarjaxError
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -363,11 +364,11 @@ def logits(config: ModelConfig, params, token_ids, positions=None, segment_ids=N
     """
     tokens_BT = np.asarray(token_ids)
     if tokens_BT.ndim != 2 or not np.issubdtype(tokens_BT.dtype, np.integer):
-        raise ValueError(f"token_ids must be integers of shape [batch, length], got {tokens_BT.dtype} "
+        raise SolarjaxError(f"token_ids must be integers of shape [batch, length], got {tokens_BT.dtype} "
                          f"{list(tokens_BT.shape)}")
     if tokens_BT.size and (tokens_BT.min() < 0 or tokens_BT.max() >= config.vocab_size):
         bad = tokens_BT.max() if tokens_BT.max() >= config.vocab_size else tokens_BT.min()
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
+        raise SolarjaxError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
     if positions is not None:
         _check_positions(np.asarray(positions), None if segment_ids is None else np.asarray(segment_ids))
     return _forward(config, params, jnp.asarray(tokens_BT, jnp.int32), positions, segment_ids)
@@ -381,5 +382,5 @@ def _check_positions(pos_BT: np.ndarray, seg_BT: np.ndarray | None) -> None:
     bad = np.argwhere(same_doc & (pos_BT[:, 1:] != pos_BT[:, :-1] + 1))
     if len(bad):
         b, t = bad[0]
-        raise ValueError(f"positions must rise by one per token within a document: row {b}, index {t + 1} has "
+        raise SolarjaxError(f"positions must rise by one per token within a document: row {b}, index {t + 1} has "
                          f"position {pos_BT[b, t + 1]} after {pos_BT[b, t]} (give segment_ids to start a new one)")

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from solarjax.config import OptimConfig
+from solarjax.errors import ConfigError
 
 
 def schedule(cfg: OptimConfig, total_steps: int, extensions: tuple[tuple[int, int], ...] = ()) -> optax.Schedule:
@@ -78,7 +79,7 @@ def _train_only(inner: optax.GradientTransformation, trainable) -> optax.Gradien
         mask = np.asarray(leaf, np.float32)
         if not np.isin(mask, (0, 1)).all():
             bad = [float(x) for x in np.unique(mask) if x not in (0, 1)][:3]
-            raise ValueError(f"trainable{jax.tree_util.keystr(path)} holds {bad}; a freeze mask holds only "
+            raise ConfigError(f"trainable{jax.tree_util.keystr(path)} holds {bad}; a freeze mask holds only "
                              f"0 (frozen) and 1 (trained)")
         labels.append("frozen" if not mask.any() else "trained")
         masks.append(None if mask.all() or not mask.any() else mask)  # only partly trained leaves multiply
@@ -91,7 +92,7 @@ def _train_only(inner: optax.GradientTransformation, trainable) -> optax.Gradien
         if jax.tree.structure(params) != jax.tree.structure(trainable):
             names = {jax.tree_util.keystr(p) for p, _ in leaves}
             masked = {jax.tree_util.keystr(p) for p, _ in paths_masks}
-            raise ValueError(f"the trainable tree must have the params' structure; params only: "
+            raise ConfigError(f"the trainable tree must have the params' structure; params only: "
                              f"{' '.join(sorted(names - masked)[:3]) or 'none'}, trainable only: "
                              f"{' '.join(sorted(masked - names)[:3]) or 'none'}")
         for (path, param), (_, mask) in zip(leaves, paths_masks):
@@ -100,7 +101,7 @@ def _train_only(inner: optax.GradientTransformation, trainable) -> optax.Gradien
             except ValueError:
                 fits = False
             if not fits:
-                raise ValueError(f"trainable{jax.tree_util.keystr(path)} has shape {list(np.shape(mask))}, which "
+                raise ConfigError(f"trainable{jax.tree_util.keystr(path)} has shape {list(np.shape(mask))}, which "
                                  f"does not broadcast to the parameter's {list(param.shape)}")
         return optax.EmptyState()
 

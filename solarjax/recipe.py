@@ -26,6 +26,7 @@ from solarjax.config import ModelConfig, RecipeConfig, StageConfig
 from solarjax.model import param_count
 from solarjax.topology import model_flops_per_token, planned_model_config
 from solarjax.trainer import Trainer, read_metrics
+from solarjax.rundir import lock_run_dir
 
 DONE_FILE = "done.json"
 # The stages whose losses make SOLAR's claim, by name: (summary key, stage, which eval).
@@ -51,7 +52,17 @@ def _tokens_per_step(cfg) -> int:
 
 def run_recipe(recipe: RecipeConfig, mesh=None) -> dict | None:
     """Runs the stages in order (skipping finished ones); returns the summary, or None when a stage
-    was stopped (SIGTERM/Ctrl-C) before its last step: the same command resumes it."""
+    was stopped (SIGTERM/Ctrl-C) before its last step: the same command resumes it. The recipe's
+    run directory is locked for the whole job (each stage's Trainer locks its own as well)."""
+    lock = lock_run_dir(recipe.run_dir)
+    try:
+        return _run_stages(recipe, mesh)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(recipe: RecipeConfig, mesh) -> dict | None:
     for i, stage in enumerate(recipe.stages):
         cfg = stage_train_config(recipe, stage)
         stage_dir = Path(cfg.run_dir)

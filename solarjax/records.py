@@ -29,12 +29,13 @@ import sysconfig
 from pathlib import Path
 
 from solarjax.tokenizer import Tokenizer
+from solarjax.errors import SolarjaxError
 
 # map statuses, counted in the token cache's meta.json
 OK, EMPTY, NO_TARGET = 0, 1, 2
 
 
-class RecordError(ValueError):
+class RecordError(SolarjaxError):
     """A record does not have a known layout or cannot be rendered; the message names it."""
 
 

@@ -33,9 +33,10 @@ from solarjax.config import ModelConfig
 from solarjax.model import Decoder, init_cache
 from solarjax.sharding import host_value, mesh_from_flag
 from solarjax.xla_cpu import decode_params
+from solarjax.errors import SolarjaxError, cli
 
 
-class SamplingError(ValueError):
+class SamplingError(SolarjaxError):
     """A sampling option or prompt is out of range; the message names it."""
 
 
@@ -246,45 +247,42 @@ def _parser():
     return p
 
 
+@cli
 def main(argv=None) -> int:
     from solarjax.checkpoint import load_model
     from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer
 
     args = _parser().parse_args(argv)
-    try:
-        prompts = list(args.prompt)
-        if args.prompts_file:
-            try:
-                prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
-                            if line.strip()]
-            except OSError as e:
-                raise SamplingError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
-        if not prompts:
-            raise SamplingError("give at least one --prompt or a --prompts-file")
-        for i, text in enumerate(prompts):
-            if not text.strip():
-                raise SamplingError(f"prompt {i} is empty")
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        path = Path(args.ckpt or args.hf)
-        mesh = mesh_from_flag(args.mesh)
-        config, params = load_model(path, mesh)
-        if args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
-        elif has_tokenizer(path):
-            tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
-        else:  # never a guess: Llama 2's 32000 ids are not Mistral's
-            raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
-                                 f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
-        if args.chat:
-            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in prompts]
-        else:
-            ids = tokenizer.encode_batch(prompts)
-        with jax.set_mesh(mesh):
-            results = generate(config, params, ids, sampling, tokenizer.eos_ids)
-    except (SamplingError, TokenizerError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
+                        if line.strip()]
+        except OSError as e:
+            raise SamplingError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+    if not prompts:
+        raise SamplingError("give at least one --prompt or a --prompts-file")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise SamplingError(f"prompt {i} is empty")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    path = Path(args.ckpt or args.hf)
+    mesh = mesh_from_flag(args.mesh)
+    config, params = load_model(path, mesh)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
+    elif has_tokenizer(path):
+        tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
+    else:  # never a guess: Llama 2's 32000 ids are not Mistral's
+        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
+                             f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
+    if args.chat:
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+               for p in prompts]
+    else:
+        ids = tokenizer.encode_batch(prompts)
+    with jax.set_mesh(mesh):
+        results = generate(config, params, ids, sampling, tokenizer.eos_ids)
     for text, r in zip(prompts, results):
         ids = [t for t in r["token_ids"] if t not in tokenizer.eos_ids]
         completion = tokenizer.decode(ids)

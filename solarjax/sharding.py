@@ -16,6 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from solarjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes, in order of preference. One table for parameters and activations.
@@ -39,13 +41,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
+        raise ConfigError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} has {math.prod(sizes)} "
+        raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} has {math.prod(sizes)} "
                          f"devices, but {len(devices)} are present")
     # Auto axes: GSPMD propagates shardings from parameters and the few hints in model.py.
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
@@ -59,7 +61,7 @@ def mesh_from_flag(text: str, flag: str = "--mesh") -> Mesh:
         sizes = [int(x) for x in text.split(",")]
         assert len(sizes) == 3
     except (ValueError, AssertionError):
-        raise ValueError(f"{flag} must be three integers data,fsdp,tensor, got {text!r}") from None
+        raise ConfigError(f"{flag} must be three integers data,fsdp,tensor, got {text!r}") from None
     devices = jax.local_devices()
     if -1 not in sizes:  # a smaller mesh takes the first devices
         devices = devices[:math.prod(sizes)]

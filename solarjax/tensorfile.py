@@ -19,6 +19,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from solarjax.errors import ConfigError, OutputExistsError, SolarjaxError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -27,7 +29,7 @@ DTYPES = {
 _CODES = {v: k for k, v in DTYPES.items()}
 
 
-class TensorFileError(ValueError):
+class TensorFileError(SolarjaxError):
     """A tensor file is malformed, truncated, or does not hold what was expected."""
 
 
@@ -214,7 +216,7 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = -1
     if unit not in units or value <= 0:
-        raise ValueError(f"shard size {text!r} is not a size like 5GB, 500MB or 2GiB")
+        raise ConfigError(f"shard size {text!r} is not a size like 5GB, 500MB or 2GiB")
     return int(value * units[unit])
 
 
@@ -229,7 +231,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
         relation = ("is" if where == source else "lies inside" if source in where.parents
                     else "contains" if where in source.parents else None)
         if relation:
-            raise ValueError(f"output {out} {relation} the input {given}; writing there would destroy the "
+            raise ConfigError(f"output {out} {relation} the input {given}; writing there would destroy the "
                              f"input, so choose an output outside it")
 
 
@@ -241,7 +243,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable
     check_output(out, inputs)
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

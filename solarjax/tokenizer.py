@@ -29,6 +29,8 @@ from pathlib import Path
 import sentencepiece as spm
 import tokenizers
 
+from solarjax.errors import SolarjaxError
+
 # Files that make up a tokenizer, copied with every checkpoint and export. generation_config.json
 # rides along because it holds the stop ids; special_ids.json is solarjax's record of config.json's
 # bos/eos/pad ids inside its own checkpoints (see hf.special_ids).
@@ -37,7 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 SPECIAL_IDS_FILE = "special_ids.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SolarjaxError):
     """A tokenizer file is missing or does not fit the model, or a chat cannot be rendered."""
 
 
@@ -221,9 +223,24 @@ class Tokenizer:
         if not template:
             raise TokenizerError(f"{self.directory or self.path}: the model has no chat template "
                                  f"(tokenizer_config.json 'chat_template' or chat_template.jinja)")
-        text = _compile(template).render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        try:
+            text = _compile(template).render(messages=messages, tools=None, documents=None,
+                                             add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except TokenizerError:  # the template's own raise_exception: its message is for the user
+            raise
+        except Exception as e:  # the template is the model directory's code: what fails in it is its fault
+            raise TokenizerError(f"{self.chat_template_origin}: the chat template cannot be rendered "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from None
         return self._ids(text)
+
+    @property
+    def chat_template_origin(self) -> str:
+        """Where chat_template comes from, for messages."""
+        if self._chat_template_override is not None:
+            return "data.chat_template"
+        if self.directory and (self.directory / "chat_template.jinja").is_file():
+            return str(self.directory / "chat_template.jinja")
+        return str((self.directory or self.path.parent) / "tokenizer_config.json")
 
     # -- checks and copies ----------------------------------------------------------------------
 

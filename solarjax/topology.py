@@ -8,10 +8,8 @@ it; compile_for_topology alone needs the trainer's step and imports it when call
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -70,15 +68,7 @@ def planned_model_config(cfg: TrainConfig) -> ModelConfig:
     """The model a run of `cfg` trains, read from configs alone (no parameters are loaded)."""
     model_config = cfg.model
     if model_config is None:
-        source = Path(cfg.init.source)
-        if ckpt_lib.is_checkpoint(source):
-            model_config = ModelConfig.load(source / ckpt_lib.CONFIG_FILE)
-        elif (source / "config.json").is_file():
-            from solarjax import hf
-            model_config = hf.config_from_hf(json.loads((source / "config.json").read_text()), str(source))
-        else:
-            raise FileNotFoundError(f"init.from {source}: neither an HF model directory nor a solarjax checkpoint")
-        model_config = model_config.replace(**cfg.model_runtime)
+        model_config = ckpt_lib.model_config_of(cfg.init.source).replace(**cfg.model_runtime)
     if cfg.init.upscale:
         plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
         model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from solarjax.errors import ConfigError, cli
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="train.py", description=__doc__,
@@ -31,51 +33,37 @@ def _parser():
     return p
 
 
+@cli
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import jax
-    from solarjax.config import ConfigError, RecipeConfig, load_job
-    try:
-        cfg = load_job(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from solarjax.config import RecipeConfig, load_job
+    cfg = load_job(args.config, args.overrides)
     if args.compile_only:
         import json
         from solarjax.topology import compile_for_topology
         if not args.topology:
-            print("error: --compile-only needs --topology (e.g. v5p-128)", file=sys.stderr)
-            return 2
-        try:
-            if isinstance(cfg, RecipeConfig):
-                from solarjax.recipe import stage_train_config
-                names = [s.name for s in cfg.stages]
-                if args.stage is not None and args.stage not in names:
-                    raise ConfigError(f"--stage {args.stage!r} is not a stage of {args.config} ({', '.join(names)})")
-                cfg = stage_train_config(cfg, cfg.stage(args.stage or names[-1]))
-            print(json.dumps(compile_for_topology(cfg, args.topology), indent=2))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise ConfigError("--compile-only needs --topology (e.g. v5p-128)")
+        if isinstance(cfg, RecipeConfig):
+            from solarjax.recipe import stage_train_config
+            names = [s.name for s in cfg.stages]
+            if args.stage is not None and args.stage not in names:
+                raise ConfigError(f"--stage {args.stage!r} is not a stage of {args.config} ({', '.join(names)})")
+            cfg = stage_train_config(cfg, cfg.stage(args.stage or names[-1]))
+        print(json.dumps(compile_for_topology(cfg, args.topology), indent=2))
         return 0
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
-            print("error: --coordinator needs --num-processes and --process-id", file=sys.stderr)
-            return 2
+            raise ConfigError("--coordinator needs --num-processes and --process-id")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed == "auto":
         jax.distributed.initialize()
-    from solarjax.trainer import NonFiniteLossError, Trainer
-    try:
-        if isinstance(cfg, RecipeConfig):
-            from solarjax.recipe import run_recipe
-            run_recipe(cfg)
-            return 0
-        trainer = Trainer(cfg)
-        record = trainer.run()
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from solarjax.trainer import Trainer
+    if isinstance(cfg, RecipeConfig):
+        from solarjax.recipe import run_recipe
+        run_recipe(cfg)
+        return 0
+    record = Trainer(cfg).run()
     if record:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"), file=sys.stderr)
     return 0

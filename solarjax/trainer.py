@@ -9,7 +9,9 @@ replayed. SIGTERM or Ctrl-C saves a checkpoint at the next step boundary before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -35,10 +37,12 @@ from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
+from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
+from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
 from solarjax.topology import model_flops_per_token, peak_tflops_per_device
@@ -54,12 +58,13 @@ def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: i
     return loss, metrics[lm.count]
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(SolarjaxError, FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-class CheckpointError(ValueError):
-    """No checkpoint of the run directory can be restored; the message names the folder and steps."""
+class CheckpointError(SolarjaxError):
+    """The run's checkpoints cannot be restored (all damaged), or were saved by a run this config
+    cannot continue (another optimizer structure); the message names the folder and what to do."""
 
 
 def new_state(optimizer, params) -> dict:
@@ -136,6 +141,17 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.objective = objectives_lib.get(cfg.objective)
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
+        self._lock = lock_run_dir(self.run_dir)  # before anything in the run directory is touched
+        try:
+            self._setup(mesh)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _setup(self, mesh) -> None:
+        cfg = self.cfg
+        ckpt_lib.drop_orbax_leftovers()  # a damaged checkpoint or a full disk: our one line, not orbax's noise
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
         param_dtype = (cfg.model.param_dtype if cfg.model is not None
@@ -145,7 +161,8 @@ class Trainer:
                               f"updates would take that dtype and most small updates round away (68% of "
                               f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
                               f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
-        self.data = data_lib.load_data(cfg.data, model_dir=cfg.init.source, layout=self.objective.layout)
+        model_dir = ckpt_lib.tokenizer_dir(cfg.init.source) if cfg.init.source and cfg.data.tokenizer is None else None
+        self.data = data_lib.load_data(cfg.data, model_dir=model_dir, layout=self.objective.layout)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.global_batch % (batch_rows * cfg.microbatches):
@@ -153,6 +170,7 @@ class Trainer:
                               + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
+            item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
         # The optimizer state's structure does not depend on the schedule, which needs the step.
         resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps))
@@ -200,37 +218,64 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
+            (self.run_dir / "tokenizer").mkdir(exist_ok=True)
+            self.data.tokenizer.save(self.run_dir / "tokenizer")  # init.from: RUN/checkpoints/STEP finds it here
             (self.run_dir / SCHEDULE_FILE).write_text(json.dumps({"segments": self.schedule_plan}) + "\n")
 
     def _restore_newest_good(self, optimizer) -> tuple[int, dict | None]:
-        """(step, state) of the newest checkpoint that restores, or (0, None) for a new run. A
-        damaged one (a crash mid-write, a truncated file) is moved aside to damaged-STEP with a
-        warning, so that the run goes on from the one before and can save that step again."""
+        """(step, state) of the newest checkpoint that restores, or (0, None) for a new run.
+
+        First what each checkpoint holds (orbax's metadata: every array's path and shape) is
+        compared with the state this config builds: a difference is a change of config (e.g.
+        optim.grad_clip added or removed, which changes the optimizer's structure), not damage,
+        and stops the run naming it, with nothing moved. Only a checkpoint that cannot be read (a
+        crash mid-write, a truncated or missing file) is moved aside to damaged-STEP with one
+        warning line, so that the run goes on from the one before and can save that step again."""
         steps = sorted(self.checkpoints.all_steps(), reverse=True)
         if not steps:
             return 0, None
         self.model_config = self._saved_model_config()
         target = abstract_state(self.model_config, optimizer, self.mesh)
+        expected = ckpt_lib.tree_shapes(target)
         folder = self.run_dir / "checkpoints"
-        for i, step in enumerate(steps):
+        for step in steps:
+            try:
+                saved = self.checkpoints.item_metadata(step)
+                if saved is None:
+                    raise FileNotFoundError("its metadata is missing")
+            except Exception as e:  # orbax raises many types for a damaged file; any means unreadable
+                self._move_aside(folder, step, e)
+                continue
+            mismatch = ckpt_lib.state_mismatch(ckpt_lib.tree_shapes(saved), expected)
+            if mismatch:
+                raise CheckpointError(
+                    f"{folder / str(step)} does not match this config's train state: {mismatch}. The config "
+                    f"changed how the state is built (optim.grad_clip on or off, trainable, ...); nothing was "
+                    f"moved. Change the config back to resume, or start a new run_dir from these weights with "
+                    f"init.from: {folder / str(step)} (its parameters, with a fresh optimizer)")
             try:
                 return step, self.checkpoints.restore(step, args=ocp.args.StandardRestore(target))
-            except Exception as e:  # orbax and tensorstore raise many types; any of them means unreadable
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                aside = folder / f"damaged-{step}"
-                n = 1
-                while aside.exists():  # damaged before, in an earlier attempt
-                    n += 1
-                    aside = folder / f"damaged-{step}-{n}"
-                if jax.process_index() == 0:
-                    (folder / str(step)).rename(aside)
-                print(f"warning: checkpoint {folder / str(step)} cannot be restored ({reason}); moved to "
-                      f"{aside}; trying the one before", file=sys.stderr)
-                if jax.process_count() > 1:
-                    multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
-                self.checkpoints.reload()  # forget the step that moved
+            except Exception as e:
+                self._move_aside(folder, step, e)
         raise CheckpointError(f"{folder}: no checkpoint can be restored (steps {steps} are damaged and were "
                               f"moved to damaged-STEP); remove {self.run_dir} to start over")
+
+    def _move_aside(self, folder: Path, step: int, error: Exception) -> None:
+        gc.collect()  # orbax's abandoned reads go now, quietly (checkpoint.drop_orbax_leftovers)
+        text = (str(error).splitlines() or [""])[0].split(". See full TensorStore details")[0]
+        reason = f"{type(error).__name__}: {text}"[:200]
+        aside = folder / f"damaged-{step}"
+        n = 1
+        while aside.exists():  # damaged before, in an earlier attempt
+            n += 1
+            aside = folder / f"damaged-{step}-{n}"
+        if jax.process_index() == 0:
+            (folder / str(step)).rename(aside)
+        print(f"warning: checkpoint {folder / str(step)} cannot be read ({reason}); moved to {aside}; "
+              f"trying the one before", file=sys.stderr)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+        self.checkpoints.reload()  # forget the step that moved
 
     def _schedule_plan(self, resume_step: int) -> list[tuple[int, int]]:
         """[(0, steps), (start, new steps), ...]: the first run's length and every extension of it.
@@ -385,11 +430,41 @@ class Trainer:
                 for prompt, r in zip(cfg.sample_prompts, results)]
 
     def save(self, step: int) -> None:
-        self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
+        with self._disk_full_is_one_line(f"the checkpoint of step {step}"):
+            self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
+
+    def _wait_for_saves(self) -> None:
+        with self._disk_full_is_one_line("a checkpoint"):
+            self.checkpoints.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self, what: str):
+        """A full disk while writing a checkpoint (orbax writes in the background, so it may surface
+        at the next save or at the wait) ends as one DiskFullError: orbax keeps an unfinished
+        checkpoint in a temporary folder that it never lists, so the earlier ones stay the resume point."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            folder = self.run_dir / "checkpoints"
+            raise DiskFullError(f"{folder}: no space left on the device while writing {what} "
+                                f"({str(e).splitlines()[0][:160]}); the last complete checkpoint is step "
+                                f"{self.checkpoints.latest_step()}. Free space and run the same command to "
+                                f"resume from it") from None
 
     def run(self, until: int | None = None) -> dict:
         """Trains to cfg.steps, or stops after step `until` (saving a checkpoint there), e.g. to
-        fit a job into a time slot; the next run continues exactly where this one stopped."""
+        fit a job into a time slot; the next run continues exactly where this one stopped. The run
+        directory's lock is held until it returns (taken again if an earlier run() released it)."""
+        self._lock = lock_run_dir(self.run_dir)
+        try:
+            return self._run(until)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self, until: int | None) -> dict:
         cfg = self.cfg
         last = min(cfg.steps, until) if until is not None else cfg.steps
         start = int(self.state["step"])
@@ -458,12 +533,12 @@ class Trainer:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            self.checkpoints.wait_until_finished()
+            self._wait_for_saves()
         done = int(self.state["step"])
         if stop["signal"]:
             if self.checkpoints.latest_step() != done:
                 self.save(done)
-                self.checkpoints.wait_until_finished()
+                self._wait_for_saves()
             print(f"stopped by {stop['signal']} at step {done}; run the same command to resume", file=sys.stderr)
         elif done == cfg.steps:
             self._export_final()

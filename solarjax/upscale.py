@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.config import ModelConfig
+from solarjax.errors import SolarjaxError
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, check_output,
                                  plan_shards)
 
 
-class UpscaleError(ValueError):
+class UpscaleError(SolarjaxError):
     """A growth spec does not fit the base model; the message names the value and the allowed range."""
 
 

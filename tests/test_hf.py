@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import solarjax
 from solarjax import checkpoint, convert, hf
 from solarjax.tensorfile import SafetensorsFile
+from solarjax.errors import ConfigError
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 
@@ -341,11 +342,11 @@ def test_writers_refuse_outputs_that_overlap_their_inputs(tiny_hf):
     from solarjax.upscale import UpscaleSpec, upscale_hf
     config, params = solarjax.load_hf(tiny_hf)
     before = _snapshot(tiny_hf)
-    with pytest.raises(ValueError, match=f"output {tiny_hf} is the input {tiny_hf}"):
+    with pytest.raises(ConfigError, match=f"output {tiny_hf} is the input {tiny_hf}"):
         solarjax.save_params(tiny_hf, config, params, tokenizer_dir=tiny_hf, overwrite=True)
-    with pytest.raises(ValueError, match=f"output {tiny_hf / 'hf'} lies inside the input {tiny_hf}"):
+    with pytest.raises(ConfigError, match=f"output {tiny_hf / 'hf'} lies inside the input {tiny_hf}"):
         solarjax.save_hf(config, params, tiny_hf / "hf", inputs=[tiny_hf])
-    with pytest.raises(ValueError, match=f"output {tiny_hf.parent} contains the input {tiny_hf}"):
+    with pytest.raises(ConfigError, match=f"output {tiny_hf.parent} contains the input {tiny_hf}"):
         upscale_hf(tiny_hf, tiny_hf.parent, UpscaleSpec(layers="0:2"), overwrite=True)
     assert _snapshot(tiny_hf) == before
 

@@ -8,6 +8,7 @@ import pytest
 import solarjax
 from solarjax import model as model_lib
 from solarjax import xla_cpu
+from solarjax.errors import SolarjaxError
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind
 
 PARITY_CASES = {
@@ -140,11 +141,11 @@ def test_bfloat16_compute_stays_close_to_float32():
 def test_logits_rejects_bad_token_ids():
     config = solarjax.preset("tiny")
     params = solarjax.init_params(config, jax.random.key(0))
-    with pytest.raises(ValueError, match="token id 256 is outside the vocabulary"):
+    with pytest.raises(SolarjaxError, match="token id 256 is outside the vocabulary"):
         solarjax.logits(config, params, np.array([[1, 256]]))
-    with pytest.raises(ValueError, match=r"shape \[batch, length\]"):
+    with pytest.raises(SolarjaxError, match=r"shape \[batch, length\]"):
         solarjax.logits(config, params, np.array([1, 2]))
-    with pytest.raises(ValueError, match="row 0, index 2 has position 5 after 1"):
+    with pytest.raises(SolarjaxError, match="row 0, index 2 has position 5 after 1"):
         solarjax.logits(config, params, np.array([[1, 2, 3]]), positions=np.array([[0, 1, 5]]))
     # A new document (segment) may restart its positions.
     solarjax.logits(config, params, np.array([[1, 2, 3]]), positions=np.array([[0, 1, 0]]),
@@ -152,7 +153,7 @@ def test_logits_rejects_bad_token_ids():
     # Padding as the data pipeline makes it (segment 0, position 0) is no document; a real one is checked.
     solarjax.logits(config, params, np.array([[1, 2, 0, 0]]), positions=np.array([[0, 1, 0, 0]]),
                     segment_ids=np.array([[1, 1, 0, 0]]))
-    with pytest.raises(ValueError, match="row 0, index 3 has position 0 after 0"):
+    with pytest.raises(SolarjaxError, match="row 0, index 3 has position 0 after 0"):
         solarjax.logits(config, params, np.array([[1, 2, 3, 4]]), positions=np.array([[0, 1, 0, 0]]),
                         segment_ids=np.array([[1, 1, 2, 2]]))
 

@@ -13,6 +13,7 @@ import solarjax
 from solarjax.config import OptimConfig
 from solarjax.optim import make_optimizer, schedule
 from solarjax.trainer import jit_train_step, loss_and_count, new_state
+from solarjax.errors import ConfigError
 
 
 def test_schedule_corners():
@@ -181,10 +182,10 @@ def test_clipping_counts_only_trained_gradients():
 
 def test_bad_freeze_masks_are_refused():
     params, trainable = _frozen_tree()
-    with pytest.raises(ValueError, match=r"trainable\['head'\] holds \[0.5\]"):
+    with pytest.raises(ConfigError, match=r"trainable\['head'\] holds \[0.5\]"):
         _frozen_opt({**trainable, "head": np.float32(0.5)})
-    with pytest.raises(ValueError, match=r"trainable\['layers'\]\['w'\] has shape \[2, 1, 1\], which does not "
+    with pytest.raises(ConfigError, match=r"trainable\['layers'\]\['w'\] has shape \[2, 1, 1\], which does not "
                                          r"broadcast to the parameter's \[3, 4, 5\]"):
         _frozen_opt({**trainable, "layers": {**trainable["layers"], "w": np.ones((2, 1, 1))}}).init(params)
-    with pytest.raises(ValueError, match=r"params only: \['head'\], trainable only: none"):
+    with pytest.raises(ConfigError, match=r"params only: \['head'\], trainable only: none"):
         _frozen_opt({k: v for k, v in trainable.items() if k != "head"}).init(params)

@@ -175,6 +175,9 @@ def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):
         assert 10 <= at < 20
         assert (tmp_path / "killed" / "run" / "base" / "done.json").is_file()
         assert not (tmp_path / "killed" / "run" / "upscaled" / "done.json").exists()
+        # SIGKILL left the recipe's and the stage's locks behind; the dead pid must not block the rerun.
+        assert (tmp_path / "killed" / "run" / "run.lock").is_file()
+        assert (tmp_path / "killed" / "run" / "upscaled" / "run.lock").is_file()
 
         resumed = subprocess.run(job("killed"), capture_output=True, text=True, timeout=300, env=env)
         straight.wait(timeout=300)
@@ -183,6 +186,8 @@ def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):
     assert straight.returncode == 0, (tmp_path / "straight.err").read_text()[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage 1/2 base: finished earlier, skipped" in resumed.stderr
+    assert resumed.stderr.count("taking over the lock: its holder, pid") == 2  # the recipe's and the stage's
+    assert not (tmp_path / "killed" / "run" / "run.lock").exists()
     assert f"resumed from its checkpoint of step {at}" in resumed.stderr  # not started over
     for stage in ("base", "upscaled"):
         a = read_metrics(tmp_path / "straight" / "run" / stage / "metrics.jsonl")

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 import solarjax
 from solarjax import sharding
 from solarjax.model import abstract_params
+from solarjax.errors import ConfigError
 
 
 def test_mesh_has_eight_devices():
@@ -82,5 +83,5 @@ def test_replicating_a_dim_warns_once_per_parameter():
     ((2, 2, 1), "has 4 devices, but 8 are present"),
 ])
 def test_bad_mesh_sizes(sizes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         solarjax.make_mesh(*sizes)

@@ -16,7 +16,7 @@ import pytest
 import solarjax
 from solarjax import sample
 from solarjax.config import ConfigError, RecipeConfig, load_job, load_train_config, train_config_from_dict
-from solarjax.trainer import NonFiniteLossError, Trainer
+from solarjax.trainer import CheckpointError, NonFiniteLossError, Trainer
 from hf_models import hf_logits, make_hf_model, save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def test_final_export_may_not_replace_what_the_run_reads(tmp_path, corpus):
     final.mkdir(parents=True)
     tokenizer = final / "tokenizer.model"
     tokenizer.write_bytes(tokenizer_file().read_bytes())
-    with pytest.raises(ValueError, match=f"output {final} contains the input {tokenizer}"):
+    with pytest.raises(ConfigError, match=f"output {final} contains the input {tokenizer}"):
         Trainer(_config(tmp_path, corpus, **{"data.tokenizer": str(tokenizer)}), _one_device_mesh())
 
 
@@ -342,15 +342,50 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, cap
         biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     damage(8)
     resumed = Trainer(_config(tmp_path / "b", corpus, **{**over, "steps": 8}), _one_device_mesh())
-    assert f"checkpoint {folder / '8'} cannot be restored" in capsys.readouterr().err
+    assert f"checkpoint {folder / '8'} cannot be read" in capsys.readouterr().err
     assert int(resumed.state["step"]) == 4 and (folder / "damaged-8").is_dir()
     resumed.run()
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for step in (4, 8):
         damage(step)
-    with pytest.raises(ValueError, match=r"no checkpoint can be restored \(steps \[8, 4\] are damaged"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint can be restored \(steps \[8, 4\] are damaged"):
         Trainer(_config(tmp_path / "b", corpus, **over), _one_device_mesh())
+
+
+def test_a_config_change_is_not_damage(tmp_path, corpus):
+    """Resuming with optim.grad_clip turned off changes the optimizer state's structure: the run
+    stops naming what differs and how to go on, and moves no checkpoint. A harmless change (the
+    learning rate, eval_every, more steps) resumes. init.from the run's checkpoint starts a new run
+    from its parameters exactly, with a fresh optimizer of the new structure and the run's tokenizer."""
+    first = Trainer(_config(tmp_path, corpus, eval_every=0), _one_device_mesh())
+    first.run()
+    folder = tmp_path / "run" / "checkpoints"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(CheckpointError) as e:
+        Trainer(_config(tmp_path, corpus, steps=12, eval_every=0, **{"optim.grad_clip": 0.0}), _one_device_mesh())
+    message = str(e.value)
+    assert message.startswith(f"{folder / '8'} does not match this config's train state: the optimizer state (")
+    assert "the parameters (" not in message and "nothing was moved" in message
+    assert f"init.from: {folder / '8'} (its parameters, with a fresh optimizer)" in message
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing renamed damaged-*
+
+    resumed = Trainer(_config(tmp_path, corpus, steps=12, eval_every=4, **{"optim.learning_rate": 5e-3}),
+                      _one_device_mesh())
+    assert int(resumed.state["step"]) == 8
+    del resumed
+
+    d = _config(tmp_path / "b", corpus, eval_every=0, **{"optim.grad_clip": 0.0}).to_dict()
+    d.pop("model")
+    d["init"] = {"from": str(folder / "8")}
+    fresh = Trainer(train_config_from_dict(d), _one_device_mesh())
+    assert int(fresh.state["step"]) == 0 and fresh.model_config == first.model_config
+    for a, b in zip(jax.tree.leaves(first.state["params"]), jax.tree.leaves(fresh.state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(not np.asarray(m).any() for m in jax.tree.leaves(fresh.state["opt_state"]))  # fresh moments
+    assert fresh.data.tokenizer.path.parent == tmp_path / "run" / "tokenizer"
+    fresh.run()  # and it trains
+    assert int(fresh.state["step"]) == 8
 
 
 def test_low_precision_parameters_are_refused_for_training(tmp_path, corpus):

@@ -1,0 +1,190 @@
+"""A run directory belongs to one job: a lock file in it names the holder and carries a heartbeat.
+
+RUN/run.lock holds {host, pid, started, heartbeat, token} as JSON. It is created with O_EXCL (atomic
+on local and NFS filesystems alike; flock is not relied on, it does not work across NFS clients)
+and refreshed by a daemon thread every HEARTBEAT_S seconds. A second job on the same directory
+stops before touching anything, naming the holder. A lock that outlived its holder does not block
+a rerun: on the same host a holder pid that no longer runs frees it at once; from another host,
+a heartbeat older than STALE_S does. A takeover renames the old lock aside first, so that of two
+processes racing for a stale lock exactly one wins.
+
+One process of a job holds the lock (process 0 of a multi-process job; the others learn the
+outcome from it). Within one process a directory's lock is shared: taking it again (a Trainer
+made twice on one run, as a resume test does) returns the lock already held.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from solarjax.errors import SolarjaxError
+
+LOCK_FILE = "run.lock"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0  # five minutes without a heartbeat from another host: its holder is gone
+
+
+class RunDirBusyError(SolarjaxError):
+    """Another job holds the run directory; the message names it and how to clear a wrong lock."""
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it runs
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = None
+        self.held = False
+
+    def _record(self, started: float) -> dict:
+        return {"host": self.host, "pid": self.pid, "started": started, "heartbeat": time.time(),
+                "token": self.token}
+
+    def _read(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None  # gone meanwhile, or cut short by a crash mid-write
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        for _ in range(20):  # each pass either takes the lock, refuses, or moves a stale one aside
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                why = self._stale(holder)
+                if why is None:
+                    raise RunDirBusyError(self._busy_message(holder)) from None
+                if why:
+                    print(f"warning: {self.path}: taking over the lock: {why}", file=sys.stderr)
+                aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.token}")
+                try:
+                    os.rename(self.path, aside)  # atomic: of two takers, one moves it, the other retries
+                    aside.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._record(started)))
+                f.flush()
+                os.fsync(f.fileno())
+            self._started, self.held = started, True
+            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+            atexit.register(self.release)
+            return self
+        raise RunDirBusyError(f"{self.path}: could not take the lock (it keeps changing hands)")
+
+    def _stale(self, holder: dict | None) -> str | None:
+        """Why the lock may be taken over ('' for our own process), or None if its holder lives."""
+        if holder is None:  # unreadable: a crash between create and write, unless it is being written now
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return ""
+            return f"the lock file is unreadable and {age:.0f} s old" if age > 10 else None
+        if holder.get("host") == self.host:
+            pid = holder.get("pid")
+            if pid == self.pid:
+                return ""  # this process again: one job
+            if not isinstance(pid, int) or not _pid_running(pid):
+                return f"its holder, pid {pid} on this host ({self.host}), is no longer running"
+            return None
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if age > STALE_S:
+            return (f"its holder, pid {holder.get('pid')} on host {holder.get('host')}, last showed a heartbeat "
+                    f"{age:.0f} s ago (more than {STALE_S:.0f} s)")
+        return None
+
+    def _busy_message(self, holder: dict | None) -> str:
+        if holder is None:
+            who = "a job whose lock file is being written"
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+            beat = time.time() - float(holder.get("heartbeat", 0))
+            who = (f"pid {holder.get('pid')} on host {holder.get('host')} (started {since}, heartbeat "
+                   f"{beat:.0f} s ago)")
+        return (f"run directory {self.path.parent} is in use by {who}; wait for it to finish or use another "
+                f"run_dir. If you know that job is gone, remove {self.path} and run again")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            holder = self._read()
+            if holder is None or holder.get("token") != self.token:
+                print(f"warning: {self.path}: the lock was taken over by another job", file=sys.stderr)
+                return
+            tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}")
+            try:
+                tmp.write_text(json.dumps(self._record(self._started)))
+                os.replace(tmp, self.path)
+            except OSError:  # a full disk must not kill the job; the next beat tries again
+                pass
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        holder = self._read()
+        if holder is not None and holder.get("token") == self.token:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        atexit.unregister(self.release)
+
+
+_HELD: dict[Path, RunLock] = {}  # this process's locks, by resolved run directory
+
+
+def lock_run_dir(run_dir: str | Path) -> RunLock | None:
+    """Takes the run directory's lock for this job (or returns the one this process holds):
+    process 0 takes it, and every process of a multi-process job stops together when it is held
+    elsewhere. None on processes other than 0. Release it with .release() (or at exit)."""
+    key = Path(run_dir).resolve()
+    lock, error = None, None
+    # Without jax.distributed this is process 0 of 1; asking jax would start its backend, which
+    # must wait until the data pipeline's tokenizer workers have forked (Trainer).
+    multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    if not multi or jax.process_index() == 0:
+        lock = _HELD.get(key)
+        if lock is None or not lock.held:
+            try:
+                lock = _HELD[key] = RunLock(run_dir).acquire()
+            except RunDirBusyError as e:
+                error = e
+    if multi:
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not held and error is None:
+            raise RunDirBusyError(f"run directory {run_dir} is in use by another job (process 0 found its lock)")
+    if error is not None:
+        raise error
+    return lock

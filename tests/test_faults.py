@@ -1,0 +1,231 @@
+"""Faults end in one line, bugs keep their traceback, and a run directory belongs to one job."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solarjax import rundir, sample, train_cli
+from solarjax.errors import ConfigError, SolarjaxError
+from solarjax.rundir import LOCK_FILE, RunDirBusyError, RunLock
+from hf_models import make_hf_model, save_hf_model, tokenizer_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- one error family ------------------------------------------------------------------------
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "c.yaml").write_text("model: {preset: tiny}\noptim: {lr: 1}\n")
+    assert train_cli.main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'c.yaml'}: optim: unknown key 'lr'")
+
+    def bug(*args, **kwargs):  # a plain ValueError inside solarjax is a bug, not the user's fault
+        raise ValueError("an internal invariant broke")
+    monkeypatch.setattr("solarjax.config.load_job", bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        train_cli.main(["--config", str(tmp_path / "c.yaml")])
+
+    monkeypatch.undo()
+    monkeypatch.setenv("SOLARJAX_DEBUG", "1")  # for bug reports: the user error's traceback too
+    with pytest.raises(ConfigError, match="unknown key 'lr'"):
+        train_cli.main(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_every_error_class_meant_for_the_user_is_a_solarjax_error():
+    from solarjax import data, evaluate, hf, merge, records, tensorfile, tokenizer, trainer, upscale
+    from solarjax.errors import DiskFullError, MissingInputError, OutputExistsError
+    classes = [data.DataError, evaluate.TaskError, hf.ConversionError, merge.MergeError, records.RecordError,
+               sample.SamplingError, tensorfile.TensorFileError, tokenizer.TokenizerError, upscale.UpscaleError,
+               trainer.CheckpointError, trainer.NonFiniteLossError, ConfigError, MissingInputError,
+               OutputExistsError, DiskFullError, RunDirBusyError]
+    assert all(issubclass(c, SolarjaxError) for c in classes)
+    # and the file errors stay what callers of the Python API catch
+    assert issubclass(MissingInputError, FileNotFoundError) and issubclass(OutputExistsError, FileExistsError)
+
+
+def test_a_hostile_chat_template_ends_in_one_line_and_runs_nothing(tmp_path, capsys):
+    """A model directory is untrusted: a template that reaches for Python internals to run a
+    command is refused by the sandbox, and the CLI says so in one line naming the file."""
+    model = save_hf_model(make_hf_model("mistral", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                                        head_dim=8, num_hidden_layers=1), tmp_path / "hf")
+    shutil.copy(tokenizer_file(), model / "tokenizer.model")
+    marker = tmp_path / "pwned"
+    attack = ("{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+              "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    (model / "chat_template.jinja").write_text(attack)
+    capsys.readouterr()
+    code = sample.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert f"error: {model / 'chat_template.jinja'}: the chat template cannot be rendered (SecurityError" in err
+    # A template that fails for an ordinary reason (an undefined filter) is named the same way.
+    (model / "chat_template.jinja").write_text("{{ messages | nosuchfilter }}")
+    assert sample.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]) == 2
+    assert "chat_template.jinja: the chat template cannot be rendered" in capsys.readouterr().err
+
+
+# -- one job per run directory ---------------------------------------------------------------
+
+def _write_lock(run: Path, **fields) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+              "token": "someone-else", **fields}
+    (run / LOCK_FILE).write_text(json.dumps(record))
+
+
+def test_a_live_holder_refuses_and_a_dead_or_silent_one_is_taken_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(run, pid=sleeper.pid)  # a live process on this host
+        with pytest.raises(RunDirBusyError, match=rf"run directory {run} is in use by pid {sleeper.pid} on host "
+                                                  rf"{socket.gethostname()}.*remove {run / LOCK_FILE}"):
+            RunLock(run).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(run).acquire()  # the same pid, now dead: freed at once
+    assert f"its holder, pid {sleeper.pid} on this host ({socket.gethostname()}), is no longer running" in \
+        capsys.readouterr().err
+    assert json.loads((run / LOCK_FILE).read_text())["token"] == lock.token
+    lock.release()
+    assert not (run / LOCK_FILE).exists()
+
+    # Another host: its pid cannot be asked, its heartbeat can. Fresh: refused; stale: taken over.
+    _write_lock(run, host="node-17", pid=4242, heartbeat=time.time() - 30)
+    with pytest.raises(RunDirBusyError, match="in use by pid 4242 on host node-17 .*heartbeat 30 s ago"):
+        RunLock(run).acquire()
+    _write_lock(run, host="node-17", pid=4242, heartbeat=time.time() - rundir.STALE_S - 60)
+    lock = RunLock(run).acquire()
+    assert "pid 4242 on host node-17, last showed a heartbeat" in capsys.readouterr().err
+    lock.release()
+
+
+def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path).acquire()
+    first = json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"]
+    time.sleep(0.5)
+    later = json.loads((tmp_path / LOCK_FILE).read_text())
+    lock.release()
+    assert later["heartbeat"] > first and later["token"] == lock.token and later["pid"] == os.getpid()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(40):
+        (folder / f"d{i:02d}.txt").write_text(" ".join(" ".join(words[:rng.randint(3, 8)]) for _ in range(30)))
+    return folder
+
+
+def _job(tmp_path, corpus, **over) -> list[str]:
+    d = {"model": {"preset": "tiny", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                   "num_kv_heads": 2, "head_dim": 8},
+         "data": {"sources": [str(corpus)], "seq_len": 64, "num_proc": 1, "cache_dir": str(tmp_path / "cache")},
+         "optim": {"learning_rate": 1e-2, "warmup_steps": 2}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+         "run_dir": str(tmp_path / "run"), "steps": 8, "global_batch": 4, "log_every": 1, "eval_every": 0,
+         "checkpoint_every": 4, **over}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "job.yaml").write_text(json.dumps(d))
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "job.yaml")]
+
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_run_directory_is_refused(tmp_path, corpus):
+    """The same command started twice: the second stops at once with one line naming the holder,
+    touching nothing; the first trains on (until SIGTERM stops it), its metrics hold each step once."""
+    cmd = _job(tmp_path, corpus, steps=100000)
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and first.poll() is None and not metrics.exists():
+            time.sleep(0.1)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=180)[1]
+    finally:
+        first.kill()
+    assert second.returncode == 2
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: run directory {tmp_path / 'run'} is in use by pid {first.pid} on host {socket.gethostname()}"), \
+        second.stderr[-2000:]
+    assert "model:" not in second.stderr  # refused before it built anything
+    assert first.returncode == 0 and "stopped by SIGTERM at step" in err, err[-2000:]
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, stopped + 1))
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released at the end
+
+
+def test_disk_full_while_saving_ends_in_one_line_and_resumes_exactly(tmp_path, corpus, capsys, monkeypatch):
+    """A full disk at step 8's checkpoint (orbax reports it as RESOURCE_EXHAUSTED from its writer):
+    the CLI prints one line naming the folder and the last complete checkpoint, exits 2, leaves
+    step 4 intact; once space is back the same command resumes from step 4 and ends where a run
+    that never failed ends."""
+    import orbax.checkpoint as ocp
+    from solarjax.trainer import read_metrics
+    on_all_devices = {"mesh": {"data": 1, "fsdp": -1, "tensor": 1}, "global_batch": 8}  # in-process: 8 devices
+    assert train_cli.main(_job(tmp_path / "a", corpus, **on_all_devices)[2:]) == 0
+    cmd = _job(tmp_path / "b", corpus, **on_all_devices)[2:]
+    real_save = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step == 8:
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.lm_head/0.0" in OCDBT database at local '
+                             'file "checkpoints/8.orbax-checkpoint-tmp/": Failed to write 4096 bytes to file 5')
+        return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    capsys.readouterr()
+    assert train_cli.main(cmd) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    folder = tmp_path / "b" / "run" / "checkpoints"
+    assert len(err) == 1 and err[0].startswith(f"error: {folder}: no space left on the device while writing the "
+                                               f"checkpoint of step 8"), err
+    assert "the last complete checkpoint is step 4" in err[0]
+    assert sorted(p.name for p in folder.iterdir() if p.name.isdigit()) == ["4"]
+    monkeypatch.undo()
+    assert train_cli.main(cmd) == 0
+    assert "resumed from its checkpoint of step 4" in capsys.readouterr().err
+    pick = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert pick(tmp_path / "b" / "run") == pick(tmp_path / "a" / "run")
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_one_warning_line(tmp_path, corpus):
+    """train.py on a run whose newest checkpoint lost half of its biggest file: one warning line
+    naming it (no TensorStore spec, no event-loop traceback), resumed from the one before."""
+    cmd = _job(tmp_path, corpus, steps=8)
+    assert subprocess.run(cmd, capture_output=True, env=ENV, timeout=300).returncode == 0
+    folder = tmp_path / "run" / "checkpoints"
+    biggest = max((f for f in (folder / "8").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    shutil.rmtree(tmp_path / "run" / "final")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {folder / '8'} cannot be read ("), warnings
+    assert f"moved to {folder / 'damaged-8'}" in warnings[0]
+    for noise in ("Traceback", "Event loop is closed", "'driver'", "TensorStore"):
+        assert noise not in run.stderr, noise
+    assert "resumed from its checkpoint of step 4" in run.stderr

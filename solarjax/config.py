@@ -449,6 +449,11 @@ def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.learning_rate=1e-4)")
         node = d
         *parents, leaf = key.split(".")
+        stages = d.get("stages")
+        if len(parents) > 1 and parents[0] == "stages" and isinstance(stages, dict) and parents[1] not in stages:
+            # setting a key inside a stage that does not exist: a typo would otherwise add a stage
+            raise ConfigError(f"override {item!r}: {parents[1]!r} is not a stage of {path} "
+                              f"(stages: {', '.join(map(str, stages))})")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -489,6 +494,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _looks_like_a_stage(source) -> bool:
+    """A bare name (no path separator) that is not a directory: a stage name, likely mistyped. Paths
+    and hub names (org/model) contain a separator."""
+    return isinstance(source, str) and source.isidentifier() and not Path(source).exists()
+
+
 def recipe_config_from_dict(d: dict) -> RecipeConfig:
     """Top-level keys are every stage's defaults; each stage overrides them and sets its own `init`.
     `init.from: NAME` of an earlier stage starts from that stage's final
@@ -521,18 +532,24 @@ def recipe_config_from_dict(d: dict) -> RecipeConfig:
                               f"(order: {', '.join(stages)})")
         if from_stage is not None:
             init["from"] = str(Path(run_dir) / from_stage / "final")
+        elif _looks_like_a_stage(init.get("from")):
+            raise ConfigError(f"{where}.init.from: {init['from']!r} is neither a stage of this recipe "
+                              f"(stages: {', '.join(stages)}) nor an existing directory")
         reference = (merged.get("dpo") or {}).get("reference")
         if reference in list(stages)[len(built):]:
             raise ConfigError(f"{where}.dpo.reference: stage {reference!r} does not run before {name!r}")
         if reference in earlier:  # a stage's final parameters, like init.from
             merged["dpo"] = {**merged["dpo"], "reference": str(Path(run_dir) / reference / "final")}
+        elif _looks_like_a_stage(reference):
+            raise ConfigError(f"{where}.dpo.reference: {reference!r} is neither a stage of this recipe "
+                              f"(stages: {', '.join(stages)}) nor an existing directory")
         if init.get("from") is not None:  # the model comes from there: keep only how it runs
             model = merged.get("model") or {}
             merged["model"] = {k: v for k, v in model.items() if k in TrainConfig.RUNTIME_MODEL_KEYS}
         match = extra.get("match_flops")
         if match is not None and match not in earlier:
             raise ConfigError(f"{where}.match_flops: {match!r} is not a stage that runs before {name!r} "
-                              f"(earlier: {', '.join(earlier) or 'none'})")
+                              f"(stages: {', '.join(stages)})")
         try:
             train = train_config_from_dict({**merged, "init": init, "run_dir": str(Path(run_dir) / name)})
         except ConfigError as e:

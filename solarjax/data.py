@@ -138,6 +138,19 @@ def _utf8_files(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
+def _quietly(load, *args, **kwargs):
+    """datasets shows a "Downloading data" bar for 16 or more *local* files (its copy-free
+    "download"); nothing is downloaded, so no bar. Bars stay on elsewhere (tokenizing)."""
+    from datasets import utils as bars
+    was_on = not bars.are_progress_bars_disabled()
+    bars.disable_progress_bars()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if was_on:
+            bars.enable_progress_bars()
+
+
 def _load(source: Source, text_field: str | None, hf_cache: Path):
     """(dataset of one text column or None when no file is left, text files skipped as not UTF-8).
     json/csv/parquet/saved/hub text arrives decoded: nothing there is skipped for its characters.
@@ -155,8 +168,8 @@ def _load(source: Source, text_field: str | None, hf_cache: Path):
                 if not paths:
                     return None, not_utf8
                 kwargs = {"sample_by": "document"}
-            ds = datasets.load_dataset(source.format, data_files=paths, split="train",
-                                       cache_dir=str(hf_cache), **kwargs)
+            ds = _quietly(datasets.load_dataset, source.format, data_files=paths, split="train",
+                          cache_dir=str(hf_cache), **kwargs)
         elif source.kind == "disk":
             ds = datasets.load_from_disk(source.paths[0])
             if isinstance(ds, datasets.DatasetDict):

@@ -29,6 +29,8 @@ def _parser():
     p.add_argument("--compile-only", action="store_true",
                    help="compile the train step ahead of time for --topology and report memory and FLOPs")
     p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p-128 or v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines: stage headers, the model line, samples and the final table only")
     p.add_argument("--stage", help="with --compile-only and a recipe: the stage to compile (default: the last)")
     return p
 
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import jax
     from solarjax.config import RecipeConfig, load_job
+    from solarjax.progress import set_quiet
+    set_quiet(args.quiet)
     cfg = load_job(args.config, args.overrides)
     if args.compile_only:
         import json

@@ -29,7 +29,6 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from solarjax import attention as attention_lib
 from solarjax import checkpoint as ckpt_lib
@@ -42,6 +41,7 @@ from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
+from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
@@ -493,7 +493,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, request_stop)
                         for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
-        bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, unit="step", disable=None)
+        progress = Progress(self.run_dir.name, cfg.steps, start, enabled=jax.process_index() == 0)
         pending, last_time, last_logged = [], time.perf_counter(), start
         tokens_per_step = cfg.global_batch * cfg.data.seq_len
         record = {}
@@ -502,7 +502,7 @@ class Trainer:
                 # Step 0: the loss at init (an up-scaled model's drop). Later: a stop that came between
                 # a step's checkpoint and its eval, which the resumed loop would otherwise skip.
                 if cfg.eval_every and not evaluated and (start % cfg.eval_every == 0 or start == cfg.steps):
-                    self._eval_and_sample(start, metrics_file, record, bar, samples=start > 0)
+                    self._eval_and_sample(start, metrics_file, record, progress, samples=start > 0)
                 batch = self._device_batch(self.batches.batch(start)) if start < last else None
                 for step in range(start, last):
                     self.state, metrics = self.train_step(self.state, batch, *self._step_args())  # dispatched; runs on
@@ -518,17 +518,17 @@ class Trainer:
                         now = time.perf_counter()
                         rate = (done - last_logged) * tokens_per_step / (now - last_time)
                         record = self._log(pending, metrics_file, rate)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
+                        progress.log(done, record)
                         pending, last_time, last_logged = [], now, done
                     if at_checkpoint:  # before eval and samples, so that neither can cost a checkpoint
                         self.save(done)
                     if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                        self._eval_and_sample(done, metrics_file, record, bar)
-                    bar.update(1)
+                        self._eval_and_sample(done, metrics_file, record, progress)
+                    progress.advance(done)
                     if stop["signal"]:
                         break
         finally:
-            bar.close()
+            progress.close()
             if self._tensorboard is not None:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
@@ -544,16 +544,19 @@ class Trainer:
             self._export_final()
         return record
 
-    def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, bar, samples: bool = True) -> None:
+    def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, progress: Progress,
+                         samples: bool = True) -> None:
         result = self.evaluate(step)
         if result:
             self._write(metrics_file, {"step": step, **result})
             record.update(result)
+            if "eval_loss" in result:
+                progress.eval(step, result)
         completions = self.samples() if samples else []
         if completions:
             self._write(metrics_file, {"step": step, "samples": completions})
             if jax.process_index() == 0:
-                bar.write("\n".join(f"[step {step}] {s['prompt']!r} -> {s['completion']!r}" for s in completions))
+                progress.write("\n".join(f"[step {step}] {s['prompt']!r} -> {s['completion']!r}" for s in completions))
 
     def _log(self, pending, metrics_file, tokens_per_s) -> dict:
         record = {}

@@ -298,3 +298,14 @@ def test_tokenizer_from_a_model_directory(tmp_path):
     (tmp_path / "junk.model").write_text("not a model")
     with pytest.raises(TokenizerError, match="junk.model: not a SentencePiece model"):
         load_tokenizer(tmp_path / "junk.model")
+
+
+def test_local_files_show_no_downloading_bar(tmp_path, capfd):
+    """datasets draws a "Downloading data" bar for 16+ local files; nothing is downloaded, so none."""
+    folder = _write_docs(tmp_path, [f"document number {i}" for i in range(20)])
+    d = data.load_data(_cfg(tmp_path, [folder], seq_len=8))
+    assert len(d.train) > 0
+    err = capfd.readouterr().err
+    assert "Downloading" not in err
+    from datasets import utils as bars
+    assert not bars.are_progress_bars_disabled()  # switched back on for what follows

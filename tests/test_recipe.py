@@ -205,6 +205,10 @@ def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):
     (lambda s: s["base"].update({"run_dir": "x"}), "stages.base.run_dir: a stage runs in"),
     (lambda s: s["base"].update({"stepz": 3}), "stages.base: config: unknown key 'stepz'"),
     (lambda s: s.update({"two words": {}}), "stage name 'two words' must be a plain identifier"),
+    (lambda s: s["upscaled"]["init"].update({"from": "bsae"}),
+     "stages.upscaled.init.from: 'bsae' is neither a stage of this recipe (stages: base, upscaled"),
+    (lambda s: s["upscaled"].update({"objective": "dpo", "dpo": {"reference": "bsae"}}),
+     "stages.upscaled.dpo.reference: 'bsae' is neither a stage of this recipe"),
 ])
 def test_recipe_config_errors_name_the_stage(tmp_path, change, message):
     d = _recipe_dict(tmp_path, tmp_path)
@@ -212,6 +216,19 @@ def test_recipe_config_errors_name_the_stage(tmp_path, change, message):
     with pytest.raises(ConfigError) as e:
         recipe_config_from_dict(d)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.upscaeld.init.from=base", "override 'stages.upscaeld.init.from=base': 'upscaeld' is not a stage of "),
+    ("stages.bsae.steps=3", "'bsae' is not a stage of "),
+    ("export=upscaeld", "export: 'upscaeld' is not a stage (stages: base, upscaled, control, control_equal_flops)"),
+    ("stages.control_equal_flops.match_flops=upscaeld", "match_flops: 'upscaeld' is not a stage"),
+])
+def test_a_mistyped_stage_name_is_refused_not_added(override, message):
+    """A typo in a stage name must not quietly add a stage trained from scratch."""
+    with pytest.raises(ConfigError) as e:
+        load_job(ROOT / "configs" / "demo.yaml", [override])
+    assert message in str(e.value) and "stages: base, upscaled, control, control_equal_flops" in str(e.value)
 
 
 def test_demo_config_is_solars_recipe():

@@ -60,14 +60,25 @@ def test_every_config_parses(path):
         assert cfg.steps > 0 and (cfg.model is not None or cfg.init.source is not None)
 
 
-def test_loss_falls(tmp_path, corpus):
+def test_loss_falls(tmp_path, corpus, capsys):
     prompts = ["alpha beta", "gamma"]
     trainer = Trainer(_config(tmp_path, corpus, steps=30, log_every=5, eval_every=30, sample_prompts=prompts,
                               sample_tokens=6), _one_device_mesh())
+    capsys.readouterr()
     record = trainer.run()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert losses[0] > 9 and record["loss"] < losses[0] - 3, losses
+    # Not a terminal: one plain progress line per log step (no bar redraws), and one line per eval.
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    progress = [line for line in err.splitlines() if line.startswith("run: step ")]
+    assert [line.split()[2] for line in progress] == [f"{r['step']}/30" for r in lines if "loss" in r], err
+    assert all(f"loss {r['loss']:.4f} lr {r['lr']:.2e}" in line
+               for line, r in zip(progress, [r for r in lines if "loss" in r])), err
+    assert "eval" in progress[-1] and "left" in progress[0]
+    assert [line for line in err.splitlines() if "eval at step" in line] == \
+        [f"run: eval at step {s}: loss {r['eval_loss']:.4f}" for s, r in ((r["step"], r) for r in lines if "eval_loss" in r)]
     assert record["eval_loss"] < 8 and np.isfinite(record["eval_perplexity"])
     # The final export loads like any checkpoint and samples: what the eval at the last step logged.
     config, params = solarjax.load_model(tmp_path / "run" / "final")

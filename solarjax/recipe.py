@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from solarjax import checkpoint as ckpt_lib
 from solarjax import hf
+from solarjax import data as data_lib
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
-from solarjax.model import param_count
+from solarjax.model import logits, param_count
+from solarjax.sharding import make_mesh
 from solarjax.topology import model_flops_per_token, planned_model_config
 from solarjax.trainer import Trainer, read_metrics
 from solarjax.rundir import lock_run_dir
@@ -82,6 +85,7 @@ def _run_stages(recipe: RecipeConfig, mesh) -> dict | None:
     if jax.process_index() != 0:
         return None
     summary = summarize(recipe)
+    summary.update(paired_differences(recipe))
     root = Path(recipe.run_dir)
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary), file=sys.stderr)
@@ -165,8 +169,12 @@ def format_table(summary: dict) -> str:
                            ("base_continued_equal_flops_loss_final", "control_equal_flops", "equal model FLOPs")):
         if up is not None and summary.get(key) is not None:
             ahead = "ahead" if up < summary[key] else "NOT ahead"
-            lines.append(f"at {what}: upscaled {up:.4f} vs {arm} {summary[key]:.4f} "
-                         f"({up - summary[key]:+.4f}: up-scaled {ahead})")
+            line = (f"at {what}: upscaled {up:.4f} vs {arm} {summary[key]:.4f} "
+                    f"({up - summary[key]:+.4f}: up-scaled {ahead}")
+            interval = (summary.get("paired_interval") or {}).get(f"upscaled - {arm}")
+            if interval is not None:
+                line += f"; 95% paired interval {interval[0]:+.4f} .. {interval[1]:+.4f}"
+            lines.append(line + ")")
     metrics = sorted({m for s in summary["stages"].values() for m in (s.get("tasks_final") or {})})
     for metric in metrics:  # eval_tasks: each stage's value before its first step -> after its last
         lines.append(f"{metric}: " + "; ".join(
@@ -179,30 +187,119 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+# The comparisons whose paired intervals a recipe reports: (arm, control), when both stages exist.
+PAIRS = (("upscaled", "control"), ("upscaled", "control_equal_flops"))
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+
+
+def paired_differences(recipe: RecipeConfig) -> dict:
+    """Each PAIRS arm's final held-out loss minus its control's, scored on every held-out window by
+    both stages' final parameters, with a 95% interval from a paired bootstrap over the windows:
+    {"paired_difference": {"upscaled - control": d}, "paired_interval": {...: [low, high]},
+    "paired_windows": N}. Empty without a held-out set, an lm pair, or in a multi-process job."""
+    names = {s.name: s for s in recipe.stages}
+    pairs = [(a, b) for a, b in PAIRS if a in names and b in names
+             and stage_train_config(recipe, names[a]).objective == stage_train_config(recipe, names[b]).objective == "lm"]
+    if not pairs or jax.process_count() > 1:
+        return {}
+    cfg = stage_train_config(recipe, names[pairs[0][0]])
+    windows = data_lib.load_data(cfg.data).validation
+    if windows is None:
+        return {}
+    mesh = make_mesh(1, 1, 1, jax.devices()[:1])
+    scores = {}
+    for stage in sorted({s for pair in pairs for s in pair}):
+        config, params = ckpt_lib.load_params(Path(recipe.run_dir) / stage / "final", mesh)
+        scores[stage] = window_losses(config, params, windows, cfg.global_batch)
+    out = {"paired_difference": {}, "paired_interval": {}, "paired_windows": len(windows)}
+    for a, b in pairs:
+        (nll_a, count), (nll_b, _) = scores[a], scores[b]
+        difference, interval = paired_bootstrap(nll_a, nll_b, count)
+        out["paired_difference"][f"{a} - {b}"] = difference
+        out["paired_interval"][f"{a} - {b}"] = interval
+    return out
+
+
+def window_losses(config: ModelConfig, params, windows, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out window: the summed next-token loss where the next token is in the same document
+    (the trainer's eval loss, in float64) and how many tokens it counts."""
+    nll, count = [], []
+    for start in range(0, len(windows), rows):
+        b = data_lib.stack_sequences([windows.sequence(i) for i in range(start, min(start + rows, len(windows)))])
+        z = np.asarray(logits(config, params, b["tokens"], b["positions"], b["segment_ids"]), np.float64)
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        seg = b["segment_ids"]
+        scored = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])
+        picked = np.take_along_axis(logp[:, :-1], b["tokens"][:, 1:, None], -1)[..., 0]
+        nll.append(-(picked * scored).sum(1))
+        count.append(scored.sum(1))
+    return np.concatenate(nll), np.concatenate(count)
+
+
+def paired_bootstrap(nll_a: np.ndarray, nll_b: np.ndarray, count: np.ndarray) -> tuple[float, list[float]]:
+    """A's mean loss minus B's over the same windows, and the 2.5/97.5 percentiles of that difference
+    over BOOTSTRAP_RESAMPLES resamples of the windows (each resample scores both arms on the same ones)."""
+    difference = float((nll_a.sum() - nll_b.sum()) / count.sum())
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(count), (BOOTSTRAP_RESAMPLES, len(count)))
+    boot = (nll_a[picks].sum(1) - nll_b[picks].sum(1)) / count[picks].sum(1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return difference, [float(low), float(high)]
+
+
 def plot_curves(summary: dict, path: Path) -> None:
-    """Eval loss of every continued stage against its tokens and its model FLOPs; base's end dashed.
-    Only lm stages: an sft or dpo loss is another quantity (none: no plot)."""
-    if not any(s["from"] and s["objective"] == "lm" for s in summary["stages"].values()):
+    """Eval loss of every continued lm stage against its tokens and its model FLOPs (base's end
+    dashed; the y-range leaves out an up-scaled model's jump at init, which the legend states), and,
+    with a `control` stage, each stage's loss minus the control's at the same tokens, zero marked,
+    with the paired 95% interval of the final difference. sft/dpo losses are other quantities: no plot."""
+    continued = {n: s for n, s in summary["stages"].items() if s["from"] and s["objective"] == "lm"}
+    if not continued:
         return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name, s in summary["stages"].items():
-        if not s["from"] or s["objective"] != "lm":
-            continue
-        for ax, x, unit in zip(axes, ("tokens", "flops"), (1e6, 1e12)):
-            points = s["eval_curve"]
-            ax.plot([p[x] / unit for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
-                    label=name)
+    control = continued.get("control")
+    fig, axes = plt.subplots(1, 3 if control else 2, figsize=(15 if control else 10, 4.2))
     base = summary.get("base_loss")
-    for ax, label in zip(axes, ("continued training: million tokens", "continued training: model TFLOPs")):
+    later = [p["eval_loss"] for s in continued.values() for p in s["eval_curve"] if p["step"] > 0]
+    low, high = min(later + [base or later[0]]), max(later + [base or later[0]])
+    pad = (high - low) * 0.08 or 0.01
+    color = {name: f"C{i}" for i, name in enumerate(continued)}  # one color per stage in every panel
+    for name, s in continued.items():
+        points, at_init = s["eval_curve"], s["eval_loss_at_init"]
+        label = name if at_init is None or at_init <= high + pad else f"{name} (at init {at_init:.3f}, above)"
+        for ax, x, unit in zip(axes[:2], ("tokens", "flops"), (1e6, 1e12)):
+            ax.plot([p[x] / unit for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
+                    label=label, color=color[name])
+    for ax, label in zip(axes[:2], ("continued training: million tokens", "continued training: model TFLOPs")):
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, end of pretraining")
+        ax.set_ylim(low - pad, high + pad)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out loss")
-    axes[0].legend()
+    axes[0].set_ylabel("held-out loss (nats)")
+    axes[0].legend(fontsize=8)
+    if control:
+        ax = axes[2]
+        reference = {p["step"]: p["eval_loss"] for p in control["eval_curve"]}
+        ax.axhline(0, color="black", linewidth=1)
+        for name, s in continued.items():
+            if name == "control":
+                continue
+            points = [p for p in s["eval_curve"] if p["step"] in reference and p["step"] > 0]
+            ax.plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] - reference[p["step"]] for p in points],
+                    marker="o", markersize=3, label=f"{name} - control", color=color[name])
+        for pair, (lo, hi) in (summary.get("paired_interval") or {}).items():
+            arm, other = pair.split(" - ")
+            if other == "control" and arm in continued:
+                d = summary["paired_difference"][pair]
+                ax.errorbar([continued[arm]["tokens"] / 1e6], [d], yerr=[[d - lo], [hi - d]], color="black",
+                            capsize=4, fmt="s", markersize=4,
+                            label=f"{pair}, all held-out windows: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        ax.set_xlabel("continued training: million tokens")
+        ax.set_ylabel("held-out loss minus the control's (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle("Depth up-scaling vs. continuing the base (same data, same held-out set)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -377,7 +377,8 @@ class Trainer:
         tasks are scored at step 0, the last step and multiples of eval_tasks_every (None: every eval)."""
         every = self.cfg.eval_tasks_every
         tasks_due = step is None or every is None or step in (0, self.cfg.steps) or (every and step % every == 0)
-        result = {**self._eval_loss(), **(self._eval_tasks() if tasks_due else {})}
+        whole = step in (0, self.cfg.steps)  # a stage's numbers at init and at the end: the whole split
+        result = {**self._eval_loss(whole), **(self._eval_tasks() if tasks_due else {})}
         return result or None
 
     def _eval_tasks(self) -> dict:
@@ -389,18 +390,23 @@ class Trainer:
         return {f"task/{task}/{metric}": value for task, metrics in out["results"].items()
                 for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
 
-    def _eval_loss(self) -> dict:
+    def _eval_loss(self, whole: bool = False) -> dict:
+        """Held-out loss over `eval_batches` batches drawn from the held-out windows (seed 0), or with
+        `whole` (the evals of step 0 and the last step) over every held-out window, so that a run's
+        numbers at init and at the end are the whole split's (a continued stage's first equals the
+        stage it starts from's last)."""
         if self.data.validation is None:
             return {}
         val, G = self.data.validation, self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
-        if len(val) >= G:
+        if len(val) >= G and not whole:
             batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
             local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, batches.steps_per_epoch))]
-        else:  # fewer sequences than one batch: all of them; the other rows are padding (segment 0, no loss)
+        else:  # every window in order; the last batch's missing rows are padding (segment 0, no loss)
             pad = jax.tree.map(np.zeros_like, val.sequence(0))
-            rows = range(p * G // P, (p + 1) * G // P)
-            local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad for r in rows])]
+            local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad
+                                               for r in range(b * G + p * G // P, b * G + (p + 1) * G // P)])
+                     for b in range(-(-len(val) // G))]
         sums = {}
         for batch in local:
             for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),

@@ -49,23 +49,29 @@ def _recipe_dict(tmp_path, corpus, base_steps=6, up_steps=4, **top):
 
 
 def _direct_eval_loss(params, config, trainer_cfg) -> float:
-    """The held-out loss as Trainer.evaluate defines it, computed here with numpy: next-token cross
-    entropy where the next token is in the same document (not across a boundary, not on padding)."""
-    d = data_lib.load_data(trainer_cfg.data)
-    val = data_lib.Batches(d.validation, min(trainer_cfg.global_batch, len(d.validation)), seed=0)
-    total, count = 0.0, 0
-    for step in range(min(trainer_cfg.eval_batches, val.steps_per_epoch)):
-        b = val.batch(step)
+    """The held-out loss as Trainer.evaluate defines it at a stage's first and last step, computed
+    here with numpy over every held-out window: next-token cross entropy where the next token is in
+    the same document (not across a boundary, not on padding)."""
+    nll, count = _window_nll(params, config, trainer_cfg)
+    return nll.sum() / count.sum()
+
+
+def _window_nll(params, config, trainer_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out window, one window at a time: the summed loss and the number of tokens it counts."""
+    val = data_lib.load_data(trainer_cfg.data).validation
+    assert len(val) > trainer_cfg.global_batch * trainer_cfg.eval_batches  # so that "every window" is tested
+    nll, count = np.zeros(len(val)), np.zeros(len(val))
+    for i in range(len(val)):
+        b = data_lib.stack_sequences([val.sequence(i)])
         z = np.asarray(solarjax.logits(config, params, b["tokens"], b["positions"], b["segment_ids"]), np.float64)
         logp = z - z.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         seg = b["segment_ids"]
-        for r in range(seg.shape[0]):
-            for t in range(seg.shape[1] - 1):
-                if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:
-                    total -= logp[r, t, b["tokens"][r, t + 1]]
-                    count += 1
-    return total / count
+        for t in range(seg.shape[1] - 1):
+            if seg[0, t] > 0 and seg[0, t + 1] == seg[0, t]:
+                nll[i] -= logp[0, t, b["tokens"][0, t + 1]]
+                count[i] += 1
+    return nll, count
 
 
 def _one_device_mesh():
@@ -111,9 +117,27 @@ def test_recipe_runs_stages_in_order_from_the_right_parameters(tmp_path, corpus,
         evals = [r["eval_loss"] for r in read_metrics(run / stage / "metrics.jsonl") if "eval_loss" in r]
         assert saved[key] == evals[which], key
     assert {"upscaled_ahead_at_equal_tokens", "upscaled_ahead_at_equal_flops"} <= set(saved)
+    # The paired comparison: both arms' final parameters on every held-out window, 2000 paired
+    # bootstrap resamples of the windows (seed 0); its difference is the table's, to float rounding.
+    arms = {stage: _window_nll(*reversed(solarjax.load_model(run / stage / "final")), up_cfg)
+            for stage in ("upscaled", "control", "control_equal_flops")}
+    for control, final_key in (("control", "base_continued_loss_final"),
+                               ("control_equal_flops", "base_continued_equal_flops_loss_final")):
+        (a, n), (b, _) = arms["upscaled"], arms[control]
+        picks = np.random.default_rng(0).integers(0, len(n), (2000, len(n)))
+        boot = np.sort((a[picks].sum(1) - b[picks].sum(1)) / n[picks].sum(1))
+        pair = f"upscaled - {control}"
+        np.testing.assert_allclose(saved["paired_difference"][pair], (a.sum() - b.sum()) / n.sum(), atol=1e-6)
+        np.testing.assert_allclose(saved["paired_difference"][pair], saved["upscaled_loss_final"] - saved[final_key],
+                                   atol=2e-6)
+        np.testing.assert_allclose(saved["paired_interval"][pair], [np.percentile(boot, 2.5), np.percentile(boot, 97.5)],
+                                   atol=1e-6)
+    assert saved["paired_windows"] == len(a)
     for s in saved["stages"].values():
         assert s["samples"][0]["prompt"] == "alpha" and {"tokens", "flops", "parameters"} <= set(s)
-    assert "at equal tokens: upscaled" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    interval = saved["paired_interval"]["upscaled - control"]
+    assert "at equal tokens: upscaled" in err and f"95% paired interval {interval[0]:+.4f} .. {interval[1]:+.4f})" in err
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _tensorboard_scalars(run / "upscaled")["eval/loss"] == [
         (r["step"], pytest.approx(r["eval_loss"])) for r in read_metrics(run / "upscaled" / "metrics.jsonl")

@@ -292,9 +292,14 @@ def test_eval_with_fewer_sequences_than_a_batch_on_a_mesh(tmp_path, corpus):
     record = trainer.run()
     assert trainer.checkpoints.latest_step() == 2
     # The same loss, computed directly over exactly the held-out sequences.
-    config, params = trainer.model_config, jax.device_get(trainer.state["params"])
+    np.testing.assert_allclose(record["eval_loss"], _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
+
+
+def _direct_eval_loss(trainer, windows) -> float:
+    """Next-token loss within documents over the held-out windows, one window at a time in float64."""
+    config, params, val = trainer.model_config, jax.device_get(trainer.state["params"]), trainer.data.validation
     total, count = 0.0, 0
-    for i in range(len(val)):
+    for i in windows:
         n = int((val.sequence(i)[1] > 0).sum())  # padding only ends the last sequence
         tokens, seg, pos = (a[:n] for a in val.sequence(i))
         z = np.asarray(solarjax.logits(config, params, tokens[None], pos[None], seg[None]), np.float64)[0]
@@ -303,7 +308,21 @@ def test_eval_with_fewer_sequences_than_a_batch_on_a_mesh(tmp_path, corpus):
         keep = (seg[:-1] > 0) & (seg[1:] == seg[:-1])
         total -= logp[np.arange(len(tokens) - 1), tokens[1:]][keep].sum()
         count += keep.sum()
-    np.testing.assert_allclose(record["eval_loss"], total / count, rtol=1e-5)
+    return total / count
+
+
+def test_the_last_eval_scores_every_held_out_window(tmp_path, corpus):
+    """Evals during the run use eval_batches batches; those of step 0 and the last step cover the whole
+    held-out split (a partial last batch included, on a mesh), so a run's numbers are the split's."""
+    trainer = Trainer(_config(tmp_path, corpus, steps=2, eval_every=1, global_batch=4, eval_batches=1, **{
+        "data.validation_fraction": 0.25, "mesh.fsdp": 4}), solarjax.make_mesh(1, 4, 1, jax.devices()[:4]))
+    val = trainer.data.validation
+    assert len(val) > 4 and len(val) % 4, len(val)  # more than one batch, and a partial last one
+    at_init = trainer.evaluate(0)["eval_loss"]
+    np.testing.assert_allclose(at_init, _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
+    assert trainer.evaluate(1)["eval_loss"] != at_init  # one batch of 4 windows
+    record = trainer.run()
+    np.testing.assert_allclose(record["eval_loss"], _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
 
 
 def test_resume_of_an_upscaled_preset_run_takes_runtime_changes(tmp_path, corpus):

@@ -7,6 +7,7 @@ solarjax.evaluate. tests/lm_eval_crosscheck.py compares solarjax.evaluate with l
 (too heavy an install for CI)."""
 
 import json
+from pathlib import Path
 import random
 
 import numpy as np
@@ -310,3 +311,12 @@ def test_bad_task_file_is_one_line_naming_file_and_field(tmp_path, capsys, task,
     assert "\n" not in err and message in err, err
     if "no validation file" not in message:
         assert str(path) in err, err
+
+
+def test_the_readme_task_file_loads():
+    """README's evaluate example names configs/tasks/python_basics.jsonl: it exists and is a valid task."""
+    from solarjax.evaluate import load_task
+    ROOT = Path(__file__).resolve().parent.parent
+    assert "configs/tasks/python_basics.jsonl" in (ROOT / "README.md").read_text()
+    (task,) = load_task(str(ROOT / "configs" / "tasks" / "python_basics.jsonl"))
+    assert len(task.docs) == 4 and all(len(d.choices) == 4 for d in task.docs)

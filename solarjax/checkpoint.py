@@ -28,7 +28,7 @@ from solarjax import model as model_lib
 from solarjax.config import ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import atomic_output_dir, check_output
-from solarjax.upscale import UpscaleSpec, apply_plan, check_plan
+from solarjax.upscale import UpscaleSpec, grow, zero_layers
 from solarjax.errors import MissingInputError, debugging, is_disk_full
 from solarjax.tokenizer import has_tokenizer
 
@@ -219,12 +219,17 @@ def load_model(path: str | Path, mesh=None, upscale: UpscaleSpec | None = None) 
         config, params = load_params(path, mesh)
         if upscale is None:
             return config, params
-        config, params = apply_plan(config, params, upscale.plan(config.num_layers), mesh)
-        return config, params
+        return grow(config, params, upscale, mesh)
     if (path / "config.json").is_file():
         if upscale is None:
             return hf.load_hf(path, mesh)
         base = hf.config_from_hf(hf.HFCheckpoint(path).hf_config, str(path / "config.json"))
-        return hf.load_hf(path, mesh, layer_map=check_plan(upscale.plan(base.num_layers), base.num_layers))
+        growth = upscale.growth(base.num_layers)
+        config, params = hf.load_hf(path, mesh, layer_map=list(growth.index))
+        if growth.zeroed:  # in place (donated), shard by shard
+            shardings = jax.tree.map(lambda a: a.sharding, params)
+            params = jax.jit(lambda p: zero_layers(p, growth.zeroed), out_shardings=shardings,
+                             donate_argnums=0)(params)
+        return config, params
     raise MissingInputError(f"{path}: neither a Hugging Face model directory (config.json), a solarjax "
                             f"checkpoint ({CONFIG_FILE} + params/) nor a run's checkpoints/STEP")

@@ -266,16 +266,25 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
     """Where the starting weights come from: random (from=None) or an HF dir / solarjax checkpoint,
-    optionally grown by depth up-scaling (upscale: {n, m} or {layers: "0:24,8:32"})."""
+    optionally grown (upscale: {n, m} for depth up-scaling, {layers: "0:24,8:32"} for a plan,
+    {expand: k} for block expansion; zero_new: true starts a plan's new layers as identities)."""
     source: str | None = None  # YAML key "from"
     upscale: dict | None = None
     seed: int = 0
 
     def __post_init__(self):
         if self.upscale is not None:
-            unknown = sorted(set(self.upscale) - {"n", "m", "layers"})
+            if not isinstance(self.upscale, dict):
+                raise ConfigError(f"init.upscale must be a mapping like {{expand: 4}} or {{n: 32, m: 8}}, "
+                                  f"got {self.upscale!r}")
+            unknown = sorted(set(self.upscale) - {"n", "m", "layers", "expand", "zero_new"})
             if unknown:
-                raise ConfigError(f"init.upscale: unknown key {unknown[0]!r} (known: layers, m, n)")
+                raise ConfigError(f"init.upscale: unknown key {unknown[0]!r} (known: expand, layers, m, n, zero_new)")
+            from solarjax.upscale import UpscaleError, UpscaleSpec  # here: upscale imports this module
+            try:  # what needs no base depth: the keys' combination and types
+                UpscaleSpec(**self.upscale).check()
+            except UpscaleError as e:
+                raise ConfigError(f"init.upscale: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """convert_weights.py: Hugging Face <-> solarjax weight conversion.
 
   python convert_weights.py hf-to-jax --hf DIR --out DIR
-  python convert_weights.py upscale --hf IN --out OUT (--n 32 --m 8 | --layers 0:24,8:32)
-                                    [--arch mistral|llama|qwen2] [--dtype ...] [--shard-size 5GB]
+  python convert_weights.py upscale --hf IN --out OUT (--n 32 --m 8 | --layers 0:24,8:32 | --expand 4)
+                                    [--zero-new] [--arch mistral|llama|qwen2] [--dtype ...] [--shard-size 5GB]
   python convert_weights.py jax-to-hf --ckpt DIR --out DIR [--arch mistral|llama|qwen2]
                                       [--dtype float32|bfloat16|float16] [--shard-size 5GB]
   python convert_weights.py merge --hf A --hf B [--hf C ...] --out OUT
@@ -43,12 +43,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: the dtype of the HF model it was converted from, else float32")
     b.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c = sub.add_parser("upscale", help="HF -> HF depth up-scaling, streamed tensor by tensor")
+    c = sub.add_parser("upscale", help="HF -> HF growth (DUS, a layer plan, block expansion), streamed tensor by tensor")
     c.add_argument("--hf", required=True, help="base HF model directory (safetensors)")
     c.add_argument("--out", required=True, help="HF model directory to create")
     c.add_argument("--n", type=int, help="base depth (SOLAR: 32)")
     c.add_argument("--m", type=int, help="layers dropped from each copy (SOLAR: 8)")
     c.add_argument("--layers", help="explicit plan of base layer ranges, mergekit style: 0:24,8:32")
+    c.add_argument("--expand", type=int, metavar="K",
+                   help="LLaMA Pro block expansion: after every K-th block a copy with o_proj and down_proj zero")
+    c.add_argument("--zero-new", action="store_true",
+                   help="with --n/--m or --layers: the second and later copies of a base layer start with o_proj and "
+                        "down_proj zero, so the grown model computes the base's function")
     c.add_argument("--arch", choices=("mistral", "llama", "qwen2"), default=None,
                    help="HF architecture; default: the base's; llama writes SOLAR's published form")
     c.add_argument("--dtype", choices=sorted(hf.SAVE_DTYPES), default=None, help="default: the base's dtype")
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
         checkpoint.save_params(args.out, config, params, tokenizer_dir=args.hf, overwrite=args.overwrite,
                                inputs=[args.hf])
     elif args.command == "upscale":
-        spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers)
+        spec = upscale.UpscaleSpec(n=args.n, m=args.m, layers=args.layers, expand=args.expand, zero_new=args.zero_new)
         upscale.upscale_hf(args.hf, args.out, spec, arch=args.arch, dtype=args.dtype,
                            shard_size=parse_size(args.shard_size), overwrite=args.overwrite)
     else:

@@ -70,8 +70,8 @@ def planned_model_config(cfg: TrainConfig) -> ModelConfig:
     if model_config is None:
         model_config = ckpt_lib.model_config_of(cfg.init.source).replace(**cfg.model_runtime)
     if cfg.init.upscale:
-        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
-        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
+        growth = UpscaleSpec(**cfg.init.upscale).growth(model_config.num_layers)
+        model_config = model_config.replace(num_layers=len(growth.index))
     return model_config
 
 

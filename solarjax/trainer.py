@@ -46,7 +46,7 @@ from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
 from solarjax.topology import model_flops_per_token, peak_tflops_per_device
-from solarjax.upscale import UpscaleSpec, apply_plan
+from solarjax.upscale import UpscaleSpec, grow
 
 
 def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
@@ -322,8 +322,7 @@ class Trainer:
         params = init_params(cfg.model, jax.random.key(init.seed), self.mesh)
         if spec is None:
             return cfg.model, params
-        config, params = apply_plan(cfg.model, params, spec.plan(cfg.model.num_layers), self.mesh)
-        return config, params
+        return grow(cfg.model, params, spec, self.mesh)
 
     def _reference_params(self, initial):
         """The frozen reference of an objective that has one: dpo.reference, or the initial policy

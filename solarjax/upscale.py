@@ -1,8 +1,11 @@
-"""Growth operators on the stacked parameter tree, and the streaming HF -> HF depth up-scaling.
+"""Growth operators on the stacked parameter tree, and the streaming HF -> HF growth.
 
 A layer plan is mergekit's passthrough: half-open ranges of base layers concatenated in order.
 SOLAR's depth up-scaling (DUS) of n layers by m is the plan [0, n-m), [m, n): new layer i takes
 base layer i for i < n-m and base layer i - (n - 2m) after (Mistral-7B -> SOLAR-10.7B: n=32, m=8).
+LLaMA Pro's block expansion by k is the plan that repeats every k-th layer, its second copies
+starting as identities (ZEROED projections at zero); `zero_new` does the same to any plan, so that
+stacking ("0:16,0:16") or middle duplication ("0:8,8:16,8:16,16:24") can start function-preserving.
 Because layers are stacked on one axis, every operator is a gather on that axis of each leaf; the
 embedding, final norm and lm_head are kept as they are.
 """
@@ -22,17 +25,22 @@ from tqdm.auto import tqdm
 from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.config import ModelConfig
-from solarjax.errors import SolarjaxError
+from solarjax.errors import ConfigError
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, check_output,
                                  plan_shards)
 
 
-class UpscaleError(SolarjaxError):
+class UpscaleError(ConfigError):
     """A growth spec does not fit the base model; the message names the value and the allowed range."""
 
 
 Plan = tuple[tuple[int, int], ...]
+
+# Zero in a layer that must start as the identity: attention's and the MLP's output projections,
+# so both residual branches add nothing (LLaMA Pro, arXiv 2401.02415, section 2.3). The layer's
+# other weights keep their copied values, so its gradients are not zero and it can learn.
+ZEROED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
 
 def dus_plan(n: int, m: int) -> Plan:
@@ -43,14 +51,24 @@ def dus_plan(n: int, m: int) -> Plan:
     return ((0, n - m), (m, n))
 
 
-def parse_plan(text: str) -> Plan:
+def expand_plan(base_layers: int, k: int) -> Plan:
+    """LLaMA Pro's block expansion as a plan: after every k-th block, a second copy of it.
+    4 layers, k=2: (0, 2), (1, 4), (3, 4) -> base layers 0 1 1 2 3 3."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or base_layers % k:
+        raise UpscaleError(f"expand={k!r} must divide the base's depth of {base_layers} layers "
+                           f"(expand in {[d for d in range(1, base_layers + 1) if base_layers % d == 0]})")
+    return ((0, k),) + tuple((j * k - 1, (j + 1) * k) for j in range(1, base_layers // k)) + ((base_layers - 1,
+                                                                                                base_layers),)
+
+
+def parse_plan(text: str, what: str = "layer range") -> Plan:
     """'0:24,8:32' -> ((0, 24), (8, 32))."""
     ranges = []
     for part in str(text).split(","):
         try:
             start, end = (int(x) for x in part.strip().split(":"))
         except ValueError:
-            raise UpscaleError(f"layer range {part.strip()!r} in {text!r} is not START:END (e.g. 0:24,8:32)") from None
+            raise UpscaleError(f"{what} {part.strip()!r} in {text!r} is not START:END (e.g. 0:24,8:32)") from None
         ranges.append((start, end))
     return tuple(ranges)
 
@@ -67,31 +85,76 @@ def check_plan(plan: Plan, base_layers: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Growth:
+    """What a spec does to a base of some depth. index: the base layer of each grown layer; new:
+    the grown layers that are a second or later copy of their base layer (what `trainable:
+    new_layers` trains); zeroed: those of them that start with ZEROED projections at zero."""
+    index: tuple[int, ...]
+    new: tuple[int, ...]
+    zeroed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class UpscaleSpec:
-    """The CLI's and the training config's growth options: DUS (n, m) or an explicit layer plan."""
+    """The CLI's and the training config's growth options: DUS (n, m), an explicit layer plan
+    (layers), or block expansion (expand: k); zero_new starts a plan's new layers as identities
+    (expansion's always do)."""
     n: int | None = None
     m: int | None = None
     layers: str | None = None
+    expand: int | None = None
+    zero_new: bool = False
 
-    def plan(self, base_layers: int) -> Plan:
-        if self.layers is not None:
+    def check(self) -> None:
+        """What needs no base model: one growth, its values' types, the plan's syntax."""
+        if not isinstance(self.zero_new, bool):
+            raise UpscaleError(f"zero_new={self.zero_new!r} must be true or false")
+        if self.expand is not None:
+            if self.n is not None or self.m is not None or self.layers is not None:
+                raise UpscaleError(f"expand={self.expand!r} is a growth of its own: give expand, or n and m, or "
+                                   f"layers, not several")
+            if not isinstance(self.expand, int) or isinstance(self.expand, bool) or self.expand < 1:
+                raise UpscaleError(f"expand={self.expand!r} must be a positive integer (a copy after every "
+                                   f"expand-th block)")
+        elif self.layers is not None:
             if self.n is not None or self.m is not None:
                 raise UpscaleError("give either n and m, or layers, not both")
+            parse_plan(self.layers)
+        elif self.n is None or self.m is None:
+            raise UpscaleError("depth up-scaling needs both n and m (or a layer plan, or expand)")
+
+    def plan(self, base_layers: int) -> Plan:
+        self.check()
+        if self.expand is not None:
+            return expand_plan(base_layers, self.expand)
+        if self.layers is not None:
             plan = parse_plan(self.layers)
             check_plan(plan, base_layers)
             return plan
-        if self.n is None or self.m is None:
-            raise UpscaleError("depth up-scaling needs both n and m (or a layer plan)")
         if self.n != base_layers:
             raise UpscaleError(f"n={self.n} does not match the base model's depth of {base_layers} layers")
         return dus_plan(self.n, self.m)
 
+    def growth(self, base_layers: int) -> Growth:
+        index = check_plan(self.plan(base_layers), base_layers)
+        seen, new = set(), []
+        for i, base in enumerate(index):
+            if base in seen:
+                new.append(i)
+            seen.add(base)
+        zeroed = tuple(new) if self.expand is not None or self.zero_new else ()
+        return Growth(tuple(index), tuple(new), zeroed)
+
     def describe(self, base_layers: int) -> str:
         plan = self.plan(base_layers)
         ranges = ", ".join(f"[{a}, {b})" for a, b in plan)
+        if self.expand is not None:
+            return (f"block expansion (LLaMA Pro) expand={self.expand}: a copy after every {self.expand}-th block, "
+                    f"with o_proj and down_proj zero")
+        zero = "; the second copies of base layers start with o_proj and down_proj zero" if self.zero_new else ""
         if self.layers is None:
-            return f"SOLAR depth up-scaling n={self.n}, m={self.m}: base layers {ranges}"
-        return f"layer plan (mergekit passthrough): base layers {ranges}"
+            return f"SOLAR depth up-scaling n={self.n}, m={self.m}: base layers {ranges}{zero}"
+        return f"layer plan (mergekit passthrough): base layers {ranges}{zero}"
 
 
 def _layer_leaves(params, fn):
@@ -105,61 +168,36 @@ def _check_config_first(config, where: str) -> None:
                         f"got {type(config).__name__}")
 
 
-def apply_plan(config: ModelConfig, params, plan: Plan, mesh=None):
-    """(config, params) with layers gathered by `plan`. Runs under jit with the new tree's
-    shardings, so sharded inputs stay sharded: nothing is gathered onto one host."""
-    _check_config_first(config, "apply_plan")
-    index = np.asarray(check_plan(plan, config.num_layers), np.int32)
+def zero_layers(params, zeroed: tuple[int, ...]):
+    """params with the ZEROED projections of the stacked layers in `zeroed` set to zero (pure)."""
+    if not zeroed:
+        return params
+    layers = params["layers"]
+    out = {**layers}
+    for block, name in ZEROED:
+        leaf = layers[block][name]
+        out[block] = {**out[block], name: leaf.at[np.asarray(zeroed)].set(0)}
+    return {**params, "layers": out}
+
+
+def grow(config: ModelConfig, params, spec: UpscaleSpec, mesh=None):
+    """(config, params) grown by `spec`: layers gathered by its plan, new layers zeroed where it
+    says. Runs under jit with the new tree's shardings, so sharded inputs stay sharded: nothing is
+    gathered onto one host."""
+    _check_config_first(config, "grow")
+    growth = spec.growth(config.num_layers)
+    index = np.asarray(growth.index, np.int32)
     new_config = config.replace(num_layers=len(index))
     out_shardings = param_shardings(model_lib.abstract_params(new_config), mesh) if mesh is not None else None
-    grow = jax.jit(lambda p: _layer_leaves(p, lambda leaf: jnp.take(leaf, index, axis=0)),
-                   out_shardings=out_shardings)
-    return new_config, grow(params)
+    fn = jax.jit(lambda p: zero_layers(_layer_leaves(p, lambda leaf: jnp.take(leaf, index, axis=0)), growth.zeroed),
+                 out_shardings=out_shardings)
+    return new_config, fn(params)
 
 
 def depth_upscale(config: ModelConfig, params, n: int, m: int, mesh=None):
     """SOLAR's DUS on the param tree: returns (config, params) of 2(n - m) layers."""
     _check_config_first(config, "depth_upscale")
-    return apply_plan(config, params, UpscaleSpec(n=n, m=m).plan(config.num_layers), mesh)
-
-
-# Block expansion (LLaMA Pro, arXiv 2401.02415): identity-initialised copies, trained alone.
-
-ZEROED_IN_NEW_BLOCKS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
-
-
-def expand_blocks(config: ModelConfig, params, k: int, mesh=None):
-    """After every k-th block insert a copy of it whose o_proj and down_proj are zero, so each new
-    block adds nothing to the residual stream and the grown model computes the base function.
-
-    Returns (config, params, trainable): `trainable` is a tree like params whose leaves broadcast
-    against them, 1 on the new blocks and 0 elsewhere, for `optim.make_optimizer(trainable=...)`.
-    """
-    _check_config_first(config, "expand_blocks")
-    L = config.num_layers
-    if not isinstance(k, int) or k < 1 or L % k:
-        raise UpscaleError(f"block expansion every k={k!r} blocks must divide the depth of {L} layers "
-                           f"(k in {[d for d in range(1, L + 1) if L % d == 0]})")
-    index, is_new = [], []
-    for i in range(L):
-        index.append(i)
-        is_new.append(False)
-        if (i + 1) % k == 0:
-            index.append(i)
-            is_new.append(True)
-    new_config, grown = apply_plan(config, params, tuple((i, i + 1) for i in index), mesh)
-    new = np.asarray(is_new)
-
-    def zero_new(path, leaf):
-        names = tuple(p.key for p in path)
-        if names[:2] in ZEROED_IN_NEW_BLOCKS:
-            return jnp.where(new.reshape((-1,) + (1,) * (leaf.ndim - 1)), 0, leaf).astype(leaf.dtype)
-        return leaf
-    grown = {**grown, "layers": jax.tree_util.tree_map_with_path(zero_new, grown["layers"])}
-    trainable = jax.tree.map(lambda leaf: jnp.zeros((), jnp.float32), grown)
-    trainable["layers"] = jax.tree.map(
-        lambda leaf: jnp.asarray(new, jnp.float32).reshape((-1,) + (1,) * (leaf.ndim - 1)), grown["layers"])
-    return new_config, grown, trainable
+    return grow(config, params, UpscaleSpec(n=n, m=m), mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +219,8 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
                            f"pytorch_model.bin first (e.g. hf-to-jax then jax-to-hf)")
     base_config = hf.config_from_hf(base.hf_config, str(src / "config.json"))
     base.check(base_config)
-    plan = spec.plan(base_config.num_layers)
-    index = check_plan(plan, base_config.num_layers)
+    growth = spec.growth(base_config.num_layers)
+    index = list(growth.index)
     config = base_config.replace(num_layers=len(index))
     arch = arch or hf.ARCHITECTURES[base.hf_config["architectures"][0]]
     src_dtype = base.info("model.embed_tokens.weight").dtype
@@ -192,6 +230,7 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     specs = hf.weight_specs(config)
     infos = [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs]
     sources = {s.hf_name: s.source_name(index) for s in specs}
+    zeroed = {s.hf_name for s in specs if s.layer in growth.zeroed and s.path[1:] in ZEROED}
     shards = plan_shards(infos, shard_size)
     names = hf.shard_file_names(len(shards))
     with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
@@ -204,7 +243,9 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
                 for info in shard:
                     name = sources[info.name]
                     file = base.file_of(name)
-                    if isinstance(file, SafetensorsFile) and file.info(name).dtype == np_dtype:
+                    if info.name in zeroed:  # one tensor's zeros: the bound of a dtype change
+                        writer.write_array(np.zeros(info.shape, np_dtype))
+                    elif isinstance(file, SafetensorsFile) and file.info(name).dtype == np_dtype:
                         writer.copy_bytes(file, name)
                     else:
                         writer.write_array(np.asarray(base.get(name), np_dtype))
@@ -217,7 +258,10 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
 
 
 def model_card(src, base_config: ModelConfig, config: ModelConfig, spec: UpscaleSpec, arch: str, dtype: str) -> str:
-    index = check_plan(spec.plan(base_config.num_layers), base_config.num_layers)
+    growth = spec.growth(base_config.num_layers)
+    index = list(growth.index)
+    zeroed = (f"\nNew layers {list(growth.zeroed)} start with o_proj and down_proj zero: the grown model computes "
+              f"the base's function.\n" if growth.zeroed else "")
     architecture = hf.config_to_hf(config, arch)["architectures"][0]
     return f"""---
 tags: [depth-up-scaling, solarjax]
@@ -229,7 +273,7 @@ Made by solarjax on {datetime.date.today().isoformat()}: {spec.describe(base_con
 Embeddings, final norm and lm_head are the base model's. New layer i takes base layer:
 
 `{index}`
-
+{zeroed}
 Recipe: SOLAR 10.7B (Kim et al., arXiv 2312.15166). As with SOLAR, the grown model is meant to be
 continued-pretrained before use.
 """

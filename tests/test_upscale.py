@@ -1,11 +1,10 @@
-"""Depth up-scaling and block expansion: exact layer mapping, streaming HF -> HF, the training loader."""
+"""Depth up-scaling and layer plans: exact layer mapping, streaming HF -> HF, the training loader."""
 
 import json
 import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -13,8 +12,6 @@ from safetensors.torch import load_file
 
 import solarjax
 from solarjax import convert, hf, upscale
-from solarjax.config import OptimConfig
-from solarjax.optim import make_optimizer
 from solarjax.upscale import UpscaleError, UpscaleSpec
 from hf_models import hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
@@ -162,44 +159,6 @@ def test_loader_places_grown_model_in_shards(base8, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_block_expansion_keeps_the_function_and_trains_only_new_blocks():
-    config = solarjax.preset("tiny").replace(num_layers=4)
-    params = solarjax.init_params(config, jax.random.key(0))
-    new_config, grown, trainable = upscale.expand_blocks(config, params, k=2)
-    assert new_config.num_layers == 6
-    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 12))
-    base_logits = np.asarray(solarjax.logits(config, params, tokens))
-    assert np.abs(np.asarray(solarjax.logits(new_config, grown, tokens)) - base_logits).max() <= 1e-5
-
-    from solarjax.model import Decoder
-
-    def loss(p):
-        out = Decoder(new_config).apply({"params": p}, tokens)
-        return -jax.numpy.mean(jax.nn.log_softmax(out)[..., 0])
-    opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1), 10,
-                         trainable=trainable)
-
-    @jax.jit
-    def step(p):
-        updates, _ = opt.update(jax.grad(loss)(p), opt.init(p), p)
-        return optax.apply_updates(p, updates)
-    stepped = step(grown)
-    new_layers = [2, 5]  # a copy after every 2nd base block
-    for path, before in jax.tree_util.tree_leaves_with_path(grown):
-        after = stepped
-        for p in path:
-            after = after[p.key]
-        before, after = np.asarray(before), np.asarray(after)
-        if path[0].key != "layers":
-            np.testing.assert_array_equal(after, before, err_msg=str(path))
-            continue
-        for i in range(6):
-            if i not in new_layers:
-                np.testing.assert_array_equal(after[i], before[i], err_msg=f"{path} layer {i}")
-    o = "self_attn", "o_proj"
-    assert all(np.abs(np.asarray(stepped["layers"][o[0]][o[1]][i])).max() > 0 for i in new_layers)
-
-
 @pytest.mark.parametrize("spec, message", [
     (UpscaleSpec(n=32, m=8), "n=32 does not match the base model's depth of 8 layers"),
     (UpscaleSpec(n=8, m=4), "m=4 is outside [1, n/2) = [1, 4) for n=8"),
@@ -217,13 +176,11 @@ def test_bad_specs_name_the_value(spec, message):
     assert message in str(e.value)
 
 
-def test_zero_layer_plan_and_bad_k():
+def test_zero_layer_plan_and_argument_order():
     with pytest.raises(UpscaleError, match="zero layers"):
         upscale.check_plan((), 8)
     config = solarjax.preset("tiny").replace(num_layers=4)
     params = jax.eval_shape(lambda: solarjax.init_params(config, jax.random.key(0)))
-    with pytest.raises(UpscaleError, match=r"k=3 blocks must divide the depth of 4 layers \(k in \[1, 2, 4\]\)"):
-        upscale.expand_blocks(config, params, k=3)
     # The order was (params, config) before every loader settled on (config, params).
     with pytest.raises(TypeError, match=r"depth_upscale\(config, params, ...\): the first argument must be the "
                                         r"ModelConfig, got dict"):

@@ -1,10 +1,13 @@
 """The optimizer: global-norm clipping, then AdamW on a warmup + decay schedule; no weight decay
 on norm scales and biases (1-D parameters per layer). Optionally only some parameters train
-(`trainable`, e.g. block expansion's new layers): the frozen ones carry no optimizer state."""
+(Trainable, e.g. block expansion's new layers): the frozen ones carry no optimizer state."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -46,10 +49,53 @@ def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, extensions=(), trainable=None) -> optax.GradientTransformation:
-    """trainable: None (every parameter trains) or a tree like the params whose leaves broadcast
-    against them, 1 where a parameter trains and 0 where it is frozen; a stacked [L, ...] leaf may
-    train in some layers only, with a mask of shape [L, 1, ...] (upscale.expand_blocks makes one)."""
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Which parameters train: the stacked layers in `layers` (None: every layer) and, with `rest`,
+    everything outside the layer stack (embeddings, final norm, head)."""
+    layers: tuple[int, ...] | None = None
+    rest: bool = True
+
+    @property
+    def everything(self) -> bool:
+        return self.layers is None and self.rest
+
+    def select(self, tree: dict) -> dict:
+        """The trained part of a params-shaped tree: the trained layers gathered from each stacked
+        leaf ([L, ...] -> [len(layers), ...]), frozen parts None (an empty subtree)."""
+        def part(key, value):
+            if key != "layers":
+                return value if self.rest else None
+            if self.layers is None:
+                return value
+            if not self.layers:
+                return None
+            index = np.asarray(self.layers, np.int32)
+            return jax.tree.map(lambda a: jnp.take(a, index, axis=0), value)
+        return {key: part(key, value) for key, value in tree.items()}
+
+    def scatter(self, sub: dict, like: dict) -> dict:
+        """Updates shaped like `like` from the trained part's `sub`; frozen entries are -0.0, since
+        x + (-0.0) is x bit for bit for every x (+0.0 included, where x + 0.0 would turn -0.0 into +0.0)."""
+        def frozen(tree):
+            return jax.tree.map(lambda a: jnp.full_like(a, -0.0), tree)
+
+        def part(key, value):
+            if key != "layers":
+                return sub[key] if self.rest else frozen(value)
+            if self.layers is None:
+                return sub[key]
+            if not self.layers:
+                return frozen(value)
+            index = np.asarray(self.layers, np.int32)
+            return jax.tree.map(lambda a, u: jnp.full_like(a, -0.0).at[index].set(u.astype(a.dtype)), value, sub[key])
+        return {key: part(key, value) for key, value in like.items()}
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, extensions=(), trainable: Trainable | None = None
+                   ) -> optax.GradientTransformation:
+    """trainable: None (every parameter trains) or which parts do (Trainable): the frozen ones get
+    no optimizer state, no update, no weight decay, and count nowhere, not in the clip's norm."""
     def decay_mask(params):
         # Stacked layers add a leading axis, so a norm scale is [L, D]: decide by the leaf's name.
         return jax.tree_util.tree_map_with_path(
@@ -58,57 +104,33 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, extensions=(), trainable=
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     parts.append(optax.adamw(schedule(cfg, total_steps, extensions), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
-    if trainable is None:
+    if trainable is None or trainable.everything:
         return optax.chain(*parts)
     return _train_only(optax.chain(*parts), trainable)
 
 
-def _train_only(inner: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
-    """`inner` (clipping and AdamW) on the trainable parameters alone.
+def _train_only(inner: optax.GradientTransformation, trainable: Trainable) -> optax.GradientTransformation:
+    """`inner` (clipping and AdamW) on the trained part of the parameters alone (Trainable.select).
 
-    A leaf frozen everywhere gets optax.set_to_zero: a zero update and no state, so no Adam moments
-    (two parameter-sized buffers each). A leaf trainable everywhere gets `inner` as it is. A stacked
-    leaf trained in some layers only keeps its moments (they are one array), and its frozen layers'
-    gradient is zeroed before `inner` and its update after (AdamW's weight decay would move them).
-    So frozen gradients count nowhere, not in the clip's global norm either: how far the trainable
-    parameters move does not depend on what the frozen ones would have done.
+    Its state is inner's state of that part: Adam's two moments exist for the trained layers and
+    leaves only (a gather along the layer axis each step buys that; the frozen layers' moments
+    would cost two copies of them). Frozen gradients never reach `inner`, so they count nowhere,
+    not in the clip's global norm either: how far the trained parameters move does not depend on
+    what the frozen ones would have done; and AdamW's weight decay never sees a frozen weight.
     """
-    paths_masks = jax.tree_util.tree_flatten_with_path(trainable)[0]
-    masks, labels = [], []
-    for path, leaf in paths_masks:
-        mask = np.asarray(leaf, np.float32)
-        if not np.isin(mask, (0, 1)).all():
-            bad = [float(x) for x in np.unique(mask) if x not in (0, 1)][:3]
-            raise ConfigError(f"trainable{jax.tree_util.keystr(path)} holds {bad}; a freeze mask holds only "
-                             f"0 (frozen) and 1 (trained)")
-        labels.append("frozen" if not mask.any() else "trained")
-        masks.append(None if mask.all() or not mask.any() else mask)  # only partly trained leaves multiply
-    label_tree = jax.tree.unflatten(jax.tree.structure(trainable), labels)
+    def init(params):
+        if "layers" not in params:
+            raise ConfigError(f"trainable layers need the model's stacked params['layers']; the tree has "
+                              f"{', '.join(sorted(params))}")
+        depth = jax.tree.leaves(params["layers"])[0].shape[0]
+        outside = [i for i in trainable.layers or () if not 0 <= i < depth]
+        if outside:
+            raise ConfigError(f"trainable layer {outside[0]} is outside the model's {depth} layers [0, {depth})")
+        return inner.init(trainable.select(params))
 
-    def check(params):
-        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-        if not leaves:  # optax.tree_map_params initialises with an empty placeholder
-            return optax.EmptyState()
-        if jax.tree.structure(params) != jax.tree.structure(trainable):
-            names = {jax.tree_util.keystr(p) for p, _ in leaves}
-            masked = {jax.tree_util.keystr(p) for p, _ in paths_masks}
-            raise ConfigError(f"the trainable tree must have the params' structure; params only: "
-                             f"{' '.join(sorted(names - masked)[:3]) or 'none'}, trainable only: "
-                             f"{' '.join(sorted(masked - names)[:3]) or 'none'}")
-        for (path, param), (_, mask) in zip(leaves, paths_masks):
-            try:
-                fits = np.broadcast_shapes(np.shape(mask), param.shape) == param.shape
-            except ValueError:
-                fits = False
-            if not fits:
-                raise ConfigError(f"trainable{jax.tree_util.keystr(path)} has shape {list(np.shape(mask))}, which "
-                                 f"does not broadcast to the parameter's {list(param.shape)}")
-        return optax.EmptyState()
+    def update(updates, state, params=None):
+        sub, state = inner.update(trainable.select(updates), state,
+                                  None if params is None else trainable.select(params))
+        return trainable.scatter(sub, updates), state
 
-    def keep_trained_layers(updates, state, params=None):
-        leaves, treedef = jax.tree.flatten(updates)
-        leaves = [u if m is None else (u * m).astype(u.dtype) for u, m in zip(leaves, masks)]
-        return jax.tree.unflatten(treedef, leaves), state
-
-    keep = optax.GradientTransformation(check, keep_trained_layers)
-    return optax.chain(keep, optax.partition({"trained": inner, "frozen": optax.set_to_zero()}, label_tree), keep)
+    return optax.GradientTransformation(init, update)

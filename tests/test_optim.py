@@ -1,7 +1,7 @@
 """The optimizer's rules, each against its formula: the schedule at its corners, weight decay on
 exactly the weights that are not norm scales, the loss mask on document boundaries and padding,
 gradient accumulation against the whole batch, and frozen parameters (no state, no movement, not
-in the clip's norm)."""
+in the clip's norm, no decay)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import pytest
 
 import solarjax
 from solarjax.config import OptimConfig
-from solarjax.optim import make_optimizer, schedule
+from solarjax.optim import Trainable, make_optimizer, schedule
 from solarjax.trainer import jit_train_step, loss_and_count, new_state
 from solarjax.errors import ConfigError
 
@@ -95,97 +95,95 @@ def test_microbatches_give_the_whole_batch_mean_loss_and_step():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results[k][1], results[1][1])
 
 
-# Frozen parameters (make_optimizer(trainable=...)), on a small tree shaped like the model's:
-# `embed` frozen, `head` trained, and a stacked [L=3, ...] `layers` trained in layer 1 only, as
-# block expansion leaves them.
+# Frozen parameters (make_optimizer(trainable=Trainable(...))), on a small tree shaped like the
+# model's: `embed` and `head` outside the stack, and a stacked [L=3, ...] `layers` trained in layer
+# 1 only, as block expansion leaves them.
 def _frozen_tree():
     rng = np.random.RandomState(0)
     params = {"embed": rng.randn(6, 4), "head": rng.randn(4, 6),
               "layers": {"w": rng.randn(3, 4, 5), "scale": rng.randn(3, 4)}}
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    layer = np.array([0.0, 1.0, 0.0], np.float32)
-    trainable = {"embed": np.float32(0), "head": np.float32(1),
-                 "layers": {"w": layer.reshape(3, 1, 1), "scale": layer.reshape(3, 1)}}
-    return params, trainable
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
-def _frozen_opt(trainable, **overrides):
+def _frozen_opt(trainable=Trainable(layers=(1,), rest=False), **overrides):
     cfg = OptimConfig(**{"learning_rate": 0.1, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.1,
                          "grad_clip": 0.0, **overrides})
     return make_optimizer(cfg, 10, trainable=trainable)
 
 
-def test_frozen_leaves_carry_no_optimizer_state():
-    """Adam's two moments exist for the trained leaves and the partly trained stacked leaves only:
-    the state's arrays (beyond scalar step counts) add up to 2 x their sizes, where the same
-    optimizer without a mask holds 2 x every parameter."""
-    params, trainable = _frozen_tree()
+def test_frozen_parts_carry_no_optimizer_state():
+    """Adam's two moments exist for the trained layers (and, with rest, the leaves outside the
+    stack) only: the state's arrays (beyond scalar step counts) add up to 2 x their sizes, where
+    the same optimizer without freezing holds 2 x every parameter."""
+    params = _frozen_tree()
     sizes = {k: sum(a.size for a in jax.tree.leaves(v)) for k, v in params.items()}
     state_size = lambda opt: sum(a.size for a in jax.tree.leaves(opt.init(params)) if a.ndim)  # noqa: E731
     assert state_size(_frozen_opt(None)) == 2 * sum(sizes.values())
-    assert state_size(_frozen_opt(trainable)) == 2 * (sizes["head"] + sizes["layers"])
+    assert state_size(_frozen_opt()) == 2 * sizes["layers"] // 3
+    assert state_size(_frozen_opt(Trainable(layers=(0, 2), rest=True))) == 2 * (
+        sizes["embed"] + sizes["head"] + 2 * sizes["layers"] // 3)
+    assert state_size(_frozen_opt(Trainable(layers=(), rest=True))) == 2 * (sizes["embed"] + sizes["head"])
 
 
 def test_frozen_values_never_move_and_trained_ones_do():
-    """Three steps on random gradients, with weight decay: the frozen leaf and the frozen layers of
-    the stacked leaves stay bit-identical; the trained leaf and layer move. Then, with zero
-    gradients (weight decay alone moves weights), the trained decayed weights shrink by
-    lr * wd * w and nothing frozen moves."""
-    params, trainable = _frozen_tree()
-    opt = _frozen_opt(trainable)
+    """Three steps on random gradients, with weight decay: the leaves outside the stack and the
+    frozen layers stay bit-identical; the trained layer moves. Then, with zero gradients (weight
+    decay alone moves weights), the trained decayed weights shrink by lr * wd * w and nothing
+    frozen moves: no decay reaches a frozen weight."""
+    params = _frozen_tree()
+    opt = _frozen_opt()
     step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(g, s, p)))
     p, state = params, opt.init(params)
     rng = np.random.RandomState(1)
     for _ in range(3):
         p, state = step(p, state, jax.tree.map(lambda a: jnp.asarray(rng.randn(*a.shape), jnp.float32), params))
-    np.testing.assert_array_equal(p["embed"], params["embed"])
+    for name in ("embed", "head"):
+        np.testing.assert_array_equal(p[name], params[name], err_msg=name)
     for name in ("w", "scale"):
         for i in (0, 2):
             np.testing.assert_array_equal(p["layers"][name][i], params["layers"][name][i], err_msg=f"{name} layer {i}")
         assert np.abs(np.asarray(p["layers"][name][1] - params["layers"][name][1])).min() > 0, name
-    assert np.abs(np.asarray(p["head"] - params["head"])).min() > 0
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
-    np.testing.assert_allclose(updates["head"], -0.1 * 0.1 * params["head"], rtol=1e-6)
     np.testing.assert_allclose(updates["layers"]["w"][1], -0.1 * 0.1 * params["layers"]["w"][1], rtol=1e-6)
-    for u in (updates["embed"], updates["layers"]["w"][0], updates["layers"]["w"][2], updates["layers"]["scale"]):
+    for u in (updates["embed"], updates["head"], updates["layers"]["w"][0], updates["layers"]["w"][2],
+              updates["layers"]["scale"]):
         np.testing.assert_array_equal(u, 0)
+    # A frozen -0.0 stays -0.0: the frozen update is -0.0, and x + (-0.0) is x bit for bit.
+    signed = {**params, "embed": params["embed"].at[0, 0].set(-0.0)}
+    moved = optax.apply_updates(signed, opt.update(zeros, opt.init(signed), signed)[0])
+    assert np.signbit(np.asarray(moved["embed"][0, 0]))
 
 
 def test_clipping_counts_only_trained_gradients():
     """The global norm that clipping divides by is that of the trained gradients alone: however
-    large the frozen gradients (a frozen leaf, the frozen layers of a stacked leaf), the trained
+    large the frozen gradients (the leaves outside the stack, the frozen layers), the trained
     parameters take the step the formula gives from their own gradients. With eps 1 Adam's first
     step is lr * g / (|g| + 1), so the clip's scale shows in it (with eps 1e-8 it would be ~ lr * sign(g))."""
-    params, trainable = _frozen_tree()
-    opt = _frozen_opt(trainable, grad_clip=1.0, eps=1.0, weight_decay=0.0)
+    params = _frozen_tree()
+    opt = _frozen_opt(grad_clip=1.0, eps=1.0, weight_decay=0.0)
     rng = np.random.RandomState(2)
     grads = jax.tree.map(lambda a: rng.randn(*a.shape).astype(np.float32), params)
-    keep = {"head": np.ones((4, 6), bool), "w": np.zeros((3, 4, 5), bool), "scale": np.zeros((3, 4), bool)}
+    keep = {"w": np.zeros((3, 4, 5), bool), "scale": np.zeros((3, 4), bool)}
     keep["w"][1], keep["scale"][1] = True, True
-    trained = [grads["head"][keep["head"]], grads["layers"]["w"][keep["w"]], grads["layers"]["scale"][keep["scale"]]]
+    trained = [grads["layers"]["w"][keep["w"]], grads["layers"]["scale"][keep["scale"]]]
     norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in trained))
     assert norm > 2  # so that the clip acts
     scale = 1.0 / norm
     expected = {name: -0.1 * g * scale / (np.abs(g * scale) + 1.0) for name, g in
-                (("head", grads["head"]), ("w", grads["layers"]["w"][1]), ("scale", grads["layers"]["scale"][1]))}
+                (("w", grads["layers"]["w"][1]), ("scale", grads["layers"]["scale"][1]))}
     for frozen_size in (0.0, 1e3):
         layers = {k: np.where(keep[k], grads["layers"][k], frozen_size).astype(np.float32) for k in ("w", "scale")}
-        g = {"embed": np.full((6, 4), frozen_size, np.float32), "head": grads["head"], "layers": layers}
+        g = {"embed": np.full((6, 4), frozen_size, np.float32), "head": np.full((4, 6), frozen_size, np.float32),
+             "layers": layers}
         updates, _ = opt.update(jax.tree.map(jnp.asarray, g), opt.init(params), params)
-        np.testing.assert_allclose(updates["head"], expected["head"], rtol=1e-5, err_msg=f"frozen {frozen_size}")
         for name in ("w", "scale"):
             np.testing.assert_allclose(updates["layers"][name][1], expected[name], rtol=1e-5,
                                        err_msg=f"{name}, frozen {frozen_size}")
 
 
-def test_bad_freeze_masks_are_refused():
-    params, trainable = _frozen_tree()
-    with pytest.raises(ConfigError, match=r"trainable\['head'\] holds \[0.5\]"):
-        _frozen_opt({**trainable, "head": np.float32(0.5)})
-    with pytest.raises(ConfigError, match=r"trainable\['layers'\]\['w'\] has shape \[2, 1, 1\], which does not "
-                                         r"broadcast to the parameter's \[3, 4, 5\]"):
-        _frozen_opt({**trainable, "layers": {**trainable["layers"], "w": np.ones((2, 1, 1))}}).init(params)
-    with pytest.raises(ConfigError, match=r"params only: \['head'\], trainable only: none"):
-        _frozen_opt({k: v for k, v in trainable.items() if k != "head"}).init(params)
+def test_bad_trainable_layers_are_refused():
+    params = _frozen_tree()
+    with pytest.raises(ConfigError, match=r"trainable layer 3 is outside the model's 3 layers \[0, 3\)"):
+        _frozen_opt(Trainable(layers=(1, 3), rest=False)).init(params)

@@ -328,6 +328,9 @@ class TrainConfig:
     # CPU, 4096 on accelerators. Fewer: less memory for logits, more, shorter steps.
     loss_chunk_tokens: int | None = None
     microbatches: int = 1  # gradient accumulation: the global batch in this many sequential groups
+    # What trains: all | new_layers (the layers init.upscale added) | layer ranges of the (grown)
+    # model, "8:12,20:24". Embeddings, final norm and head train only under all; the rest is frozen.
+    trainable: str = "all"
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
@@ -364,6 +367,14 @@ class TrainConfig:
                               f"({self.eval_every}), got {every!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
+        from solarjax.upscale import UpscaleError, parse_trainable  # here: upscale imports this module
+        try:
+            parse_trainable(self.trainable)
+        except UpscaleError as e:
+            raise ConfigError(str(e)) from None
+        if self.trainable == "new_layers" and not self.init.upscale:
+            raise ConfigError("trainable: new_layers names the layers a growth adds, and init.upscale is not set; "
+                              "give init.upscale (e.g. {expand: 4}) or layer ranges like \"6:8\"")
         from solarjax.objectives import OBJECTIVES  # here, not above: objectives imports this module
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")

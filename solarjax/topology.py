@@ -82,7 +82,8 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask here
     from jax.experimental import topologies
 
-    from solarjax.trainer import abstract_state, jit_train_step, loss_chunk, objective_options  # imports this module
+    from solarjax.trainer import (abstract_state, jit_train_step, loss_chunk, objective_options,  # imports this module
+                                  resolve_trainable)
     gen, name = topology_name(topology)
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
@@ -92,14 +93,15 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
         raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); {fix}") from None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     model_config = planned_model_config(cfg)
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    trainable = resolve_trainable(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.steps, trainable=trainable)
     objective = objectives_lib.get(cfg.objective)
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in objective.batch_keys}
 
     def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
         step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches,
-                              cfg.objective, objective_options(cfg))
+                              cfg.objective, objective_options(cfg), trainable)
         state = abstract_state(config, optimizer, mesh)
         reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run

@@ -40,13 +40,13 @@ from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
-from solarjax.optim import make_optimizer, schedule
+from solarjax.optim import Trainable, make_optimizer, schedule
 from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
 from solarjax.topology import model_flops_per_token, peak_tflops_per_device
-from solarjax.upscale import UpscaleSpec, grow
+from solarjax.upscale import UpscaleSpec, grow, parse_trainable
 
 
 def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
@@ -72,13 +72,47 @@ def new_state(optimizer, params) -> dict:
 
 
 def state_shardings(model_config: ModelConfig, optimizer, mesh) -> dict:
-    """Params by their logical axes; the optimizer's moments in the same shards as their params."""
+    """Params by their logical axes; each optimizer state array in the shards of the parameter
+    whose key path ends its own (Adam's mu/nu, inside whatever chain, partition or freezing wraps
+    them; a frozen part's gathered moments [layers trained, ...] too, as the layer axis is never
+    sharded); anything else (step counts) replicated."""
     params = nn.unbox(param_shardings(abstract_params(model_config), mesh))
+    abstract = nn.unbox(abstract_params(model_config))
+    by_path = {tuple(k.key for k in path): (sharding, len(leaf.shape)) for (path, sharding), leaf in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract))}
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(abstract_params(model_config)))
-    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
-                                transform_non_params=lambda _: replicated)
-    return {"params": params, "opt_state": opt, "step": replicated}
+
+    def place(path, leaf):
+        keys = []
+        for k in reversed(path):  # the trailing run of dict keys: a parameter's path
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        sharding, ndim = by_path.get(tuple(keys), (replicated, None))
+        return sharding if ndim == len(leaf.shape) else replicated
+    abstract_opt = jax.eval_shape(optimizer.init, abstract)
+    return {"params": params, "opt_state": jax.tree_util.tree_map_with_path(place, abstract_opt), "step": replicated}
+
+
+def resolve_trainable(cfg: TrainConfig) -> Trainable | None:
+    """cfg.trainable as the layers of the (grown) model that train, or None for all; read from
+    configs alone (init.from's config, init.upscale), so a resumed run resolves it the same way."""
+    value = parse_trainable(cfg.trainable)
+    if value == "all":
+        return None
+    base = cfg.model if cfg.model is not None else ckpt_lib.model_config_of(cfg.init.source)
+    growth = UpscaleSpec(**cfg.init.upscale).growth(base.num_layers) if cfg.init.upscale else None
+    depth = len(growth.index) if growth is not None else base.num_layers
+    if value == "new_layers":
+        if not growth.new:
+            raise ConfigError(f"trainable: new_layers names no parameter: init.upscale {cfg.init.upscale} "
+                              f"repeats no base layer, so it adds no new layer")
+        return Trainable(growth.new, rest=False)
+    for start, end in value:
+        if end > depth:
+            raise ConfigError(f"trainable: range {start}:{end} is outside the "
+                              f"{'grown ' if growth is not None else ''}model's {depth} layers [0, {depth})")
+    return Trainable(tuple(i for start, end in value for i in range(start, end)), rest=False)
 
 
 def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
@@ -88,14 +122,16 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
 
 
 def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None, microbatches: int = 1, objective: str = "lm", options=None):
+                   chunk: int | None = None, microbatches: int = 1, objective: str = "lm", options=None,
+                   trainable: Trainable | None = None):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
     and donated state buffers; (state, batch, reference) for an objective with a frozen reference
     model, whose parameters are sharded like the policy's and are not in the optimizer state.
     chunk: as in loss_and_count. microbatches: the batch's rows are split into this many groups,
     run one after another (a scan) with their gradients summed, so activations are those of one
     group; the result is the whole batch's mean loss and gradient. objective: a name in
-    objectives.OBJECTIVES; options: its config section (e.g. DPOConfig)."""
+    objectives.OBJECTIVES; options: its config section (e.g. DPOConfig). trainable: the parts the
+    optimizer trains (its grad_norm is theirs: what the clip sees)."""
     obj = objectives_lib.get(objective)
     ctx = objectives_lib.Context(model_config, chunk, unroll, options)
 
@@ -127,7 +163,8 @@ def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unro
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1}
-        return new, {**metrics, obj.count: count, "grad_norm": optax.global_norm(grads),
+        trained = grads if trainable is None else trainable.select(grads)
+        return new, {**metrics, obj.count: count, "grad_norm": optax.global_norm(trained),
                      "lr": lr_schedule(state["step"])}
     shardings = state_shardings(model_config, optimizer, mesh)
     in_shardings = (shardings, batch_sharding(mesh)) + ((shardings["params"],) if obj.reference else ())
@@ -172,11 +209,13 @@ class Trainer:
             (self.run_dir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+        self.trainable = resolve_trainable(cfg)
         # The optimizer state's structure does not depend on the schedule, which needs the step.
-        resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps))
+        resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
+                                                                         trainable=self.trainable))
         self.schedule_plan = self._schedule_plan(resume_step)
         first_total, *extensions = self.schedule_plan
-        self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions))
+        self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions), trainable=self.trainable)
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
         initial = None
         if restored is not None:
@@ -202,7 +241,8 @@ class Trainer:
         self.loss_chunk = loss_chunk(cfg, self.mesh)
         self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
                                          chunk=self.loss_chunk, microbatches=cfg.microbatches,
-                                         objective=cfg.objective, options=objective_options(cfg))
+                                         objective=cfg.objective, options=objective_options(cfg),
+                                         trainable=self.trainable)
         self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, objective_options(cfg))
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
@@ -213,6 +253,7 @@ class Trainer:
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
+            print(self._describe_trainable(), file=sys.stderr)
             if isinstance(self.data.train, data_lib.PackedExamples):
                 print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +262,24 @@ class Trainer:
             (self.run_dir / "tokenizer").mkdir(exist_ok=True)
             self.data.tokenizer.save(self.run_dir / "tokenizer")  # init.from: RUN/checkpoints/STEP finds it here
             (self.run_dir / SCHEDULE_FILE).write_text(json.dumps({"segments": self.schedule_plan}) + "\n")
+            (self.run_dir / TRAINABLE_FILE).write_text(json.dumps(self._trainable_record()) + "\n")
+
+    def _trainable_record(self) -> dict:
+        t = self.trainable
+        return {"trainable": self.cfg.trainable, "layers": None if t is None else list(t.layers),
+                "rest": t is None or t.rest}
+
+    def _describe_trainable(self) -> str:
+        """trainable: ...: N parameters trained, M frozen; optimizer state S values (B bytes)."""
+        params = nn.unbox(abstract_params(self.model_config))
+        total = sum(a.size for a in jax.tree.leaves(params))
+        trained = total if self.trainable is None else sum(
+            a.size for a in jax.tree.leaves(jax.eval_shape(self.trainable.select, params)))
+        state = jax.tree.leaves(jax.eval_shape(self.optimizer.init, params))
+        values, nbytes = sum(a.size for a in state), sum(a.size * a.dtype.itemsize for a in state)
+        layers = "" if self.trainable is None else f" (layers {_ranges(self.trainable.layers)})"
+        return (f"trainable: {self.cfg.trainable}{layers}: {trained:,} parameters trained, {total - trained:,} "
+                f"frozen; optimizer state {values:,} values ({nbytes / 2**20:,.1f} MiB)")
 
     def _restore_newest_good(self, optimizer) -> tuple[int, dict | None]:
         """(step, state) of the newest checkpoint that restores, or (0, None) for a new run.
@@ -234,10 +293,22 @@ class Trainer:
         steps = sorted(self.checkpoints.all_steps(), reverse=True)
         if not steps:
             return 0, None
+        folder = self.run_dir / "checkpoints"
+        saved_file = self.run_dir / TRAINABLE_FILE
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {"trainable": "all", "layers": None,
+                                                                                   "rest": True}
+        ours = self._trainable_record()
+        if (saved["layers"], saved["rest"]) != (ours["layers"], ours["rest"]):
+            def what(r):
+                return r["trainable"] + ("" if r["layers"] is None else f" (layers {_ranges(r['layers'])})")
+            raise CheckpointError(
+                f"{self.run_dir} was trained with trainable: {what(saved)}, but the config says trainable: "
+                f"{what(ours)}; a run keeps what it trains (its optimizer state holds those parts' moments), and "
+                f"nothing was moved. Change trainable back to resume, or start a new run_dir from these weights "
+                f"with init.from: {folder / str(steps[0])}")
         self.model_config = self._saved_model_config()
         target = abstract_state(self.model_config, optimizer, self.mesh)
         expected = ckpt_lib.tree_shapes(target)
-        folder = self.run_dir / "checkpoints"
         for step in steps:
             try:
                 saved = self.checkpoints.item_metadata(step)
@@ -594,6 +665,18 @@ class Trainer:
 
 
 SCHEDULE_FILE = "schedule.json"
+TRAINABLE_FILE = "trainable.json"  # what the run trains, resolved to layers: a resume must train the same
+
+
+def _ranges(layers) -> str:
+    """[8, 9, 10, 11, 20] -> '8:12,20:21'."""
+    out, layers = [], list(layers)
+    for i in layers:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return ",".join(f"{a}:{b}" for a, b in out) or "none"
 
 
 def objective_options(cfg: TrainConfig):

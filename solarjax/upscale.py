@@ -63,6 +63,9 @@ def expand_plan(base_layers: int, k: int) -> Plan:
 
 def parse_plan(text: str, what: str = "layer range") -> Plan:
     """'0:24,8:32' -> ((0, 24), (8, 32))."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        raise UpscaleError(f"{what} {text!r} is a number: YAML reads an unquoted 8:16 as 8 * 60 + 16; quote "
+                           f"the ranges, e.g. \"8:16\"")
     ranges = []
     for part in str(text).split(","):
         try:
@@ -82,6 +85,29 @@ def check_plan(plan: Plan, base_layers: int) -> list[int]:
             raise UpscaleError(f"layer range {start}:{end} is empty or outside the base's layers "
                                f"[0, {base_layers}]; need 0 <= start < end <= {base_layers}")
     return [i for start, end in plan for i in range(start, end)]
+
+
+TRAINABLE = ("all", "new_layers")  # or layer ranges of the grown model, "8:12,20:24"
+
+
+def parse_trainable(value) -> str | Plan:
+    """The top-level `trainable:` key: "all", "new_layers", or sorted, disjoint ranges of layers."""
+    if value in TRAINABLE:
+        return value
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise UpscaleError(f"trainable must be all, new_layers or layer ranges like \"8:12,20:24\", got {value!r}")
+    try:
+        ranges = parse_plan(value, "trainable: range")
+    except UpscaleError as e:
+        raise UpscaleError(f"{e}; trainable takes all, new_layers or layer ranges") from None
+    for start, end in ranges:
+        if not 0 <= start < end:
+            raise UpscaleError(f"trainable: range {start}:{end} in {value!r} is empty; need 0 <= start < end")
+    ordered = sorted(ranges)
+    for (a, b), (c, d) in zip(ordered, ordered[1:]):
+        if c < b:
+            raise UpscaleError(f"trainable: ranges {a}:{b} and {c}:{d} in {value!r} overlap")
+    return tuple(ordered)
 
 
 @dataclass(frozen=True)

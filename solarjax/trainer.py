@@ -295,10 +295,10 @@ class Trainer:
             return 0, None
         folder = self.run_dir / "checkpoints"
         saved_file = self.run_dir / TRAINABLE_FILE
-        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {"trainable": "all", "layers": None,
-                                                                                   "rest": True}
+        # Written at the run's start (a run from before it: the state's shapes below still tell most changes).
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
         ours = self._trainable_record()
-        if (saved["layers"], saved["rest"]) != (ours["layers"], ours["rest"]):
+        if saved is not None and (saved["layers"], saved["rest"]) != (ours["layers"], ours["rest"]):
             def what(r):
                 return r["trainable"] + ("" if r["layers"] is None else f" (layers {_ranges(r['layers'])})")
             raise CheckpointError(

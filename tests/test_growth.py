@@ -112,3 +112,136 @@ def test_bad_growth_in_the_config_and_the_cli(base8, tmp_path, capsys):
     code = convert.main(["upscale", "--hf", str(base8), "--out", str(tmp_path / "o"), "--expand", "3"])
     assert code == 2 and "expand=3 must divide the base's depth of 8 layers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a grown model's parts (top-level `trainable`)
+
+TINY = {"preset": "tiny", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(20):
+        (folder / f"d{i:02d}.txt").write_text(" ".join(" ".join(words[:rng.randint(3, 8)]) for _ in range(30)))
+    return folder
+
+
+def _cfg_dict(tmp_path, corpus, **over) -> dict:
+    d = {"model": dict(TINY), "data": {"sources": [str(corpus)], "seq_len": 32, "num_proc": 1,
+                                       "cache_dir": str(tmp_path.parent / "cache")},
+         "optim": {"learning_rate": 1e-2, "warmup_steps": 0}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+         "run_dir": str(tmp_path / "run"), "steps": 3, "global_batch": 8, "log_every": 1, "eval_every": 0,
+         "checkpoint_every": 2}
+    for key, value in over.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return d
+
+
+def _train_cfg(tmp_path, corpus, **over):
+    from solarjax.config import train_config_from_dict
+    return train_config_from_dict(_cfg_dict(tmp_path, corpus, **over))
+
+
+def _host(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+def test_new_layers_train_alone_on_a_3d_mesh_with_microbatches(tmp_path, corpus, capsys):
+    """A 2-layer model expanded every block (4 layers, new: 1 and 3), trainable: new_layers, on a
+    data x fsdp x tensor mesh with 2 microbatches: after 3 steps every frozen tensor (embeddings,
+    final norm, head, layers 0 and 2) is bit-identical to the grown model at step 0 and every
+    tensor of the new layers moved (o_proj and down_proj away from zero too); Adam's moments exist
+    for the new layers only, in their parameters' shards; the start-up line counts them."""
+    from solarjax.trainer import Trainer
+    mesh = solarjax.make_mesh(2, 2, 2)
+    cfg = _train_cfg(tmp_path, corpus, trainable="new_layers", microbatches=2, **{"init.upscale": {"expand": 1}})
+    trainer = Trainer(cfg, mesh)
+    start = _host(trainer.state["params"])
+    err = capsys.readouterr().err
+    config = trainer.model_config
+    assert config.num_layers == 4
+    per_layer = sum(a[0].size for a in jax.tree.leaves(start["layers"]))
+    total = sum(a.size for a in jax.tree.leaves(start))
+    assert (f"trainable: new_layers (layers 1:2,3:4): {2 * per_layer:,} parameters trained, "
+            f"{total - 2 * per_layer:,} frozen; optimizer state") in err
+    moments = [a for a in jax.tree.leaves(trainer.state["opt_state"]) if a.ndim]
+    assert sum(a.size for a in moments) == 2 * 2 * per_layer  # mu and nu of the two new layers, nothing else
+    q = trainer.state["params"]["layers"]["self_attn"]["q_proj"]
+    mu_q = [a for p, a in jax.tree_util.tree_leaves_with_path(trainer.state["opt_state"])
+            if jax.tree_util.keystr(p).endswith("['layers']['self_attn']['q_proj']")]
+    assert len(mu_q) == 2 and all(m.shape[0] == 2 and m.sharding.spec == q.sharding.spec for m in mu_q)
+    # The grown model at step 0 is the base function: o_proj/down_proj of the new layers are zero.
+    assert not start["layers"]["self_attn"]["o_proj"][[1, 3]].any()
+    trainer.run()
+    end = _host(trainer.state["params"])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(start), jax.tree.leaves(end)):
+        name = jax.tree_util.keystr(path)
+        if path[0].key != "layers":
+            np.testing.assert_array_equal(b, a, err_msg=name)
+            continue
+        for i in (0, 2):
+            np.testing.assert_array_equal(b[i], a[i], err_msg=f"{name} layer {i}")
+        for i in (1, 3):
+            assert (b[i] != a[i]).any(), f"{name} layer {i} did not move"
+
+
+def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpus):
+    """A run of trainable "1:2" resumed with "0:1" (the same state shapes) or with all (other shapes)
+    stops naming both and moves nothing; without trainable.json (a run from before it was written),
+    the saved state's shapes still tell 1:2 from all. The same trainable resumes."""
+    from solarjax.trainer import CheckpointError, Trainer
+    mesh = solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    Trainer(_train_cfg(tmp_path, corpus, trainable="1:2"), mesh).run(until=2)
+    folder = tmp_path / "run" / "checkpoints"
+    before = sorted(p.name for p in folder.iterdir())
+    for other, said in (("0:1", "trainable: 0:1 (layers 0:1)"), ("all", "trainable: all;")):
+        with pytest.raises(CheckpointError) as e:
+            Trainer(_train_cfg(tmp_path, corpus, trainable=other), mesh)
+        assert f"was trained with trainable: 1:2 (layers 1:2), but the config says {said}" in str(e.value)
+        assert f"init.from: {folder / '2'}" in str(e.value) and "nothing was moved" in str(e.value)
+    (tmp_path / "run" / "trainable.json").rename(tmp_path / "trainable.json")
+    with pytest.raises(CheckpointError, match="does not match this config's train state: the optimizer state"):
+        Trainer(_train_cfg(tmp_path, corpus, trainable="all"), mesh)
+    (tmp_path / "trainable.json").rename(tmp_path / "run" / "trainable.json")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    resumed = Trainer(_train_cfg(tmp_path, corpus, trainable="1:2"), mesh)
+    assert int(resumed.state["step"]) == 2
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"trainable": "new_layers"}, "trainable: new_layers names the layers a growth adds, and init.upscale is not set"),
+    ({"trainable": "0:2,1:3"}, "trainable: ranges 0:2 and 1:3 in '0:2,1:3' overlap"),
+    ({"trainable": "2:2"}, "trainable: range 2:2 in '2:2' is empty"),
+    ({"trainable": "top"}, "trainable: range 'top' in 'top' is not START:END"),
+    ({"trainable": 492}, "trainable: range 492 is a number: YAML reads an unquoted 8:16 as 8 * 60 + 16"),
+    ({"init.upscale": {"expand": 2, "layers": "0:2"}}, "init.upscale: expand=2 is a growth of its own"),
+])
+def test_bad_trainable_in_the_config_is_one_line(tmp_path, corpus, over, message):
+    with pytest.raises(ConfigError) as e:
+        _train_cfg(tmp_path, corpus, **over)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"trainable": "3:5", "init.upscale": {"expand": 2}}, "trainable: range 3:5 is outside the grown model's 3 layers [0, 3)"),
+    ({"trainable": "1:3"}, "trainable: range 1:3 is outside the model's 2 layers [0, 2)"),
+    ({"trainable": "new_layers", "init.upscale": {"layers": "0:2"}}, "trainable: new_layers names no parameter"),
+    ({"init.upscale": {"expand": 3}}, "expand=3 must divide the base's depth of 2 layers (expand in [1, 2])"),
+])
+def test_trainable_against_the_model_is_one_line(tmp_path, corpus, over, message):
+    from solarjax.trainer import resolve_trainable
+    from solarjax.topology import planned_model_config
+    cfg = _train_cfg(tmp_path, corpus, **over)
+    with pytest.raises(ConfigError) as e:
+        planned_model_config(cfg)
+        resolve_trainable(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)

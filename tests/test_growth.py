@@ -245,3 +245,51 @@ def test_trainable_against_the_model_is_one_line(tmp_path, corpus, over, message
         planned_model_config(cfg)
         resolve_trainable(cfg)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, corpus):
+    """train.py (expand: 1, trainable: new_layers) killed with SIGKILL once it has saved step >= 2,
+    then the same command: every step's loss and the final parameters are bit-identical to an
+    uninterrupted run, and the frozen parts are still the grown model's at step 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from killing import sigkill_after_checkpoint
+    from solarjax.trainer import Trainer, read_metrics
+    steps = 20
+    over = {"trainable": "new_layers", "init.upscale": {"expand": 1}, "steps": steps, "global_batch": 2}
+    config = tmp_path / "killed.yaml"
+    config.write_text(json.dumps(_cfg_dict(tmp_path / "killed", corpus, **over)))
+    job = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), "--config", str(config)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run = tmp_path / "killed" / "run"
+    at = sigkill_after_checkpoint(job, env, run / "checkpoints", 2, timeout=120)
+    assert 2 <= at < steps and not (run / "final").exists()
+    with open(tmp_path / "resumed.err", "w") as err:
+        resumed = subprocess.Popen(job, stderr=err, env=env)
+    try:
+        straight = Trainer(_train_cfg(tmp_path / "straight", corpus, **over),
+                           solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+        start = _host(straight.state["params"])
+        straight.run()
+        resumed.wait(timeout=120)
+    finally:
+        resumed.kill()
+    stderr = (tmp_path / "resumed.err").read_text()
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"resumed from its checkpoint of step {at}" in stderr
+    timing = {"tokens_per_s", "model_tflops_per_s", "mfu"}
+    metrics = lambda p: [{k: v for k, v in r.items() if k not in timing}  # noqa: E731
+                         for r in read_metrics(p / "run" / "metrics.jsonl")]
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "straight")
+    _, final = solarjax.load_model(run / "final")
+    for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(straight.state["params"]), jax.tree.leaves(final),
+                               jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        frozen = np.asarray(b) if path[0].key != "layers" else np.asarray(b)[[0, 2]]
+        np.testing.assert_array_equal(frozen, s if path[0].key != "layers" else s[[0, 2]])

@@ -14,6 +14,7 @@ from solarjax import convert, hf, upscale
 from solarjax.errors import ConfigError
 from solarjax.upscale import UpscaleError, UpscaleSpec
 from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
+from test_objectives import _cfg as _objective_cfg, models  # noqa: F401  (a fixture: tiny Llamas, SFT and DPO data)
 
 # (spec, the grown model's base layer per layer, the new layers, zeroed or not)
 SPECS = {
@@ -293,3 +294,23 @@ def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, c
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         frozen = np.asarray(b) if path[0].key != "layers" else np.asarray(b)[[0, 2]]
         np.testing.assert_array_equal(frozen, s if path[0].key != "layers" else s[[0, 2]])
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_new_layers_train_alone_under_every_objective(tmp_path, objective, models):
+    """sft and dpo (whose reference is the grown model at step 0) on an expanded HF model: only
+    the new layers move (lm: test_new_layers_train_alone_on_a_3d_mesh_with_microbatches)."""
+    from solarjax.trainer import Trainer
+    sources = models["sft"] if objective == "sft" else [models["more_pairs"]]
+    cfg = _objective_cfg(tmp_path, models, objective, sources, trainable="new_layers", steps=2,
+                         **{"init.upscale": {"expand": 1}, "data.seq_len": 64})
+    trainer = Trainer(cfg, solarjax.make_mesh(1, 2, 1, devices=jax.devices()[:2]))
+    start = _host(trainer.state["params"])
+    trainer.run()
+    end = _host(trainer.state["params"])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(start), jax.tree.leaves(end)):
+        if path[0].key != "layers":
+            np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(b[[0, 2]], a[[0, 2]], err_msg=jax.tree_util.keystr(path))
+    assert all((o != 0).any() for o in end["layers"]["self_attn"]["o_proj"][[1, 3]])  # from zero

@@ -99,6 +99,7 @@ def _describe(stage: StageConfig, cfg) -> str:
     start = f"from stage {stage.from_stage}" if stage.from_stage else (
         f"from {cfg.init.source}" if cfg.init.source else "from scratch")
     grow = f", up-scaled {cfg.init.upscale}" if cfg.init.upscale else ""
+    grow += f", trainable {cfg.trainable}" if cfg.trainable != "all" else ""
     flops = f" (model FLOPs of {stage.match_flops})" if stage.match_flops else ""
     return f"{start}{grow}; {cfg.steps} steps{flops} -> {cfg.run_dir}"
 
@@ -123,7 +124,8 @@ def summarize(recipe: RecipeConfig) -> dict:
         stages[stage.name] = {
             # an earlier stage's name, a directory's name (init.from a path), or None (from scratch)
             "from": stage.from_stage or (cfg.init.source and Path(cfg.init.source).name),
-            "objective": cfg.objective, "upscale": cfg.init.upscale, "layers": config.num_layers,
+            "objective": cfg.objective, "upscale": cfg.init.upscale, "trainable": cfg.trainable,
+            "layers": config.num_layers,
             "parameters": param_count(config), "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "flops_per_token": flops_per_token, "flops": cfg.steps * tokens_per_step * flops_per_token,
             "eval_loss_at_init": next((loss for step, loss in evals if step == 0), None),
@@ -152,7 +154,9 @@ def format_table(summary: dict) -> str:
     rows = [("stage", "from", "objective", "layers", "params", "tokens", "model FLOPs", "eval loss at init",
              "final eval loss")]
     for name, s in summary["stages"].items():
-        grown = f"{s['from']} (DUS)" if s["upscale"] else s["from"] or "scratch"
+        grown = f"{s['from']} ({_growth(s['upscale'])})" if s["upscale"] else s["from"] or "scratch"
+        if s.get("trainable", "all") != "all":
+            grown += f", trains {s['trainable']}"
         rows.append((name, grown, s["objective"], str(s["layers"]), f"{s['parameters'] / 1e6:.2f}M",
                      f"{s['tokens'] / 1e6:.2f}M", f"{s['flops']:.3g}", _num(s["eval_loss_at_init"]),
                      _num(s["eval_loss_final"])))
@@ -181,6 +185,13 @@ def format_table(summary: dict) -> str:
             f"{name} {_num((s.get('tasks_at_init') or {}).get(metric))} -> {_num((s.get('tasks_final') or {}).get(metric))}"
             for name, s in summary["stages"].items()))
     return "\n".join(lines)
+
+
+def _growth(upscale: dict) -> str:
+    if "expand" in upscale:
+        return f"expand {upscale['expand']}"
+    zero = ", zero_new" if upscale.get("zero_new") else ""
+    return (f"layers {upscale['layers']}" if "layers" in upscale else "DUS") + zero
 
 
 def _num(x) -> str:

@@ -314,3 +314,49 @@ def test_new_layers_train_alone_under_every_objective(tmp_path, objective, model
         else:
             np.testing.assert_array_equal(b[[0, 2]], a[[0, 2]], err_msg=jax.tree_util.keystr(path))
     assert all((o != 0).any() for o in end["layers"]["self_attn"]["o_proj"][[1, 3]])  # from zero
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/llama_pro.yaml, its stages run tiny
+
+
+@pytest.mark.slow
+def test_llama_pro_recipe_runs_its_stages_tiny(tmp_path, corpus):
+    """configs/llama_pro.yaml with a few steps per stage on a small corpus: the expanded arm starts
+    at the base's held-out loss (the function is kept through the recipe), trains only its copies
+    (the base's layers, embeddings, norm and head come out bit-identical to the base's final), then
+    pro_all trains everything; the arms see equal tokens."""
+    from pathlib import Path
+
+    from solarjax import recipe as recipe_lib
+    from solarjax.config import load_job
+    steps = {"base": 4, "pro_new": 2, "pro_all": 2, "upscaled": 4, "control": 4}
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{corpus}]", "data.seq_len=64",
+                 "data.validation_fraction=0.1", f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1",
+                 "eval_every=2", "eval_batches=2", "checkpoint_every=2", "log_every=1", "mesh.data=1", "mesh.fsdp=1",
+                 "mesh.tensor=1", "stages.base.optim.learning_rate=1e-2", "stages.base.optim.warmup_steps=1",
+                 *(f"stages.{name}.steps={n}" for name, n in steps.items())]
+    recipe = load_job(Path(__file__).resolve().parent.parent / "configs" / "llama_pro.yaml", overrides)
+    summary = recipe_lib.run_recipe(recipe, solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    stages = summary["stages"]
+    assert list(stages) == list(steps)
+    assert abs(stages["pro_new"]["eval_loss_at_init"] - stages["base"]["eval_loss_final"]) <= 1e-4
+    assert abs(stages["upscaled"]["eval_loss_at_init"] - stages["base"]["eval_loss_final"]) > 1e-3  # DUS is not
+    assert stages["pro_new"]["tokens"] + stages["pro_all"]["tokens"] == stages["upscaled"]["tokens"] == \
+        stages["control"]["tokens"]
+    run = tmp_path / "run"
+    _, base = solarjax.load_model(run / "base" / "final")
+    _, pro = solarjax.load_model(run / "pro_new" / "final")
+    _, pro_all = solarjax.load_model(run / "pro_all" / "final")
+    for (path, b), p, a in zip(jax.tree_util.tree_leaves_with_path(base), jax.tree.leaves(pro),
+                               jax.tree.leaves(pro_all)):
+        b, p, a = np.asarray(b), np.asarray(p), np.asarray(a)
+        if path[0].key != "layers":
+            np.testing.assert_array_equal(p, b, err_msg=jax.tree_util.keystr(path))
+        else:  # grown layers 0 1 [1] 2 3 [3]: the copies 2 and 5 train
+            np.testing.assert_array_equal(p[[0, 1, 3, 4]], b, err_msg=jax.tree_util.keystr(path))
+            if tuple(k.key for k in path[1:]) in upscale.ZEROED:
+                assert all(p[i].any() for i in (2, 5)), "the copies' zeroed projections did not train"
+        assert (a != p).any(), f"pro_all did not train {jax.tree_util.keystr(path)}"
+    table = recipe_lib.format_table(summary)
+    assert "base (expand 2), trains new_layers" in table and "base (DUS)" in table

@@ -179,6 +179,10 @@ def format_table(summary: dict) -> str:
             if interval is not None:
                 line += f"; 95% paired interval {interval[0]:+.4f} .. {interval[1]:+.4f}"
             lines.append(line + ")")
+    for pair, d in (summary.get("paired_difference") or {}).items():  # the other arms' (llama_pro)
+        if not pair.startswith("upscaled - "):
+            lo, hi = summary["paired_interval"][pair]
+            lines.append(f"{pair}: {d:+.4f} nats (95% paired interval {lo:+.4f} .. {hi:+.4f})")
     metrics = sorted({m for s in summary["stages"].values() for m in (s.get("tasks_final") or {})})
     for metric in metrics:  # eval_tasks: each stage's value before its first step -> after its last
         lines.append(f"{metric}: " + "; ".join(
@@ -199,7 +203,9 @@ def _num(x) -> str:
 
 
 # The comparisons whose paired intervals a recipe reports: (arm, control), when both stages exist.
-PAIRS = (("upscaled", "control"), ("upscaled", "control_equal_flops"))
+PAIRS = (("upscaled", "control"), ("upscaled", "control_equal_flops"),
+         # configs/llama_pro.yaml: block expansion (the copies trained, then everything) against both
+         ("pro_new", "control"), ("pro_all", "control"), ("pro_all", "upscaled"))
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 

@@ -360,3 +360,6 @@ def test_llama_pro_recipe_runs_its_stages_tiny(tmp_path, corpus):
         assert (a != p).any(), f"pro_all did not train {jax.tree_util.keystr(path)}"
     table = recipe_lib.format_table(summary)
     assert "base (expand 2), trains new_layers" in table and "base (DUS)" in table
+    assert set(summary["paired_difference"]) == {"upscaled - control", "pro_new - control", "pro_all - control",
+                                                 "pro_all - upscaled"}
+    assert "pro_all - control: " in table and "95% paired interval" in table

@@ -108,7 +108,8 @@ def test_bad_growth_in_the_config_and_the_cli(base8, tmp_path, capsys):
     from solarjax.config import train_config_from_dict
     with pytest.raises(ConfigError, match=r"^init.upscale: expand=2 is a growth of its own"):
         train_config_from_dict({"model": {"preset": "tiny"}, "init": {"upscale": {"expand": 2, "n": 2, "m": 1}}})
-    with pytest.raises(ConfigError, match=r"init.upscale: unknown key 'expnad' \(known: expand, layers, m, n, zero_new\)"):
+    with pytest.raises(ConfigError, match=r"init.upscale: unknown key 'expnad' \(known: expand, layers, m, n, "
+                                         r"zero_new\)"):
         train_config_from_dict({"model": {"preset": "tiny"}, "init": {"upscale": {"expnad": 2}}})
     code = convert.main(["upscale", "--hf", str(base8), "--out", str(tmp_path / "o"), "--expand", "3"])
     assert code == 2 and "expand=3 must divide the base's depth of 8 layers" in capsys.readouterr().err
@@ -233,7 +234,8 @@ def test_bad_trainable_in_the_config_is_one_line(tmp_path, corpus, over, message
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"trainable": "3:5", "init.upscale": {"expand": 2}}, "trainable: range 3:5 is outside the grown model's 3 layers [0, 3)"),
+    ({"trainable": "3:5", "init.upscale": {"expand": 2}},
+     "trainable: range 3:5 is outside the grown model's 3 layers [0, 3)"),
     ({"trainable": "1:3"}, "trainable: range 1:3 is outside the model's 2 layers [0, 2)"),
     ({"trainable": "new_layers", "init.upscale": {"layers": "0:2"}}, "trainable: new_layers names no parameter"),
     ({"init.upscale": {"expand": 3}}, "expand=3 must divide the base's depth of 2 layers (expand in [1, 2])"),
@@ -297,7 +299,7 @@ def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, c
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_new_layers_train_alone_under_every_objective(tmp_path, objective, models):
+def test_new_layers_train_alone_under_every_objective(tmp_path, objective, models):  # noqa: F811
     """sft and dpo (whose reference is the grown model at step 0) on an expanded HF model: only
     the new layers move (lm: test_new_layers_train_alone_on_a_3d_mesh_with_microbatches)."""
     from solarjax.trainer import Trainer

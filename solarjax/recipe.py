@@ -204,8 +204,9 @@ def _num(x) -> str:
 
 # The comparisons whose paired intervals a recipe reports: (arm, control), when both stages exist.
 PAIRS = (("upscaled", "control"), ("upscaled", "control_equal_flops"),
-         # configs/llama_pro.yaml: block expansion (the copies trained, then everything) against both
-         ("pro_new", "control"), ("pro_all", "control"), ("pro_all", "upscaled"))
+         # configs/llama_pro.yaml: block expansion (the copies trained, then everything) against both,
+         # at equal tokens (pro_new alone has had half of them)
+         ("pro_all", "control"), ("pro_all", "upscaled"))
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 
@@ -286,8 +287,9 @@ def plot_curves(summary: dict, path: Path) -> None:
         points, at_init = s["eval_curve"], s["eval_loss_at_init"]
         label = name if at_init is None or at_init <= high + pad else f"{name} (at init {at_init:.3f}, above)"
         for ax, x, unit in zip(axes[:2], ("tokens", "flops"), (1e6, 1e12)):
-            ax.plot([p[x] / unit for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
-                    label=label, color=color[name])
+            before = _spent_before(summary, name, x)
+            ax.plot([(before + p[x]) / unit for p in points], [p["eval_loss"] for p in points], marker="o",
+                    markersize=3, label=label, color=color[name])
     for ax, label in zip(axes[:2], ("continued training: million tokens", "continued training: model TFLOPs")):
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, end of pretraining")
@@ -298,19 +300,27 @@ def plot_curves(summary: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     if control:
         ax = axes[2]
-        reference = {p["step"]: p["eval_loss"] for p in control["eval_curve"]}
+        # By tokens since the base; an eval at a stage's first or last step scores every held-out
+        # window, the others a subset: only like with like is compared.
+        def whole(p, stage):
+            return p["step"] in (0, stage["steps"])
+        reference = {p["tokens"]: (p["eval_loss"], whole(p, control)) for p in control["eval_curve"]}
         ax.axhline(0, color="black", linewidth=1)
         for name, s in continued.items():
             if name == "control":
                 continue
-            points = [p for p in s["eval_curve"] if p["step"] in reference and p["step"] > 0]
-            ax.plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] - reference[p["step"]] for p in points],
+            before = _spent_before(summary, name, "tokens")
+            points = [(before + p["tokens"], p["eval_loss"] - reference[before + p["tokens"]][0])
+                      for p in s["eval_curve"] if p["step"] > 0 and before + p["tokens"] in reference
+                      and reference[before + p["tokens"]][1] == whole(p, s)]
+            ax.plot([t / 1e6 for t, _ in points], [d for _, d in points],
                     marker="o", markersize=3, label=f"{name} - control", color=color[name])
         for pair, (lo, hi) in (summary.get("paired_interval") or {}).items():
             arm, other = pair.split(" - ")
             if other == "control" and arm in continued:
                 d = summary["paired_difference"][pair]
-                ax.errorbar([continued[arm]["tokens"] / 1e6], [d], yerr=[[d - lo], [hi - d]], color="black",
+                total = _spent_before(summary, arm, "tokens") + continued[arm]["tokens"]
+                ax.errorbar([total / 1e6], [d], yerr=[[d - lo], [hi - d]], color="black",
                             capsize=4, fmt="s", markersize=4,
                             label=f"{pair}, all held-out windows: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
         ax.set_xlabel("continued training: million tokens")
@@ -321,6 +331,16 @@ def plot_curves(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _spent_before(summary: dict, name: str, key: str) -> float:
+    """The tokens or model FLOPs (`key`) a stage's arm spent before it, in continued stages it
+    follows (configs/llama_pro.yaml: pro_all after pro_new); 0 for a stage that starts from base."""
+    stages = summary["stages"]
+    earlier = stages.get(stages[name]["from"])
+    if earlier is None or not earlier["from"]:
+        return 0
+    return earlier[key] + _spent_before(summary, stages[name]["from"], key)
 
 
 def export_hf(recipe: RecipeConfig, out: Path) -> None:

@@ -360,8 +360,10 @@ def test_llama_pro_recipe_runs_its_stages_tiny(tmp_path, corpus):
             if tuple(k.key for k in path[1:]) in upscale.ZEROED:
                 assert all(p[i].any() for i in (2, 5)), "the copies' zeroed projections did not train"
         assert (a != p).any(), f"pro_all did not train {jax.tree_util.keystr(path)}"
+    recipe_lib.plot_curves(summary, tmp_path / "curves.png")  # pro_all drawn after pro_new's tokens
+    assert recipe_lib._spent_before(summary, "pro_all", "tokens") == stages["pro_new"]["tokens"]
+    assert recipe_lib._spent_before(summary, "pro_new", "tokens") == 0
     table = recipe_lib.format_table(summary)
     assert "base (expand 2), trains new_layers" in table and "base (DUS)" in table
-    assert set(summary["paired_difference"]) == {"upscaled - control", "pro_new - control", "pro_all - control",
-                                                 "pro_all - upscaled"}
+    assert set(summary["paired_difference"]) == {"upscaled - control", "pro_all - control", "pro_all - upscaled"}
     assert "pro_all - control: " in table and "95% paired interval" in table

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from solarjax import hf
 from solarjax import model as model_lib
-from solarjax.config import ModelConfig
+from solarjax.modelconfig import ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import atomic_output_dir, check_output
 from solarjax.upscale import UpscaleSpec, apply_plan, check_plan

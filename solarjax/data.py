@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import sys
-import sysconfig
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from solarjax.config import DataConfig
+from solarjax.corpus import default_corpus_files, write_builtin
+from solarjax.records import Render
 from solarjax.tokenizer import Tokenizer, resolve_tokenizer
 from solarjax.errors import SolarjaxError
 
@@ -44,12 +45,6 @@ _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json"
 
 class DataError(SolarjaxError):
     """A data source is missing, empty or malformed; the message names the file or field."""
-
-
-def default_corpus_files() -> list[Path]:
-    """The built-in corpus: the standard library's top-level Python modules: real English prose in
-    code, comments and docstrings, about 5 MB, that every Python installation has; sorted."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +280,6 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
                         batch_size=64, num_proc=min(workers, len(ds)) if workers > 1 else None,
                         remove_columns=ds.column_names, desc="tokenizing")
     else:
-        from solarjax.records import Render
         if not tokenizer.chat_template:
             raise DataError(f"{what}: {layout} records are rendered by a chat template, and tokenizer "
                             f"{tokenizer.source} has none; set data.chat_template to a jinja file")
@@ -534,13 +528,12 @@ def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | N
     """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
     data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer.
     layout: "text" (documents cut into windows), "sft" or "pairs" (records packed whole); without
-    sources, records are derived from the built-in corpus (solarjax.records.builtin_records)."""
+    sources, records are derived from the built-in corpus (solarjax.corpus.builtin_records)."""
     tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
     sources = cfg.sources
     if layout != "text" and not sources:
-        from solarjax.records import write_builtin
         sources = (str(write_builtin(layout, cfg.cache_dir)),)
     per = 2 if layout == "pairs" else 1  # documents per unit that is packed and held out whole
 

@@ -41,7 +41,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from solarjax.config import ModelConfig
+from solarjax.corpus import default_corpus_files
+from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
 from solarjax.sharding import global_from_host, host_value, make_mesh, mesh_from_flag
 from solarjax.errors import SolarjaxError, cli
@@ -449,7 +450,6 @@ def builtin_docs(n: int = 200, seed: int = 0) -> list[Doc]:
     lines of a function, and its real next line among 3 lines drawn from other functions (re-indented
     alike). Fixed by the seed and the Python version; the corpus is also the demo's training data,
     so this measures how well a model has learned it, not generalization."""
-    from solarjax.data import default_corpus_files
     candidates = []
     for path in default_corpus_files():
         lines = path.read_text(errors="replace").splitlines()

@@ -25,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.config import ModelConfig
-from solarjax.model import Decoder, init_cache
-from solarjax.sharding import host_value, mesh_from_flag
-from solarjax.xla_cpu import decode_params
+from solarjax.modelconfig import ModelConfig
+from solarjax.model import Decoder, abstract_params, init_cache
+from solarjax.sharding import constrain, host_value, mesh_from_flag
 from solarjax.errors import SolarjaxError, cli
 
 
@@ -129,6 +129,29 @@ def _is_eos(tokens_B, eos_E):
     return (tokens_B[:, None] == eos_E[None, :]).any(axis=-1)
 
 
+def decode_params(config, params) -> dict:
+    """Training-layout parameters in the decode layout (Decoder(decode_layout=True), see xla_cpu):
+    the stacked layers split into layers_0..layers_{L-1} and each weight's axes reordered as that
+    layout declares them, matched by logical axis name. Costs one copy of the weights; under a mesh
+    the copy keeps each weight's sharding by name."""
+    names = lambda tree: jax.tree.map(lambda p: p.names, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    train = names(abstract_params(config))
+    decode = names(abstract_params(config, decode_layout=True))
+
+    def relayout(a, t, d):
+        return constrain(a.transpose([t.index(n) for n in d]), d)
+
+    out = {}
+    for key, value in params.items():
+        if key != "layers":
+            out[key] = jax.tree.map(relayout, value, train[key], decode[key])
+            continue
+        for i in range(config.num_layers):  # t[1:]: a layer's axes without the leading "layers"
+            out[f"layers_{i}"] = jax.tree.map(lambda a, t, d: relayout(a[i], t[1:], d), value, train[key],
+                                              decode[f"layers_{i}"])
+    return out
+
+
 _decode_params = jax.jit(decode_params, static_argnums=0)
 
 
@@ -186,7 +209,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     max_new = max(max_new, 1)
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
-        # The decode layout (xla_cpu.decode_params) halves XLA:CPU's time per decoded token
+        # The decode layout (decode_params) halves XLA:CPU's time per decoded token
         # (bench/b3_b4_decode.py); one copy of the weights up front pays for itself within a token or two.
         params = _decode_params(config, params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),

@@ -12,7 +12,7 @@ import torch
 import solarjax
 from solarjax import sample
 from solarjax.model import Decoder, abstract_params, init_cache
-from solarjax.xla_cpu import decode_params
+from solarjax.sample import decode_params
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
 from hf_models import KINDS, make_bpe_tokenizer, make_hf_model, save_hf_model, save_kind, tokenizer_file

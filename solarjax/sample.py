@@ -32,7 +32,8 @@ import numpy as np
 
 from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder, abstract_params, init_cache
-from solarjax.sharding import constrain, host_value, mesh_from_flag
+from solarjax.checkpoint import add_model_arguments, load_for_cli
+from solarjax.sharding import constrain, host_value
 from solarjax.errors import SolarjaxError, cli
 
 
@@ -250,9 +251,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
 def _parser():
     p = argparse.ArgumentParser(prog="python -m solarjax.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="solarjax checkpoint directory")
-    src.add_argument("--hf", help="Hugging Face model directory")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the "
@@ -263,18 +262,11 @@ def _parser():
     p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over this machine's devices (-1: the "
-                   "rest); the default shards the weights over all of them")
-    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a directory with one; default: the "
-                   "model directory's own (a directory without one is refused)")
     return p
 
 
 @cli
 def main(argv=None) -> int:
-    from solarjax.checkpoint import load_model
-    from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer
-
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -289,16 +281,7 @@ def main(argv=None) -> int:
         if not text.strip():
             raise SamplingError(f"prompt {i} is empty")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    path = Path(args.ckpt or args.hf)
-    mesh = mesh_from_flag(args.mesh)
-    config, params = load_model(path, mesh)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
-    elif has_tokenizer(path):
-        tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
-    else:  # never a guess: Llama 2's 32000 ids are not Mistral's
-        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
-                             f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
+    path, mesh, config, params, tokenizer = load_for_cli(args)
     if args.chat:
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in prompts]

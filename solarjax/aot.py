@@ -11,15 +11,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from solarjax import attention
-from solarjax import objectives as objectives_lib
 from solarjax.config import ConfigError, TrainConfig
 from solarjax.model import param_count
 from solarjax.modelconfig import ModelConfig
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh
-from solarjax.topology import HBM_GIB, model_flops_per_token, planned_model_config, topology_name
-from solarjax.trainer import abstract_state, jit_train_step, loss_chunk, objective_options
+from solarjax.plan import RunPlan
+from solarjax.topology import HBM_GIB, topology_name
+from solarjax.trainer import abstract_state, jit_train_step
 
 
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
@@ -36,15 +35,16 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
                "then retry" if "lockfile" in str(e) else "install the tpu extra: pip install -e '.[tpu]'")
         raise ConfigError(f"--topology {topology}: cannot describe {name} ({type(e).__name__}: {e}); {fix}") from None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
-    model_config = planned_model_config(cfg)
+    plan = RunPlan.resolve(cfg, mesh, platform="tpu")
+    model_config = plan.step_config
     optimizer = make_optimizer(cfg.optim, cfg.steps)
-    objective = objectives_lib.get(cfg.objective)
+    objective = plan.objective
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in objective.batch_keys}
 
     def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
         step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches,
-                              cfg.objective, objective_options(cfg))
+                              objective, plan.options)
         state = abstract_state(config, optimizer, mesh)
         reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run
@@ -56,10 +56,9 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     start = time.perf_counter()
     report = {"topology": name, "chips": len(topo.devices), "mesh": dict(mesh.shape), "layers": model_config.num_layers,
               "parameters": param_count(model_config), "global_batch": cfg.global_batch, "seq_len": cfg.data.seq_len,
-              "attention": attention.choose(model_config.attention, "tpu", model_config.sliding_window,
-                                            cfg.data.seq_len)}
+              "attention": plan.attention}
     try:
-        compiled, _ = compile_step(model_config, 1, loss_chunk(cfg, mesh), cfg.microbatches)
+        compiled, _ = compile_step(model_config, 1, plan.loss_chunk, cfg.microbatches)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -72,7 +71,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     compiled_flops = one + (model_config.num_layers - 1) * (two - one)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    model_flops = model_flops_per_token(model_config, cfg.data.seq_len) * cfg.global_batch * cfg.data.seq_len
+    model_flops = plan.flops_per_token * cfg.global_batch * cfg.data.seq_len
     return {
         **report, "fits": per_chip <= HBM_GIB[gen] * 2**30, "compile_s": round(seconds, 1),
         "per_chip_gib": {"arguments": mem.argument_size_in_bytes / 2**30, "temp": mem.temp_size_in_bytes / 2**30,

@@ -27,7 +27,8 @@ from solarjax import data as data_lib
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
 from solarjax.model import logits, param_count
 from solarjax.sharding import make_mesh
-from solarjax.topology import model_flops_per_token, planned_model_config
+from solarjax.plan import RunPlan
+from solarjax.topology import model_flops_per_token
 from solarjax.trainer import Trainer, read_metrics
 from solarjax.rundir import lock_run_dir
 
@@ -44,8 +45,8 @@ def stage_train_config(recipe: RecipeConfig, stage: StageConfig):
     if stage.match_flops is None:
         return cfg
     ref = recipe.stage(stage.match_flops).train
-    ref_flops = model_flops_per_token(planned_model_config(ref), ref.data.seq_len) * ref.steps * _tokens_per_step(ref)
-    own = model_flops_per_token(planned_model_config(cfg), cfg.data.seq_len) * _tokens_per_step(cfg)
+    ref_flops = RunPlan.resolve(ref).flops_per_token * ref.steps * _tokens_per_step(ref)
+    own = RunPlan.resolve(cfg).flops_per_token * _tokens_per_step(cfg)
     return dataclasses.replace(cfg, steps=max(1, round(ref_flops / own)))
 
 

@@ -1,6 +1,6 @@
 """What a job costs and where it runs: model FLOPs per token, the accelerators' peak FLOP/s and
-HBM, TPU slice names, and the model a config will train (read from configs alone). The trainer
-reads these for its MFU figures; solarjax.aot, above the trainer, compiles for a slice.
+HBM, and TPU slice names. The trainer reads these for its MFU figures; solarjax.aot, above the
+trainer, compiles for a slice.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import math
 
 import jax
 
-from solarjax import checkpoint as ckpt_lib
-from solarjax.config import ConfigError, ModelConfig, TrainConfig
+from solarjax.errors import ConfigError
+from solarjax.modelconfig import ModelConfig
 from solarjax.model import param_count
-from solarjax.upscale import UpscaleSpec
 
 # Dense bf16 peak per device (TFLOP/s), for MFU; matched against jax's device_kind.
 PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
@@ -50,14 +49,3 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     plus 12 * L * (H * E) * T for attention scores and values (PaLM's count)."""
     weights = param_count(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
     return 6 * weights + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
-
-
-def planned_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model a run of `cfg` trains, read from configs alone (no parameters are loaded)."""
-    model_config = cfg.model
-    if model_config is None:
-        model_config = ckpt_lib.model_config_of(cfg.init.source).replace(**cfg.model_runtime)
-    if cfg.init.upscale:
-        plan = UpscaleSpec(**cfg.init.upscale).plan(model_config.num_layers)
-        model_config = model_config.replace(num_layers=sum(b - a for a, b in plan))
-    return model_config

@@ -30,22 +30,21 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from solarjax import attention as attention_lib
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
-from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
+from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
-from solarjax.topology import model_flops_per_token, peak_tflops_per_device
+from solarjax.topology import peak_tflops_per_device
 from solarjax.upscale import UpscaleSpec, apply_plan
 
 
@@ -88,15 +87,16 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
 
 
 def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None, microbatches: int = 1, objective: str = "lm", options=None):
+                   chunk: int | None = None, microbatches: int = 1,
+                   objective: objectives_lib.Objective = objectives_lib.get("lm"), options=None):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
     and donated state buffers; (state, batch, reference) for an objective with a frozen reference
     model, whose parameters are sharded like the policy's and are not in the optimizer state.
     chunk: as in loss_and_count. microbatches: the batch's rows are split into this many groups,
     run one after another (a scan) with their gradients summed, so activations are those of one
-    group; the result is the whole batch's mean loss and gradient. objective: a name in
+    group; the result is the whole batch's mean loss and gradient. objective: one of
     objectives.OBJECTIVES; options: its config section (e.g. DPOConfig)."""
-    obj = objectives_lib.get(objective)
+    obj = objective
     ctx = objectives_lib.Context(model_config, chunk, unroll, options)
 
     def train_step(state, batch, reference=None):
@@ -139,7 +139,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.objective = objectives_lib.get(cfg.objective)
+        self.objective = objectives_lib.get(cfg.objective)  # the config has checked the name
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         self._lock = lock_run_dir(self.run_dir)  # before anything in the run directory is touched
         try:
@@ -154,20 +154,15 @@ class Trainer:
         ckpt_lib.drop_orbax_leftovers()  # a damaged checkpoint or a full disk: our one line, not orbax's noise
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
-        param_dtype = (cfg.model.param_dtype if cfg.model is not None
-                       else cfg.model_runtime.get("param_dtype", "float32"))
-        if param_dtype != "float32":  # until there is a float32 master copy (docs/architecture.md)
-            raise ConfigError(f"model.param_dtype {param_dtype} is refused for training: AdamW's moments and "
-                              f"updates would take that dtype and most small updates round away (68% of "
-                              f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
-                              f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
+        # Everything the run derives from its config, checked across sections, before any data is read
+        # (the platform, which needs JAX's backend, comes with the mesh below).
+        saved = saved_model_config(self.run_dir)
+        RunPlan.resolve(cfg, saved=saved)
         model_dir = ckpt_lib.tokenizer_dir(cfg.init.source) if cfg.init.source and cfg.data.tokenizer is None else None
         self.data = data_lib.load_data(cfg.data, model_dir=model_dir, layout=self.objective.layout)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.global_batch % (batch_rows * cfg.microbatches):
-            raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {batch_rows}"
-                              + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
+        self.plan = plan = RunPlan.resolve(cfg, self.mesh, saved=saved)
+        self.model_config = plan.model_config
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
@@ -182,7 +177,9 @@ class Trainer:
         if restored is not None:
             self.state = restored
         else:
-            self.model_config, params = self._initial_params()
+            config, params = self._initial_params()
+            if config != self.model_config:  # the plan read it from the configs alone: a bug if they differ
+                raise AssertionError(f"the planned model {self.model_config} is not the one made {config}")
             shardings = state_shardings(self.model_config, self.optimizer, self.mesh)
             if self.objective.reference and cfg.dpo.reference is None:  # a copy: new_state donates params
                 initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])(params)
@@ -197,15 +194,12 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        attention_lib.choose(self.model_config.attention, self.mesh.devices.flat[0].platform,  # refuse now
-                             self.model_config.sliding_window, cfg.data.seq_len)
-        self.loss_chunk = loss_chunk(cfg, self.mesh)
-        self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=self.loss_chunk, microbatches=cfg.microbatches,
-                                         objective=cfg.objective, options=objective_options(cfg))
-        self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, objective_options(cfg))
+        self.train_step = jit_train_step(plan.step_config, self.optimizer, self.schedule, self.mesh,
+                                         chunk=plan.loss_chunk, microbatches=cfg.microbatches,
+                                         objective=plan.objective, options=plan.options)
+        self.loss_context = objectives_lib.Context(plan.step_config, plan.loss_chunk, 1, plan.options)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
-        self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
+        self.flops_per_token = plan.flops_per_token
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
@@ -234,7 +228,6 @@ class Trainer:
         steps = sorted(self.checkpoints.all_steps(), reverse=True)
         if not steps:
             return 0, None
-        self.model_config = self._saved_model_config()
         target = abstract_state(self.model_config, optimizer, self.mesh)
         expected = ckpt_lib.tree_shapes(target)
         folder = self.run_dir / "checkpoints"
@@ -343,21 +336,6 @@ class Trainer:
         if config.param_dtype != self.model_config.param_dtype:
             params = jax.tree.map(lambda a: a.astype(self.model_config.param_dtype), params)
         return params
-
-    def _saved_model_config(self) -> ModelConfig:
-        """The resumed run's model; the config may change how it runs (dtype, remat), not what it is."""
-        saved = ModelConfig.load(self.run_dir / ckpt_lib.CONFIG_FILE)
-        runtime = TrainConfig.RUNTIME_MODEL_KEYS
-        if self.cfg.model is None:  # the model came from init.from
-            return saved.replace(**self.cfg.model_runtime)
-        if self.cfg.init.upscale is not None:  # cfg.model is the base before growing: take how it runs
-            return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
-        for f in dataclasses.fields(saved):
-            ours, theirs = getattr(self.cfg.model, f.name), getattr(saved, f.name)
-            if f.name not in runtime and ours != theirs:
-                raise ConfigError(f"{self.run_dir} holds a run with model.{f.name}={theirs!r}, but the config says "
-                                  f"{ours!r}; use another run_dir or the same model")
-        return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
 
     def _eval_step(self, params, batch, reference=None):
         """The objective's loss and metrics summed over the batch, and its units, to be added up."""
@@ -597,12 +575,6 @@ class Trainer:
 SCHEDULE_FILE = "schedule.json"
 
 
-def objective_options(cfg: TrainConfig):
-    """The config section named after the objective (dpo: DPOConfig), or None (lm and sft have none)."""
-    section = getattr(cfg, cfg.objective, None)
-    return section if dataclasses.is_dataclass(section) else None
-
-
 def _is_eval(record: dict) -> bool:
     return "eval_loss" in record or any(k.startswith("task/") for k in record)
 
@@ -650,12 +622,3 @@ class _TensorBoard:
 
     def close(self) -> None:
         self._writer.close()
-
-
-def loss_chunk(cfg: TrainConfig, mesh) -> int:
-    """Positions per step of the chunked vocabulary loss for this run's batch on this mesh."""
-    rows = cfg.loss_chunk_tokens
-    if rows is None:  # CPU: chunks that stay near the caches; accelerators: bounded logits memory
-        rows = 256 if mesh.devices.flat[0].platform == "cpu" else 4096
-    local_rows = cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"] * cfg.microbatches)
-    return loss_lib.chunk_length(cfg.data.seq_len, local_rows, rows)

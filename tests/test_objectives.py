@@ -358,7 +358,7 @@ def test_dpo_microbatches_give_the_whole_batch_mean(models):
     in 2 groups on 2 devices give the loss, rewards and step of the batch at once."""
     import jax.numpy as jnp
     from solarjax.config import DPOConfig, OptimConfig
-    from solarjax.objectives import real_pairs_BP
+    from solarjax.objectives import OBJECTIVES, real_pairs_BP
     from solarjax.optim import make_optimizer, schedule
     from solarjax.trainer import jit_train_step, new_state
     d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,
@@ -373,8 +373,8 @@ def test_dpo_microbatches_give_the_whole_batch_mean(models):
     opt = make_optimizer(opt_cfg, 10)
     results = {}
     for k in (1, 2):
-        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=16, microbatches=k, objective="dpo",
-                              options=DPOConfig(beta=0.5))
+        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=16, microbatches=k,
+                              objective=OBJECTIVES["dpo"], options=DPOConfig(beta=0.5))
         with jax.set_mesh(mesh):
             state = jax.jit(lambda p: new_state(opt, p))(jax.tree.map(jnp.copy, params))
             new, metrics = step(state, batch, reference)

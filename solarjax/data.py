@@ -17,6 +17,7 @@ on disk -> packed sequences -> deterministic per-process batches.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import json
@@ -27,13 +28,14 @@ import socket
 import sys
 import sysconfig
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from solarjax.config import DataConfig
+from solarjax.config import IMPLICIT_SOURCE, DataConfig, SourceConfig
 from solarjax.tokenizer import Tokenizer, resolve_tokenizer
 from solarjax.errors import SolarjaxError
 
@@ -506,14 +508,182 @@ class PackedExamples:
                 f"nothing left to learn")
 
 
+# ---------------------------------------------------------------------------------------------
+# Mixtures: named sources at weights, dealt rows step by step
+
+
+def _float_bits(x: float) -> int:
+    return int(np.float64(x).view(np.int64))
+
+
+def _bits_float(b: int) -> float:
+    return float(np.int64(b).view(np.float64))
+
+
+def seats(weights, rows: int) -> np.ndarray:
+    """How many of the first `rows` rows of a mixture each source gets: Sainte-Lague's divisor
+    method in closed form. Row seats are ordered by (2j+1)/w_s ascending (source s's (j+1)-th row),
+    ties to the lower source index, and the first `rows` of that one fixed order are taken, so the
+    count per source never falls as `rows` grows (no Alabama paradox: per-step differences are
+    >= 0) and stays within about one row of rows * w_s / sum(w). int64 [S]."""
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    out = np.zeros(len(w), np.int64)
+    if rows <= 0:
+        return out
+    active = [s for s in range(len(w)) if w[s] > 0]
+
+    def count(x: float) -> dict[int, int]:  # per source: its seats whose key (2j+1)/w_s <= x
+        got = {}
+        for s in active:
+            j = max(-1, int((x * w[s] - 1) // 2))  # a guess, then exact against the keys as computed
+            while (2 * (j + 1) + 1) / w[s] <= x:
+                j += 1
+            while j >= 0 and (2 * j + 1) / w[s] > x:
+                j -= 1
+            got[s] = j + 1
+        return got
+    lo, hi = 0, _float_bits((2 * rows + 1) / min(w[s] for s in active))  # count(lo) < rows <= count(hi)
+    while hi - lo > 1:  # positive doubles order like their bit patterns: bisect those
+        mid = (lo + hi) // 2
+        if sum(count(_bits_float(mid)).values()) >= rows:
+            hi = mid
+        else:
+            lo = mid
+    below, at = count(_bits_float(lo)), count(_bits_float(hi))
+    need = rows - sum(below.values())
+    for s in active:  # seats tied at the threshold key: lower source index first
+        take = min(at[s] - below[s], need)
+        out[s] = below[s] + take
+        need -= take
+    return out
+
+
+class Mixture:
+    """Global batch k of a mixture of sources, each packed into windows on its own.
+
+    The schedule is [(start step, weights), ...]. Within the segment that holds step k, the first
+    G * (k - start + 1) rows are dealt to the sources by `seats` (a closed form of the step), and
+    step k takes the difference from step k-1: rounding is carried forward, never re-drawn, so over
+    many steps each source's share of rows matches its weight to within a row. Source s's u-th row
+    overall (u counts every earlier segment's rows too) is window perm_{s,e}[i], (e, i) =
+    divmod(u, its windows): its own seeded permutation per epoch, wrapping around on its own. Rows
+    of a step are in source order; this process builds rows [p*G/P, (p+1)*G/P). All of it is a pure
+    function of (seed, schedule, k): resume needs only k, and P processes build one process's batch."""
+
+    def __init__(self, names: list[str], packed: list, schedule: list[tuple[int, list[float]]],
+                 global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if global_batch < 1 or global_batch % process_count:
+            raise DataError(f"global batch {global_batch} must be a positive multiple of the process count "
+                            f"{process_count}")
+        self.names, self.packed, self.schedule = list(names), list(packed), [(int(a), list(w)) for a, w in schedule]
+        self.global_batch, self.seed = global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._drawn_cache: tuple[int, np.ndarray] | None = None
+
+    def _segment(self, step: int) -> int:
+        return max(i for i, (a, _) in enumerate(self.schedule) if a <= step)
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Rows each source gave to steps 0 .. step-1, int64 [S]."""
+        if self._drawn_cache is not None and self._drawn_cache[0] == step:
+            return self._drawn_cache[1].copy()
+        G, total = self.global_batch, np.zeros(len(self.names), np.int64)
+        for i, (start, weights) in enumerate(self.schedule):
+            if start >= step:
+                break
+            end = min(step, self.schedule[i + 1][0]) if i + 1 < len(self.schedule) else step
+            total += seats(weights, G * (end - start))
+        self._drawn_cache = (step, total)
+        return total.copy()
+
+    def dealt(self, step: int) -> np.ndarray:
+        """Rows of global batch `step` from each source, int64 [S] summing to the global batch."""
+        start, weights = self.schedule[self._segment(step)]
+        G = self.global_batch
+        return seats(weights, G * (step - start + 1)) - seats(weights, G * (step - start))
+
+    def _window(self, s: int, u: int) -> int:
+        n = len(self.packed[s])
+        epoch, i = divmod(u, n)
+        key = (s, epoch)
+        if key not in self._perms:
+            salt = [] if self.names[s] == IMPLICIT_SOURCE else [zlib.crc32(self.names[s].encode())]
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != s or k[1] >= epoch - 1}
+            self._perms[key] = np.random.default_rng([self.seed, *salt, epoch]).permutation(n)
+        return int(self._perms[key][i])
+
+    def global_rows(self, step: int) -> list[tuple[int, int]]:
+        """(source index, window) of every row of global batch `step`, in source order."""
+        first, counts = self.drawn(step), self.dealt(step)
+        self._drawn_cache = (step + 1, first + counts)  # the loop asks for the next step next
+        return [(s, self._window(s, int(first[s]) + r)) for s in range(len(self.names)) for r in range(int(counts[s]))]
+
+    def rows(self, step: int) -> list[tuple[int, int]]:
+        local = self.global_batch // self.process_count
+        return self.global_rows(step)[self.process_index * local:(self.process_index + 1) * local]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`, as Batches.batch gives them."""
+        return stack_sequences([self.packed[s].sequence(w) for s, w in self.rows(step)])
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0):
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
 @dataclass
 class Data:
+    """The tokenizer, each training source's packed windows (`sources`, by name, in config order),
+    the mixture's weights by step ([(0, weights), (step, weights), ...], one list entry per source),
+    and the held-out sets by name (`held_out`; one unnamed set is named "")."""
     tokenizer: Tokenizer
-    train: PackedSequences | PackedExamples
-    validation: PackedSequences | PackedExamples | None
+    sources: dict[str, PackedSequences | PackedExamples]
+    schedule: list[tuple[int, list[float]]]
+    held_out: dict[str, PackedSequences | PackedExamples]
 
-    def batches(self, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> Batches:
-        return Batches(self.train, global_batch, seed, process_index, process_count)
+    @property
+    def train(self) -> PackedSequences | PackedExamples | None:
+        """The one source's windows (None for a mixture of several)."""
+        return next(iter(self.sources.values())) if len(self.sources) == 1 else None
+
+    @property
+    def validation(self) -> PackedSequences | PackedExamples | None:
+        """The one held-out set (None without one, or with several: see held_out)."""
+        return next(iter(self.held_out.values())) if len(self.held_out) == 1 else None
+
+    def batches(self, global_batch: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> "Batches | Mixture":
+        """One source: Batches (as solarjax has always drawn one stream). Several: a Mixture."""
+        if len(self.sources) == 1:
+            return Batches(self.train, global_batch, seed, process_index, process_count)
+        return Mixture(list(self.sources), list(self.sources.values()), self.schedule, global_batch, seed,
+                       process_index, process_count)
+
+    def describe(self) -> str:
+        """The mixture: each source's weights, documents, tokens and windows; the schedule; held-out sets."""
+        first = dict(zip(self.sources, self.schedule[0][1]))
+        total = sum(first.values())
+        parts = [f"{name} weight {first[name] / total:.3g} ({_docs(p):,} documents, {p.n_tokens:,} tokens, "
+                 f"{len(p):,} windows)" for name, p in self.sources.items()]
+        text = f"{len(self.sources)} source{'s' * (len(self.sources) > 1)}: " + "; ".join(parts)
+        for step, weights in self.schedule[1:]:
+            total = sum(weights)
+            text += f"; from step {step}: " + ", ".join(f"{n} {w / total:.3g}" for n, w in zip(self.sources, weights))
+        if self.held_out:
+            text += "; held out: " + ", ".join(f"{name or 'validation'} {_docs(p):,} documents, {p.n_tokens:,} tokens"
+                                               for name, p in self.held_out.items())
+        return text
+
+
+def _docs(packed) -> int:
+    return len(packed.doc_ids) if isinstance(packed, PackedSequences) else packed.examples
 
 
 def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None,
@@ -521,14 +691,13 @@ def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | N
     """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
     data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer.
     layout: "text" (documents cut into windows), "sft" or "pairs" (records packed whole); without
-    sources, records are derived from the built-in corpus (solarjax.records.builtin_records)."""
+    sources, records are derived from the built-in corpus (solarjax.records.builtin_records).
+
+    Each source (cfg.named_sources()) has its own token cache, so adding a source later tokenizes
+    only that one. validation_fraction holds out that share of each source (named after it)."""
     tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
-    sources = cfg.sources
-    if layout != "text" and not sources:
-        from solarjax.records import write_builtin
-        sources = (str(write_builtin(layout, cfg.cache_dir)),)
     per = 2 if layout == "pairs" else 1  # documents per unit that is packed and held out whole
 
     def pack(cache, units):
@@ -536,22 +705,39 @@ def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | N
             return PackedSequences(cache, units, cfg.seq_len)
         return PackedExamples(cache, units, cfg.seq_len, pairs=layout == "pairs")
 
-    cache = build_cache(sources, cfg, tokenizer, layout)
-    all_units = np.arange(cache.n_docs // per)
-    validation = None
+    def cache_of(source) -> TokenCache:
+        paths = source.path
+        if layout != "text" and not paths:
+            from solarjax.records import write_builtin
+            paths = (str(write_builtin(layout, cfg.cache_dir)),)
+        own = dataclasses.replace(cfg, text_field=source.text_field) if source.text_field else cfg
+        return build_cache(paths, own, tokenizer, layout)
+
+    train, held_out = {}, {}
+    for source in cfg.named_sources():
+        cache = cache_of(source)
+        all_units = np.arange(cache.n_docs // per)
+        if cfg.validation_fraction:
+            n_val = max(1, round(cfg.validation_fraction * len(all_units)))
+            if n_val >= len(all_units):
+                raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {len(all_units)} "
+                                f"{'documents' if layout == 'text' else 'records'} leaves none for training"
+                                + (f" (source {source.name})" if cfg.named_validation else ""))
+            salt = [] if source.name == IMPLICIT_SOURCE else [zlib.crc32(source.name.encode())]
+            held = np.zeros(len(all_units), bool)
+            held[np.random.default_rng([cfg.seed, 1, *salt]).permutation(len(all_units))[:n_val]] = True
+            # Unnamed (plain sources only): one set, as before; named sources: one set each.
+            held_out[source.name if cfg.named_validation else ""] = pack(cache, all_units[held])
+            train[source.name] = pack(cache, all_units[~held])
+        else:
+            train[source.name] = pack(cache, all_units)
     if cfg.validation:
-        val_cache = build_cache(cfg.validation, cfg, tokenizer, layout)
-        validation = pack(val_cache, np.arange(val_cache.n_docs // per))
-        train_units = all_units
-    elif cfg.validation_fraction:
-        n_val = max(1, round(cfg.validation_fraction * len(all_units)))
-        if n_val >= len(all_units):
-            raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {len(all_units)} "
-                            f"{'documents' if layout == 'text' else 'records'} leaves none for training")
-        held_out = np.zeros(len(all_units), bool)
-        held_out[np.random.default_rng([cfg.seed, 1]).permutation(len(all_units))[:n_val]] = True
-        validation = pack(cache, all_units[held_out])
-        train_units = all_units[~held_out]
-    else:
-        train_units = all_units
-    return Data(tokenizer, pack(cache, train_units), validation)
+        sets = cfg.validation if cfg.named_validation else [SourceConfig("", tuple(cfg.validation))]
+        fields = {src.name: src.text_field for src in cfg.named_sources()}
+        for s in sets:  # a set named after a source reads that source's text_field unless it gives its own
+            cache = cache_of(s if s.text_field or not fields.get(s.name) else
+                             dataclasses.replace(s, text_field=fields[s.name]))
+            held_out[s.name] = pack(cache, np.arange(cache.n_docs // per))
+    names = list(train)
+    schedule = [(step, [weights[n] for n in names]) for step, weights in cfg.weights_by_step()]
+    return Data(tokenizer, train, schedule, held_out)

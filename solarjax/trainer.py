@@ -209,12 +209,17 @@ class Trainer:
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
-                  f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
+                  f"data: {sum(p.n_tokens for p in self.data.sources.values()):,} tokens in "
+                  f"{sum(len(p) for p in self.data.sources.values()):,} sequences; "
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
-            if isinstance(self.data.train, data_lib.PackedExamples):
-                print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
+            if len(self.data.sources) > 1 or self.data.schedule[1:] or cfg.data.named_validation:
+                print(f"mixture: {self.data.describe()}", file=sys.stderr)
+            for name, packed in self.data.sources.items():
+                if isinstance(packed, data_lib.PackedExamples):
+                    print(f"{cfg.objective} data{'' if self.data.train else ' ' + name}: {packed.describe()}",
+                          file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -302,7 +307,9 @@ class Trainer:
         """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,
         the data sources that are local paths, and the token cache."""
         data = self.cfg.data
-        sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
+        named = [*data.named_sources(), *(v for v in data.validation if isinstance(v, data_lib.SourceConfig))]
+        given = [p for s in named for p in s.path] + [v for v in data.validation if isinstance(v, str)]
+        sources = [s for s in given if Path(os.path.expanduser(s)).exists()]
         paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
         if self.objective.reference:
             paths.append(self.cfg.dpo.reference)
@@ -390,9 +397,27 @@ class Trainer:
                 for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
 
     def _eval_loss(self) -> dict:
-        if self.data.validation is None:
+        """eval_loss over every held-out set's tokens together; with named sets also eval_loss/NAME,
+        each set's own mean (eval_batches batches of each set)."""
+        if not self.data.held_out:
             return {}
-        val, G = self.data.validation, self.cfg.global_batch
+        total, result = {}, {}
+        for name, val in self.data.held_out.items():
+            sums = self._eval_sums(val)
+            for k, v in sums.items():
+                total[k] = total.get(k, 0.0) + v
+            if name:
+                result[f"eval_loss/{name}"] = sums["loss"] / max(sums[self.objective.count], 1)
+        count = max(total.pop(self.objective.count), 1)
+        loss = total.pop("loss") / count
+        result = {"eval_loss": loss, **result}
+        if self.objective.per_token:
+            result["eval_perplexity"] = math.exp(min(loss, 50.0))
+        return {**result, **{f"eval_{k}": v / count for k, v in total.items()}}
+
+    def _eval_sums(self, val) -> dict[str, float]:
+        """The objective's sums and units over the first eval_batches global batches of one held-out set."""
+        G = self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
         if len(val) >= G:
             batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
@@ -406,12 +431,7 @@ class Trainer:
             for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),
                                                       *self._step_args())).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        count = max(sums.pop(self.objective.count), 1)
-        loss = sums.pop("loss") / count
-        result = {"eval_loss": loss}
-        if self.objective.per_token:
-            result["eval_perplexity"] = math.exp(min(loss, 50.0))
-        return {**result, **{f"eval_{k}": v / count for k, v in sums.items()}}
+        return sums
 
     def samples(self) -> list[dict]:
         """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
@@ -564,6 +584,10 @@ class Trainer:
                                          f"{values['grad_norm']:.3g}, lr {values['lr']:.3g}); the last good "
                                          f"checkpoint is step {self.checkpoints.latest_step()}")
             record = {"step": step, **values}
+        # Cumulative tokens (windows of seq_len, a last window's padding included) drawn from each source.
+        drawn = (self.batches.drawn(record["step"]) if isinstance(self.batches, data_lib.Mixture)
+                 else [record["step"] * self.cfg.global_batch])
+        record.update({f"tokens/{name}": int(n) * self.cfg.data.seq_len for name, n in zip(self.data.sources, drawn)})
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
         if self.peak_tflops:
@@ -635,7 +659,8 @@ class _TensorBoard:
         for key, value in record.items():
             if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            tag = self.KEYS.get(key) or (key if key.startswith("task/") else
+            tag = self.KEYS.get(key) or (key if key.startswith(("task/", "tokens/")) else
+                                         f"eval/{key[10:]}/loss" if key.startswith("eval_loss/") else
                                          f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}")
             self._writer.add_scalar(tag, value, record["step"])
 

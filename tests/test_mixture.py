@@ -294,21 +294,21 @@ SCHEDULED = {"mixture_schedule": [{"step": 4, "weights": {"alpha": 0.0, "digits"
 
 def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(tmp_path, domains, capsys):
     """Weights 0.7/0.3 for steps 0-3, then digits alone: tokens/NAME at each log step follow the
-    schedule; a run stopped at step 3 and resumed across the switch equals a straight run."""
+    schedule; a run stopped at step 5, after the switch, and resumed equals a straight run."""
     straight = Trainer(_config(tmp_path / "a", domains, data=SCHEDULED), _mesh())
     line = capsys.readouterr().err
     assert "mixture: 2 sources: alpha weight 0.7 (" in line and "digits weight 0.3 (" in line
     assert "from step 4: alpha 0, digits 1" in line and "held out: alpha " in line
     straight.run()
     first = Trainer(_config(tmp_path / "b", domains, data=SCHEDULED), _mesh())
-    first.run(until=3)
+    first.run(until=5)  # past the switch: the resumed run must know what steps 0-4 drew from each source
     resumed = Trainer(_config(tmp_path / "b", domains, data=SCHEDULED), _mesh())
-    assert int(resumed.state["step"]) == 3
+    assert int(resumed.state["step"]) == 5
     resumed.run()
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     a, b = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
-    assert [r for r in b if r["step"] != 3 or "eval_loss" in r] == a  # b also logged where it stopped
+    assert [r for r in b if r["step"] != 5] == a  # b also logged where it stopped
     T = 32
     tokens = {r["step"]: (r["tokens/alpha"], r["tokens/digits"]) for r in a if "loss" in r}
     # Steps 0-3 deal 16 rows 0.7/0.3 (11/5 over the segment, 3/1 at the first step); then digits only.

@@ -190,7 +190,7 @@ def preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})") from None
 
 
-SOURCE_KEYS = ("name", "path", "weight", "text_field")  # of a data.sources mapping (README: Mixtures)
+SOURCE_KEYS = ("name", "path", "weight", "text_field", "streaming")  # of a data.sources mapping (README: Mixtures)
 IMPLICIT_SOURCE = "train"  # the name of the plain (unnamed) entries of data.sources, taken as one source
 
 
@@ -202,10 +202,12 @@ class SourceConfig:
     path: tuple[str, ...]
     weight: float = 1.0
     text_field: str | None = None
+    streaming: bool = False  # tokenized on the fly by a background thread (data.StreamedWindows), not cached
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "path": list(self.path), "weight": self.weight}
-        return d if self.text_field is None else {**d, "text_field": self.text_field}
+        d = d if self.text_field is None else {**d, "text_field": self.text_field}
+        return {**d, "streaming": True} if self.streaming else d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +258,11 @@ def _source(entry, where: str, name: str | None = None, keys=SOURCE_KEYS) -> Sou
     text_field = entry.get("text_field")
     if text_field is not None and (not isinstance(text_field, str) or not text_field):
         raise ConfigError(f"{where}.text_field must name a column, got {text_field!r}")
+    streaming = entry.get("streaming", False)
+    if not isinstance(streaming, bool):
+        raise ConfigError(f"{where}.streaming must be true or false, got {streaming!r}")
     return SourceConfig(entry["name"], _paths(entry["path"], f"{where}.path"),
-                        _weight(entry.get("weight", 1.0), f"{where}.weight"), text_field)
+                        _weight(entry.get("weight", 1.0), f"{where}.weight"), text_field, streaming)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +314,10 @@ class DataConfig:
             raise ConfigError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        streamed = [s.name for s in self.named_sources() if s.streaming]
+        if streamed and self.validation_fraction:
+            raise ConfigError(f"data.validation_fraction: source {streamed[0]!r} is streaming and has no documents to "
+                              f"hold out up front; give data.validation sets instead")
         if self.validation and self.validation_fraction:
             raise ConfigError("give data.validation sources or data.validation_fraction, not both")
         if not isinstance(self.num_proc, int) or self.num_proc < 1:

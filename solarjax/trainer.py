@@ -207,10 +207,13 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
+        if isinstance(self.batches, data_lib.Mixture) and restored is not None:  # streaming sources read on from there
+            self.batches.seek(_stream_positions(self.run_dir).get(str(resume_step), {}))
+        cached = [p for p in self.data.sources.values() if not getattr(p, "streaming", False)]
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
-                  f"data: {sum(p.n_tokens for p in self.data.sources.values()):,} tokens in "
-                  f"{sum(len(p) for p in self.data.sources.values()):,} sequences; "
+                  f"data: {sum(p.n_tokens for p in cached):,} tokens in {sum(len(p) for p in cached):,} sequences"
+                  f"{' and streaming sources' if len(cached) < len(self.data.sources) else ''}; "
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
@@ -452,6 +455,14 @@ class Trainer:
     def save(self, step: int) -> None:
         with self._disk_full_is_one_line(f"the checkpoint of step {step}"):
             self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
+            positions = self.batches.positions(step) if isinstance(self.batches, data_lib.Mixture) else {}
+            if positions and jax.process_index() == 0:  # where streaming sources stand: a resume seeks there
+                path = self.run_dir / STREAMS_FILE
+                record = {k: v for k, v in _stream_positions(self.run_dir).items() if int(k) < step}
+                record = dict(list(record.items())[-(self.cfg.keep_checkpoints + 2):])
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({**record, str(step): positions}) + "\n")
+                tmp.replace(path)
 
     def _wait_for_saves(self) -> None:
         with self._disk_full_is_one_line("a checkpoint"):
@@ -610,6 +621,15 @@ class Trainer:
 
 
 SCHEDULE_FILE = "schedule.json"
+STREAMS_FILE = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
+
+
+def _stream_positions(run_dir: Path) -> dict:
+    path = run_dir / STREAMS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:  # a torn write cannot happen (replace), but a record is only a shortcut
+        return {}
 
 
 def objective_options(cfg: TrainConfig):

@@ -292,19 +292,32 @@ SCHEDULED = {"mixture_schedule": [{"step": 4, "weights": {"alpha": 0.0, "digits"
              "validation_fraction": 0.2}
 
 
-def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(tmp_path, domains, capsys):
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(tmp_path, domains, capsys, streaming):
     """Weights 0.7/0.3 for steps 0-3, then digits alone: tokens/NAME at each log step follow the
-    schedule; a run stopped at step 5, after the switch, and resumed equals a straight run."""
-    straight = Trainer(_config(tmp_path / "a", domains, data=SCHEDULED), _mesh())
+    schedule; a run stopped at step 5, after the switch, and resumed equals a straight run. With
+    digits streaming, the resume starts reading the stream where the checkpoint recorded it."""
+    scheduled = dict(SCHEDULED)
+    if streaming:
+        scheduled = {"sources": [{"name": "alpha", "path": str(domains / "train" / "alpha"), "weight": 0.7},
+                                 {"name": "digits", "path": str(domains / "train" / "digits"), "weight": 0.3,
+                                  "streaming": True}],
+                     "mixture_schedule": SCHEDULED["mixture_schedule"],
+                     "validation": {name: str(domains / "held" / name) for name in WORDS}}
+    straight = Trainer(_config(tmp_path / "a", domains, data=scheduled), _mesh())
     line = capsys.readouterr().err
     assert "mixture: 2 sources: alpha weight 0.7 (" in line and "digits weight 0.3 (" in line
     assert "from step 4: alpha 0, digits 1" in line and "held out: alpha " in line
     straight.run()
-    first = Trainer(_config(tmp_path / "b", domains, data=SCHEDULED), _mesh())
+    first = Trainer(_config(tmp_path / "b", domains, data=scheduled), _mesh())
     first.run(until=5)  # past the switch: the resumed run must know what steps 0-4 drew from each source
-    resumed = Trainer(_config(tmp_path / "b", domains, data=SCHEDULED), _mesh())
+    resumed = Trainer(_config(tmp_path / "b", domains, data=scheduled), _mesh())
     assert int(resumed.state["step"]) == 5
     resumed.run()
+    if streaming:
+        recorded = json.loads((tmp_path / "b" / "run" / "streams.json").read_text())["5"]["digits"]
+        assert recorded[0] == 5 + 4 and resumed.batches.packed[1].started_at == recorded[0]
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     a, b = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
@@ -315,6 +328,50 @@ def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(t
     assert tokens == {2: (6 * T, 2 * T), 4: (11 * T, 5 * T), 6: (11 * T, 13 * T), 8: (11 * T, 21 * T)}
     evals = [r for r in a if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 4, 8] and all({"eval_loss/alpha", "eval_loss/digits"} <= set(r) for r in evals)
+
+
+def test_a_streaming_source_gives_the_windows_of_its_cache(tmp_path, domains):
+    """`streaming: true`: the same documents opened by datasets in streaming mode and tokenized by a
+    background thread give the windows a token cache of them gives, in order, pass after pass;
+    no more than `ahead` windows ever wait in memory."""
+    cached = data.load_data(_config(tmp_path, domains).data).sources["digits"]
+    for name, path, field in (("digits", domains / "train" / "digits", None), ("records", domains / "digits.jsonl", "body")):
+        src = {"name": name, "path": str(path), "streaming": True, **({"text_field": field} if field else {})}
+        d = data.load_data(_config(tmp_path, domains, data={"sources": [src]}).data)
+        stream = d.sources[name]
+        assert isinstance(stream, data.StreamedWindows) and isinstance(d.batches(4, 0), Mixture)
+        stream.ahead = 3
+        if name == "records":  # the jsonl's body field against a cache of it
+            cached = data.load_data(_config(tmp_path, domains, data={"sources": [{**src, "streaming": False}]}).data).train
+        n = len(cached)
+        for u in range(2 * n + 3):
+            for got, want in zip(stream.sequence(u), cached.sequence(u % n)):
+                np.testing.assert_array_equal(got, want)
+        assert 0 < stream.max_waiting <= 3
+        stream.close()
+
+
+def test_a_streaming_source_resumes_from_its_recorded_position(tmp_path, domains):
+    """A mixture with a streaming source, rebuilt at step 7 (a resume) and told where the stream
+    stood at that step (the checkpoint's record), starts reading there and gives the same batches;
+    told nothing, it reads its way from the start, with the same result."""
+    cfg = _config(tmp_path, domains, data={"sources": [
+        {"name": "alpha", "path": str(domains / "train" / "alpha"), "weight": 0.5},
+        {"name": "digits", "path": str(domains / "train" / "digits"), "weight": 0.5, "streaming": True}]}).data
+    straight = data.load_data(cfg).batches(4, seed=0)
+    want = [straight.batch(step) for step in range(16)]  # two passes over the digits stream (32 windows)
+    record = straight.positions(7)
+    assert record["digits"][0] == straight.drawn(7)[1] == 14
+    for seek in (True, False):
+        resumed = data.load_data(cfg).batches(4, seed=0)
+        if seek:
+            resumed.seek(json.loads(json.dumps(record)))
+        for step in range(7, 16):
+            for key, value in resumed.batch(step).items():
+                np.testing.assert_array_equal(value, want[step][key])
+        assert resumed.packed[1].started_at == (14 if seek else 0)
+        resumed.packed[1].close()
+    straight.packed[1].close()
 
 
 @pytest.mark.slow

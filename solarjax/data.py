@@ -617,8 +617,9 @@ class StreamedWindows:
         import queue as queue_lib
         import threading
         self.close()
-        at = max((k for k in self._known if k <= u), default=None)
-        begin = (at, *self._known[at]) if at is not None else (0, 0, 0, 0)
+        known = {**self._known, **self._starts}  # sought-to positions and windows read lately
+        at = max((k for k in known if k <= u), default=None)
+        begin = (at, *known[at]) if at is not None else (0, 0, 0, 0)
         self._queue, self._stop = queue_lib.Queue(maxsize=self.ahead), threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop, *begin), daemon=True,
                                         name=f"stream-{self.name}")
@@ -799,9 +800,15 @@ class Mixture:
         return out
 
     def seek(self, positions: dict[str, list[int]]) -> None:
-        for s, (name, packed) in enumerate(zip(self.names, self.packed)):
+        for name, packed in zip(self.names, self.packed):
             if name in positions and getattr(packed, "streaming", False):
                 packed.seek(positions[name][0], positions[name][1:])
+
+    def close(self) -> None:
+        """Stops streaming sources' reader threads (a later batch starts them again where they were)."""
+        for packed in self.packed:
+            if getattr(packed, "streaming", False):
+                packed.close()
 
     def __iter__(self):
         return self.iterate(0)

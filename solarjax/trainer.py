@@ -564,6 +564,8 @@ class Trainer:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            if isinstance(self.batches, data_lib.Mixture):  # no streaming reader thread outlives the run
+                self.batches.close()
             self._wait_for_saves()
         done = int(self.state["step"])
         if stop["signal"]:

@@ -349,6 +349,9 @@ def test_a_streaming_source_gives_the_windows_of_its_cache(tmp_path, domains):
             for got, want in zip(stream.sequence(u), cached.sequence(u % n)):
                 np.testing.assert_array_equal(got, want)
         assert 0 < stream.max_waiting <= 3
+        stream.close()  # and opened again where it stood (the windows it read lately), not from the start
+        np.testing.assert_array_equal(stream.sequence(2 * n + 3)[0], cached.sequence((2 * n + 3) % n)[0])
+        assert stream.started_at == 2 * n + 3
         stream.close()
 
 

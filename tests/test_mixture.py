@@ -358,7 +358,8 @@ def test_a_streaming_source_gives_the_windows_of_its_cache(tmp_path, domains):
 def test_a_streaming_source_resumes_from_its_recorded_position(tmp_path, domains):
     """A mixture with a streaming source, rebuilt at step 7 (a resume) and told where the stream
     stood at that step (the checkpoint's record), starts reading there and gives the same batches;
-    told nothing, it reads its way from the start, with the same result."""
+    told nothing, it reads its way from the start, with the same result. Two processes together
+    build the same batches."""
     cfg = _config(tmp_path, domains, data={"sources": [
         {"name": "alpha", "path": str(domains / "train" / "alpha"), "weight": 0.5},
         {"name": "digits", "path": str(domains / "train" / "digits"), "weight": 0.5, "streaming": True}]}).data
@@ -376,6 +377,14 @@ def test_a_streaming_source_resumes_from_its_recorded_position(tmp_path, domains
         assert resumed.packed[1].started_at == (14 if seek else 0)
         resumed.packed[1].close()
     straight.packed[1].close()
+    # Two processes: each reads the whole stream in order and keeps its own rows.
+    parts = [data.load_data(cfg).batches(4, seed=0, process_index=p, process_count=2) for p in (0, 1)]
+    for step in range(10):
+        got = [part.batch(step) for part in parts]
+        for key in want[step]:
+            np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[step][key])
+    for part in parts:
+        part.close()
 
 
 @pytest.mark.slow

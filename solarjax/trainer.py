@@ -201,14 +201,22 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = plan.flops_per_token
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
+        if isinstance(self.batches, data_lib.Mixture) and restored is not None:  # streaming sources read on from there
+            self.batches.seek(_stream_positions(self.run_dir).get(str(resume_step), {}))
+        cached = [p for p in self.data.sources.values() if not getattr(p, "streaming", False)]
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
-                  f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
+                  f"data: {sum(p.n_tokens for p in cached):,} tokens in {sum(len(p) for p in cached):,} sequences"
+                  f"{' and streaming sources' if len(cached) < len(self.data.sources) else ''}; "
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
-            if isinstance(self.data.train, data_lib.PackedExamples):
-                print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
+            if len(self.data.sources) > 1 or self.data.schedule[1:] or cfg.data.named_validation:
+                print(f"mixture: {self.data.describe()}", file=sys.stderr)
+            for name, packed in self.data.sources.items():
+                if isinstance(packed, data_lib.PackedExamples):
+                    print(f"{cfg.objective} data{'' if self.data.train else ' ' + name}: {packed.describe()}",
+                          file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -295,7 +303,9 @@ class Trainer:
         """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,
         the data sources that are local paths, and the token cache."""
         data = self.cfg.data
-        sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
+        named = [*data.named_sources(), *(v for v in data.validation if isinstance(v, data_lib.SourceConfig))]
+        given = [p for s in named for p in s.path] + [v for v in data.validation if isinstance(v, str)]
+        sources = [s for s in given if Path(os.path.expanduser(s)).exists()]
         paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
         if self.objective.reference:
             paths.append(self.cfg.dpo.reference)
@@ -369,13 +379,31 @@ class Trainer:
                 for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
 
     def _eval_loss(self, whole: bool = False) -> dict:
-        """Held-out loss over `eval_batches` batches drawn from the held-out windows (seed 0), or with
-        `whole` (the evals of step 0 and the last step) over every held-out window, so that a run's
+        """eval_loss over every held-out set's tokens together; with named sets also eval_loss/NAME,
+        each set's own mean. Each set contributes `eval_batches` batches drawn from its windows (seed
+        0), or with `whole` (the evals of step 0 and the last step) every window, so that a run's
         numbers at init and at the end are the whole split's (a continued stage's first equals the
         stage it starts from's last)."""
-        if self.data.validation is None:
+        if not self.data.held_out:
             return {}
-        val, G = self.data.validation, self.cfg.global_batch
+        total, result = {}, {}
+        for name, val in self.data.held_out.items():
+            sums = self._eval_sums(val, whole)
+            for k, v in sums.items():
+                total[k] = total.get(k, 0.0) + v
+            if name:
+                result[f"eval_loss/{name}"] = sums["loss"] / max(sums[self.objective.count], 1)
+        count = max(total.pop(self.objective.count), 1)
+        loss = total.pop("loss") / count
+        result = {"eval_loss": loss, **result}
+        if self.objective.per_token:
+            result["eval_perplexity"] = math.exp(min(loss, 50.0))
+        return {**result, **{f"eval_{k}": v / count for k, v in total.items()}}
+
+    def _eval_sums(self, val, whole: bool) -> dict[str, float]:
+        """The objective's sums and units over one held-out set: its first eval_batches global batches,
+        or (whole) every window in order."""
+        G = self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
         if len(val) >= G and not whole:
             batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
@@ -390,12 +418,7 @@ class Trainer:
             for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),
                                                       *self._step_args())).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        count = max(sums.pop(self.objective.count), 1)
-        loss = sums.pop("loss") / count
-        result = {"eval_loss": loss}
-        if self.objective.per_token:
-            result["eval_perplexity"] = math.exp(min(loss, 50.0))
-        return {**result, **{f"eval_{k}": v / count for k, v in sums.items()}}
+        return sums
 
     def samples(self) -> list[dict]:
         """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
@@ -416,6 +439,14 @@ class Trainer:
     def save(self, step: int) -> None:
         with self._disk_full_is_one_line(f"the checkpoint of step {step}"):
             self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
+            positions = self.batches.positions(step) if isinstance(self.batches, data_lib.Mixture) else {}
+            if positions and jax.process_index() == 0:  # where streaming sources stand: a resume seeks there
+                path = self.run_dir / STREAMS_FILE
+                record = {k: v for k, v in _stream_positions(self.run_dir).items() if int(k) < step}
+                record = dict(list(record.items())[-(self.cfg.keep_checkpoints + 2):])
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({**record, str(step): positions}) + "\n")
+                tmp.replace(path)
 
     def _wait_for_saves(self) -> None:
         with self._disk_full_is_one_line("a checkpoint"):
@@ -517,6 +548,8 @@ class Trainer:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            if isinstance(self.batches, data_lib.Mixture):  # no streaming reader thread outlives the run
+                self.batches.close()
             self._wait_for_saves()
         done = int(self.state["step"])
         if stop["signal"]:
@@ -551,6 +584,10 @@ class Trainer:
                                          f"{values['grad_norm']:.3g}, lr {values['lr']:.3g}); the last good "
                                          f"checkpoint is step {self.checkpoints.latest_step()}")
             record = {"step": step, **values}
+        # Cumulative tokens (windows of seq_len, a last window's padding included) drawn from each source.
+        drawn = (self.batches.drawn(record["step"]) if isinstance(self.batches, data_lib.Mixture)
+                 else [record["step"] * self.cfg.global_batch])
+        record.update({f"tokens/{name}": int(n) * self.cfg.data.seq_len for name, n in zip(self.data.sources, drawn)})
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
         if self.peak_tflops:
@@ -573,6 +610,15 @@ class Trainer:
 
 
 SCHEDULE_FILE = "schedule.json"
+STREAMS_FILE = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
+
+
+def _stream_positions(run_dir: Path) -> dict:
+    path = run_dir / STREAMS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:  # a torn write cannot happen (replace), but a record is only a shortcut
+        return {}
 
 
 def _is_eval(record: dict) -> bool:
@@ -616,7 +662,8 @@ class _TensorBoard:
         for key, value in record.items():
             if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            tag = self.KEYS.get(key) or (key if key.startswith("task/") else
+            tag = self.KEYS.get(key) or (key if key.startswith(("task/", "tokens/")) else
+                                         f"eval/{key[10:]}/loss" if key.startswith("eval_loss/") else
                                          f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}")
             self._writer.add_scalar(tag, value, record["step"])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import solarjax
 from solarjax.trainer import Trainer
@@ -29,6 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
     tasks = eval_tasks.write_all(tmp_path / "tasks")
     # A mixture of two named sources whose weights change at step 2: each process deals the same
@@ -83,6 +85,7 @@ def _finish(procs) -> list[dict]:
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, corpus):  # noqa: F811
     """A preemption notice reaches one host only: every process must save the same step and exit,
     not wait forever in a collective the other has left; the rerun then ends where one

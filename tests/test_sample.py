@@ -122,6 +122,7 @@ def test_seed_gives_the_same_text_and_temperature_zero_is_greedy():
     assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
 
 
+@pytest.mark.slow
 def test_same_code_on_a_tensor_parallel_mesh():
     config = solarjax.preset("tiny").replace(sliding_window=5)
     params = solarjax.init_params(config, jax.random.key(3))

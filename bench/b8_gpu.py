@@ -50,7 +50,8 @@ from solarjax.objectives import get as get_objective  # noqa: E402
 from solarjax.optim import make_optimizer, schedule  # noqa: E402
 from solarjax.sharding import batch_sharding, make_mesh  # noqa: E402
 from solarjax.topology import PEAK_TFLOPS, model_flops_per_token  # noqa: E402
-from solarjax.trainer import jit_train_step, loss_chunk, new_state, state_shardings  # noqa: E402
+from solarjax.plan import RunPlan  # noqa: E402
+from solarjax.trainer import jit_train_step, new_state, state_shardings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +136,9 @@ def measure_train(p: Preset, rows: int, peak: float, t0: float) -> dict:
     cfg = TrainConfig(model=config, data=DataConfig(seq_len=T), optim=OptimConfig(), steps=steps, global_batch=rows,
                       microbatches=p.microbatches, eval_every=0)
     optimizer, lr = make_optimizer(cfg.optim, steps), schedule(cfg.optim, steps)
-    chunk = loss_chunk(cfg, mesh)
-    step = jit_train_step(config, optimizer, lr, mesh, chunk=chunk, microbatches=p.microbatches)
+    plan = RunPlan.resolve(cfg, mesh)  # what the trainer would run: attention and loss chunk for this chip
+    chunk = plan.loss_chunk
+    step = jit_train_step(plan.step_config, optimizer, lr, mesh, chunk=chunk, microbatches=p.microbatches)
     shardings = state_shardings(config, optimizer, mesh)
     with jax.set_mesh(mesh):  # the model's sharding hints, as in Trainer.run
         params = init_params(config, jax.random.key(0), mesh)

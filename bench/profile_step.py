@@ -24,7 +24,8 @@ import solarjax
 from solarjax.config import OptimConfig, TrainConfig, DataConfig
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import make_mesh
-from solarjax.trainer import jit_train_step, loss_chunk, new_state
+from solarjax.plan import RunPlan
+from solarjax.trainer import jit_train_step, new_state
 
 
 def main(argv=None):
@@ -43,7 +44,8 @@ def main(argv=None):
                       loss_chunk_tokens=args.loss_chunk_tokens)
     mesh = make_mesh(1, 1, 1)
     optimizer = make_optimizer(OptimConfig(), 1000)
-    step = jit_train_step(config, optimizer, schedule(OptimConfig(), 1000), mesh, chunk=loss_chunk(cfg, mesh))
+    plan = RunPlan.resolve(cfg, mesh)
+    step = jit_train_step(plan.step_config, optimizer, schedule(OptimConfig(), 1000), mesh, chunk=plan.loss_chunk)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(tokens),
              "positions": jnp.asarray(np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape))}

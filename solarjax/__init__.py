@@ -12,7 +12,8 @@ The public API:
 """
 
 from solarjax.checkpoint import load_model, load_params, save_params
-from solarjax.config import ConfigError, ModelConfig, PRESETS, preset
+from solarjax.errors import ConfigError
+from solarjax.modelconfig import ModelConfig, PRESETS, preset
 from solarjax.hf import ConversionError, load_hf, save_hf
 from solarjax.model import init_params, logits, param_count
 from solarjax.sharding import make_mesh

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.config import ATTENTION as IMPLEMENTATIONS, ConfigError
+from solarjax.errors import ConfigError
+from solarjax.modelconfig import ATTENTION as IMPLEMENTATIONS
 from solarjax.sharding import logical_to_spec, platform
 
 _NATIVE = {"splash": ("tpu",), "pallas_gpu": ("gpu", "cuda"), "cudnn": ("gpu", "cuda")}

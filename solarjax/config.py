@@ -1,201 +1,107 @@
-"""Typed, frozen configuration for the Mistral/Llama decoder family.
+"""Job configuration: data, optimizer, mesh, init, training runs and recipes of stages, from YAML.
 
-A ModelConfig is hashable, so it can be a static argument of jit; every module gets the same one.
+The model's own configuration (ModelConfig, presets) is in solarjax.modelconfig, at the bottom of
+the package; this module sits above the objectives, whose names it checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
-from typing import Any
 
 from solarjax.errors import ConfigError  # noqa: F401  (solarjax.config.ConfigError, as before)
+from solarjax.modelconfig import PRESETS, ModelConfig, build, preset  # noqa: F401  (PRESETS, preset: as before)
+from solarjax.objectives import OBJECTIVES
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # see solarjax.attention
-# RoPE scaling types and their keys, as transformers' modeling_rope_utils reads them
-# (model.rope_frequencies computes each): (required, optional). partial_rotary_factor is not supported.
-ROPE_SCALING_KEYS = {
-    "linear": (("factor",), ()),
-    "dynamic": (("factor",), ()),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
-    "yarn": (("factor", "original_max_position_embeddings"),
-             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
-}
+
+SOURCE_KEYS = ("name", "path", "weight", "text_field", "streaming")  # of a data.sources mapping (README: Mixtures)
+IMPLICIT_SOURCE = "train"  # the name of the plain (unnamed) entries of data.sources, taken as one source
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_heads, recomputed by replace()
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 4096
-    sliding_window: int | None = None  # None: full causal attention
-    tie_word_embeddings: bool = False
-    # RoPE scaling, e.g. {"rope_type": "llama3", "factor": 8.0, ...} (keys: ROPE_SCALING_KEYS); None:
-    # plain RoPE. Given as a mapping, held as sorted (key, value) pairs so the config stays hashable.
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); o_proj has none
-    initializer_range: float = 0.02  # std of the random init, as HF's config.json names it
-    dtype: str = "float32"  # compute dtype; softmax, norms' statistics and logits stay float32
-    param_dtype: str = "float32"
-    remat: str = "none"  # activation checkpointing of each block, see REMAT_POLICIES
-    attention: str = "auto"  # which implementation computes attention in training, see solarjax.attention
+class SourceConfig:
+    """One named source of a mixture: `path` takes what a plain data.sources entry takes (files,
+    globs, save_to_disk directories, hub names); weights are relative; text_field None: data.text_field."""
+    name: str
+    path: tuple[str, ...]
+    weight: float = 1.0
+    text_field: str | None = None
+    streaming: bool = False  # tokenized on the fly by a background thread (data.StreamedWindows), not cached
 
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model.num_heads {self.num_heads} must be a multiple of "
-                              f"model.num_kv_heads {self.num_kv_heads}")
-        # Remembered beside the fields (not one: equality and hashing see the resolved value), so
-        # replace() and to_dict() can drop an implied head_dim: a preset given a new width or head
-        # count then gets hidden_size // num_heads instead of the old head_dim.
-        object.__setattr__(self, "_head_dim_given", self.head_dim is not None)
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ConfigError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                                  f"model.num_heads {self.num_heads}; set model.head_dim")
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
-            raise ConfigError(f"model.head_dim must be a positive even integer, got {self.head_dim!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window < 1):
-            raise ConfigError(f"model.sliding_window must be null or a positive integer, "
-                              f"got {self.sliding_window!r}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.initializer_range > 0:
-            raise ConfigError(f"model.initializer_range must be > 0, got {self.initializer_range!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"model.attention must be one of {ATTENTION}, got {self.attention!r}")
-        object.__setattr__(self, "rope_theta", float(self.rope_theta))
-        object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
-        object.__setattr__(self, "initializer_range", float(self.initializer_range))
-        if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"model.qkv_bias must be true or false, got {self.qkv_bias!r}")
-        if self.rope_scaling is not None:
-            object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "path": list(self.path), "weight": self.weight}
+        d = d if self.text_field is None else {**d, "text_field": self.text_field}
+        return {**d, "streaming": True} if self.streaming else d
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
-    @property
-    def rope(self) -> dict[str, Any]:
-        """rope_scaling as a dict ({} for plain RoPE)."""
-        return dict(self.rope_scaling or ())
+@dataclasses.dataclass(frozen=True)
+class MixtureStep:
+    """From `step` on, these weights (sources not named keep theirs)."""
+    step: int
+    weights: tuple[tuple[str, float], ...]
 
-    def replace(self, **changes) -> "ModelConfig":
-        return _build(type(self), {**self.to_dict(), **changes}, "model")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as given: head_dim is None when it was implied by hidden_size // num_heads."""
-        d = dataclasses.asdict(self)
-        if not self._head_dim_given:
-            d["head_dim"] = None
-        d["rope_scaling"] = self.rope if self.rope_scaling is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "model") -> "ModelConfig":
-        return _build(cls, d, where)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+def _weight(value, where: str) -> float:
+    """A weight >= 0: a number, or a string that reads as one ("1e-4", which YAML 1.1 leaves a string)."""
+    if isinstance(value, str):
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read model config: {e}") from None
-        return cls.from_dict(d, where=str(path))
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
-def _check_rope_scaling(value) -> tuple[tuple[str, Any], ...]:
-    """A rope_scaling mapping (or its pairs) checked against ROPE_SCALING_KEYS, as sorted pairs."""
-    where = "model.rope_scaling"
-    try:
-        d = dict(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a mapping like {{rope_type: llama3, factor: 8.0, ...}}, "
-                          f"got {value!r}") from None
-    kind = d.get("rope_type")
-    if kind not in ROPE_SCALING_KEYS:
-        raise ConfigError(f"{where}.rope_type {kind!r} is not supported; expected one of "
-                          f"{sorted(ROPE_SCALING_KEYS)}")
-    required, optional = ROPE_SCALING_KEYS[kind]
-    for key in required:
-        if key not in d:
-            raise ConfigError(f"{where}: rope_type {kind!r} needs key {key!r} (required: {', '.join(required)})")
-    unknown = sorted(set(d) - {"rope_type", *required, *optional})
+def _paths(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a path, glob or dataset name, or a list of them, got {value!r}")
+    return tuple(value)
+
+
+def _source(entry, where: str, name: str | None = None, keys=SOURCE_KEYS) -> SourceConfig:
+    """A SourceConfig from a mapping {name, path, weight, text_field} (name given by the caller for
+    data.validation's mapping form, whose values may also be a path or a list of paths)."""
+    if isinstance(entry, SourceConfig):
+        return entry
+    if name is not None and not isinstance(entry, dict):
+        entry = {"path": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a path or a mapping {{name, path, weight, text_field}}, got {entry!r}")
+    entry = dict(entry) if name is None else {"name": name, **entry}
+    unknown = sorted(set(entry) - set(keys))
     if unknown:
-        raise ConfigError(f"{where}: key {unknown[0]!r} is not used by rope_type {kind!r} (known: "
-                          f"{', '.join(required + optional)})")
-    for key, v in d.items():
-        if key == "original_max_position_embeddings":
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{where}.{key} must be a positive integer, got {v!r}")
-        elif key == "truncate":
-            if v is not None and not isinstance(v, bool):
-                raise ConfigError(f"{where}.{key} must be true or false, got {v!r}")
-        elif key != "rope_type" and v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise ConfigError(f"{where}.{key} must be a number, got {v!r}")
-    if not d["factor"] or d["factor"] <= 0:
-        raise ConfigError(f"{where}.factor must be > 0, got {d['factor']!r}")
-    return tuple(sorted(d.items()))
-
-
-# Reference sizes (shared/DESIGN.md). Two lines each, as they read in the papers' tables.
-PRESETS: dict[str, ModelConfig] = {
-    "mistral-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                              num_heads=32, num_kv_heads=8, max_position_embeddings=32768, sliding_window=4096),
-    "solar-10.7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=48,
-                               num_heads=32, num_kv_heads=8, max_position_embeddings=4096),
-    # BENCHMARKS.md's CPU comparison model.
-    "bench-small": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
-                               num_heads=8, num_kv_heads=2, max_position_embeddings=4096),
-    # Test sizes: a few milliseconds a step on CPU.
-    "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, max_position_embeddings=512),
-    "tiny-mistral": ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=4,
-                                num_heads=4, num_kv_heads=2, max_position_embeddings=2048, sliding_window=256),
-}
-
-
-def preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})") from None
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+    if not isinstance(entry.get("name"), str) or not entry["name"] or "/" in entry["name"]:
+        raise ConfigError(f"{where}.name must be a non-empty name without '/', got {entry.get('name')!r}")
+    where = f"{where} ({entry['name']})"
+    if "path" not in entry:
+        raise ConfigError(f"{where}: no path")
+    text_field = entry.get("text_field")
+    if text_field is not None and (not isinstance(text_field, str) or not text_field):
+        raise ConfigError(f"{where}.text_field must name a column, got {text_field!r}")
+    streaming = entry.get("streaming", False)
+    if not isinstance(streaming, bool):
+        raise ConfigError(f"{where}.streaming must be true or false, got {streaming!r}")
+    return SourceConfig(entry["name"], _paths(entry["path"], f"{where}.path"),
+                        _weight(entry.get("weight", 1.0), f"{where}.weight"), text_field, streaming)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where training text comes from and how it becomes batches (solarjax/data.py)."""
-    sources: tuple[str, ...] = ()  # files, globs, directories (save_to_disk), or hub names; () = built-in corpus
+    """Where training text comes from and how it becomes batches (solarjax/data.py).
+
+    sources: plain entries (paths, globs, directories, hub names) are one source named `train`;
+    mappings {name, path, weight, text_field} are named sources of a weighted mixture.
+    validation: a list of paths (one held-out set), or a mapping name -> paths (one per name)."""
+    sources: tuple[str | SourceConfig, ...] = ()  # () = built-in corpus
     text_field: str = "text"  # column holding the text, for json/csv/parquet/saved datasets
-    validation: tuple[str, ...] = ()  # its own sources, or ...
-    validation_fraction: float = 0.0  # ... a held-out share of the documents
+    validation: tuple[str, ...] | tuple[SourceConfig, ...] = ()  # its own sources, or ...
+    validation_fraction: float = 0.0  # ... a held-out share of the documents (of each named source)
+    mixture_schedule: tuple[MixtureStep, ...] = ()  # [{step, weights: {name: weight}}]: from step on
     tokenizer: str | None = None  # tokenizer.json, .model, or a directory with one; None = init.from's, else Mistral's
     seq_len: int = 512
     cache_dir: str = "~/.cache/solarjax/tokens"
@@ -206,24 +112,134 @@ class DataConfig:
     chat_template: str | None = None  # a jinja file for sft/dpo records, over the tokenizer's own template
 
     def __post_init__(self):
-        for name in ("sources", "validation"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"data.{name} must be a list of paths, globs or dataset names, got {value!r}")
+        sources = (self.sources,) if isinstance(self.sources, (str, dict)) else self.sources
+        if not isinstance(sources, (list, tuple)):
+            raise ConfigError(f"data.sources must be a list of paths, globs, dataset names or "
+                              f"{{name, path, weight}} mappings, got {sources!r}")
+        built = []
+        for i, entry in enumerate(sources):
+            if isinstance(entry, str) and entry:
+                built.append(entry)
             else:
-                object.__setattr__(self, name, tuple(value))
+                built.append(_source(entry, f"data.sources[{i}]"))
+        object.__setattr__(self, "sources", tuple(built))
+        names = [s.name for s in self.named_sources()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            extra = (f" (plain entries are the source {IMPLICIT_SOURCE!r})" if twice[0] == IMPLICIT_SOURCE
+                     and any(isinstance(s, str) for s in self.sources) else "")
+            raise ConfigError(f"data.sources: two sources are named {twice[0]!r}{extra}")
+        object.__setattr__(self, "validation", self._held_out(self.validation))
+        object.__setattr__(self, "mixture_schedule", self._schedule(self.mixture_schedule, names))
+        for step, weights in self.weights_by_step():
+            if not any(w > 0 for w in weights.values()):
+                at = "data.sources" if step == 0 else f"data.mixture_schedule (step {step})"
+                raise ConfigError(f"{at}: every weight is 0 from step {step} on; at least one source needs a weight > 0")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        streamed = [s.name for s in self.named_sources() if s.streaming]
+        if streamed and self.validation_fraction:
+            raise ConfigError(f"data.validation_fraction: source {streamed[0]!r} is streaming and has no documents to "
+                              f"hold out up front; give data.validation sets instead")
         if self.validation and self.validation_fraction:
             raise ConfigError("give data.validation sources or data.validation_fraction, not both")
         if not isinstance(self.num_proc, int) or self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be a positive integer, got {self.num_proc!r}")
         if not self.text_field:
             raise ConfigError("data.text_field must name a column")
+
+    @staticmethod
+    def _held_out(value) -> tuple:
+        """Plain paths (one unnamed set) or named sets: a mapping name -> path(s) or {path, text_field},
+        or a list of {name, path, text_field} mappings."""
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, dict):
+            return tuple(_source(v, f"data.validation.{k}", name=str(k), keys=("name", "path", "text_field"))
+                         for k, v in value.items())
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"data.validation must be a list of paths or a mapping of names to paths, got {value!r}")
+        if all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if any(isinstance(v, str) for v in value):
+            raise ConfigError("data.validation: give plain paths (one held-out set) or named sets, not both")
+        sets = tuple(_source(v, f"data.validation[{i}]", keys=("name", "path", "text_field"))
+                     for i, v in enumerate(value))
+        names = [s.name for s in sets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"data.validation: the name {twice[0]!r} is given twice")
+        return sets
+
+    @staticmethod
+    def _schedule(value, names: list[str]) -> tuple[MixtureStep, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"data.mixture_schedule must be a list of {{step, weights}}, got {value!r}")
+        out, last = [], 0
+        for i, entry in enumerate(value):
+            where = f"data.mixture_schedule[{i}]"
+            if isinstance(entry, MixtureStep):
+                entry = {"step": entry.step, "weights": dict(entry.weights)}
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where} must be a mapping {{step, weights}}, got {entry!r}")
+            unknown = sorted(set(entry) - {"step", "weights"})
+            if unknown:
+                raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: step, weights)")
+            step, weights = entry.get("step"), entry.get("weights")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+                raise ConfigError(f"{where}.step must be a positive integer, got {step!r}")
+            if step <= last:
+                raise ConfigError(f"{where}.step {step} is out of order: steps must increase (the one before "
+                                  f"is {last})")
+            if not isinstance(weights, dict) or not weights:
+                raise ConfigError(f"{where}.weights must be a mapping of source names to weights, got {weights!r}")
+            for name in weights:
+                if name not in names:
+                    raise ConfigError(f"{where}.weights: {name!r} is not a source (sources: {', '.join(names)})")
+            out.append(MixtureStep(step, tuple((n, _weight(w, f"{where}.weights.{n}")) for n, w in weights.items())))
+            last = step
+        return tuple(out)
+
+    def named_sources(self) -> list[SourceConfig]:
+        """Every source by name, in order: the plain entries together (or the built-in corpus, with
+        no entries) as one source named `train` of weight 1, where the first of them stands."""
+        plain = tuple(s for s in self.sources if isinstance(s, str))
+        out, placed = [], False
+        for s in self.sources or ("",):
+            if isinstance(s, SourceConfig):
+                out.append(s)
+            elif not placed:
+                out.append(SourceConfig(IMPLICIT_SOURCE, plain))  # path () = the built-in corpus
+                placed = True
+        return out
+
+    def weights_by_step(self) -> list[tuple[int, dict[str, float]]]:
+        """[(0, the sources' weights), (step, weights from then on), ...] as the schedule sets them."""
+        weights = {s.name: s.weight for s in self.named_sources()}
+        out = [(0, dict(weights))]
+        for change in self.mixture_schedule:
+            weights.update(dict(change.weights))
+            out.append((change.step, dict(weights)))
+        return out
+
+    @property
+    def named_validation(self) -> bool:
+        """Whether held-out loss is reported per name: named validation sets, or validation_fraction
+        of named sources."""
+        return (bool(self.validation) and isinstance(self.validation[0], SourceConfig)) or (
+            bool(self.validation_fraction) and any(isinstance(s, SourceConfig) for s in self.sources))
+
+    def to_dict(self) -> dict:
+        """As YAML gives it (reads back through train_config_from_dict)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["sources"] = [s.to_dict() if isinstance(s, SourceConfig) else s for s in self.sources]
+        d["validation"] = ({s.name: {"path": list(s.path), **({"text_field": s.text_field} if s.text_field else {})}
+                            for s in self.validation} if self.validation and isinstance(self.validation[0], SourceConfig)
+                           else list(self.validation))
+        d["mixture_schedule"] = [{"step": m.step, "weights": dict(m.weights)} for m in self.mixture_schedule]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,48 +391,26 @@ class TrainConfig:
         if self.trainable == "new_layers" and not self.init.upscale:
             raise ConfigError("trainable: new_layers names the layers a growth adds, and init.upscale is not set; "
                               "give init.upscale (e.g. {expand: 4}) or layer ranges like \"6:8\"")
-        from solarjax.objectives import OBJECTIVES  # here, not above: objectives imports this module
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["data"] = self.data.to_dict()  # sources and schedule as YAML writes them, not as dataclasses
         d["init"]["from"] = d["init"].pop("source")
         runtime = d.pop("model_runtime")
         d["model"] = runtime if self.model is None else self.model.to_dict()  # head_dim as given
         return d
 
 
-def _build(cls, d, where: str):
-    """cls(**d), naming unknown and missing keys; "1e-4" becomes a float for float fields (YAML 1.1,
-    which PyYAML reads, takes 1e-4 without a dot for a string)."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping, got {d!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    d = dict(d)
-    for name, value in d.items():
-        if isinstance(value, str) and str(fields[name].type).startswith("float"):
-            try:
-                d[name] = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}.{name} must be a number, got {value!r}") from None
-    try:
-        return cls(**d)
-    except TypeError as e:  # a required key is missing
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def train_config_from_dict(d: dict) -> TrainConfig:
     d = dict(d or {})
     sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "dpo": DPOConfig}
-    kwargs = {name: _build(cls, d.pop(name) or {}, name) for name, cls in sections.items() if name in d}
+    kwargs = {name: build(cls, d.pop(name) or {}, name) for name, cls in sections.items() if name in d}
     init = dict(d.pop("init", None) or {})
     if "from" in init:
         init["source"] = init.pop("from")
-    kwargs["init"] = _build(InitConfig, init, "init")
+    kwargs["init"] = build(InitConfig, init, "init")
     model = dict(d.pop("model", None) or {})
     name = model.pop("preset", None)
     if kwargs["init"].source is not None:
@@ -430,7 +424,7 @@ def train_config_from_dict(d: dict) -> TrainConfig:
         kwargs["model"] = preset(name).replace(**model)
     else:
         kwargs["model"] = ModelConfig.from_dict(model)
-    return _build(TrainConfig, {**d, **kwargs}, "config")
+    return build(TrainConfig, {**d, **kwargs}, "config")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

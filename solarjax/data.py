@@ -17,6 +17,7 @@ on disk -> packed sequences -> deterministic per-process batches.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import json
@@ -25,15 +26,17 @@ import os
 import shutil
 import socket
 import sys
-import sysconfig
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from solarjax.config import DataConfig
+from solarjax.config import IMPLICIT_SOURCE, DataConfig, SourceConfig
+from solarjax.corpus import default_corpus_files, write_builtin
+from solarjax.records import Render
 from solarjax.tokenizer import Tokenizer, resolve_tokenizer
 from solarjax.errors import SolarjaxError
 
@@ -44,12 +47,6 @@ _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json"
 
 class DataError(SolarjaxError):
     """A data source is missing, empty or malformed; the message names the file or field."""
-
-
-def default_corpus_files() -> list[Path]:
-    """The built-in corpus: the standard library's top-level Python modules: real English prose in
-    code, comments and docstrings, about 5 MB, that every Python installation has; sorted."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +282,6 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
                         batch_size=64, num_proc=min(workers, len(ds)) if workers > 1 else None,
                         remove_columns=ds.column_names, desc="tokenizing")
     else:
-        from solarjax.records import Render
         if not tokenizer.chat_template:
             raise DataError(f"{what}: {layout} records are rendered by a chat template, and tokenizer "
                             f"{tokenizer.source} has none; set data.chat_template to a jinja file")
@@ -519,14 +515,366 @@ class PackedExamples:
                 f"nothing left to learn")
 
 
+# ---------------------------------------------------------------------------------------------
+# Streaming sources: tokenized on the fly
+
+
+def _stream_documents(paths: tuple[str, ...], text_field: str, hf_cache: Path):
+    """The documents of a streaming source, in order: each part opened by datasets in streaming mode
+    (files of one format, a save_to_disk directory, a hub dataset), nothing written to disk."""
+    import datasets
+    for src in resolve_sources(paths):
+        what = ", ".join(src.paths[:3])
+        try:
+            if src.kind == "files":
+                kwargs = {"sample_by": "document"} if src.format == "text" else {}
+                ds = datasets.load_dataset(src.format, data_files=list(src.paths), split="train", streaming=True,
+                                           cache_dir=str(hf_cache), **kwargs)
+            elif src.kind == "disk":
+                ds = datasets.load_from_disk(src.paths[0])
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+                ds = ds.to_iterable_dataset()
+            else:
+                ds = datasets.load_dataset(src.paths[0], split="train", streaming=True, cache_dir=str(hf_cache))
+            field = "text" if src.format == "text" else text_field
+            for record in ds:
+                if field not in record:
+                    raise DataError(f"{what}: no text field {field!r}; columns are {sorted(record)} (set text_field)")
+                yield record[field]
+        except DataError:
+            raise
+        except Exception as e:  # datasets/pyarrow raise many types; name the source either way
+            raise DataError(f"{what}: cannot stream ({type(e).__name__}: {e})") from None
+
+
+class StreamedWindows:
+    """A source too large to tokenize up front (`streaming: true`): a background thread reads its
+    documents in order, tokenizes them and cuts them into windows of seq_len exactly as
+    PackedSequences cuts a cache (pieces with their own segment ids and positions; the stream starts
+    again after its end, and the last window of each pass is padded). Window u is the u-th of that
+    sequence, so it is deterministic; `sequence(u)` is asked for increasing u. Memory is bounded:
+    at most `ahead` windows wait in a queue, and the start positions (pass, document, token) of the
+    last `HISTORY` windows are kept, for the checkpoint (`position`). A resume seeks to a recorded
+    position (`seek`) and reads on from there (documents before it are read, not tokenized); with
+    no record it tokenizes its way from the start: slower, as exact."""
+
+    streaming = True
+    HISTORY = 4096
+
+    def __init__(self, name: str, paths: tuple[str, ...], text_field: str, tokenizer: Tokenizer, cfg: DataConfig,
+                 ahead: int = 256):
+        self.name, self.paths, self.text_field, self.tokenizer = name, paths, text_field, tokenizer
+        self.seq_len, self.bos, self.eos, self.ahead = cfg.seq_len, cfg.add_bos, cfg.add_eos, ahead
+        self.hf_cache = Path(os.path.expanduser(cfg.cache_dir)) / "hf"
+        self._known: dict[int, tuple[int, int, int]] = {}  # window -> (pass, document, token): seek targets
+        self._starts: dict[int, tuple[int, int, int]] = {}  # the same for windows consumed lately
+        self._queue, self._thread, self._stop, self._next = None, None, None, None
+        self.max_waiting = 0  # the most windows ever waiting in the queue (<= ahead)
+
+    def __len__(self) -> int:
+        raise TypeError(f"source {self.name} is streaming: its number of windows is unknown")
+
+    def _produce(self, queue, stop, u: int, epoch: int, doc: int, offset: int) -> None:
+        import queue as queue_lib
+        T = self.seq_len
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    return True
+                except queue_lib.Full:
+                    continue
+            return False
+        try:
+            while True:
+                tokens, segments, positions = (np.zeros(T, np.int32) for _ in range(3))
+                at, piece, start, any_doc = 0, 0, None, False
+                for d, text in enumerate(_stream_documents(self.paths, self.text_field, self.hf_cache)):
+                    if d < doc or text is None or not text.strip():
+                        continue
+                    any_doc = True
+                    ids = np.asarray(self.tokenizer.encode(text, bos=self.bos, eos=self.eos), np.int32)
+                    a = offset if d == doc else 0
+                    while a < len(ids):
+                        if at == 0:
+                            start = (epoch, d, a)
+                        n = min(T - at, len(ids) - a)
+                        tokens[at:at + n], positions[at:at + n] = ids[a:a + n], np.arange(n)
+                        piece += 1
+                        segments[at:at + n] = piece
+                        at, a = at + n, a + n
+                        if at == T:
+                            if not put((u, start, (epoch, d, a), (tokens, segments, positions))):
+                                return
+                            u += 1
+                            tokens, segments, positions = (np.zeros(T, np.int32) for _ in range(3))
+                            at, piece = 0, 0
+                if at and not put((u, start, (epoch + 1, 0, 0), (tokens, segments, positions))):
+                    return
+                u += bool(at)
+                if not any_doc and doc == 0:
+                    raise DataError(f"{', '.join(self.paths[:3])}: the stream has no document with text")
+                epoch, doc, offset = epoch + 1, 0, 0
+        except BaseException as e:  # the consumer raises it
+            put((None, None, None, e))
+
+    def _start(self, u: int) -> None:
+        import queue as queue_lib
+        import threading
+        self.close()
+        known = {**self._known, **self._starts}  # sought-to positions and windows read lately
+        at = max((k for k in known if k <= u), default=None)
+        begin = (at, *known[at]) if at is not None else (0, 0, 0, 0)
+        self._queue, self._stop = queue_lib.Queue(maxsize=self.ahead), threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop, *begin), daemon=True,
+                                        name=f"stream-{self.name}")
+        self._thread.start()
+        self._next = self.started_at = begin[0]
+
+    def sequence(self, u: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, segment_ids, positions) of window u, each [seq_len] int32, as PackedSequences gives them."""
+        if self._thread is None or u < self._next:
+            self._start(u)
+        while True:
+            self.max_waiting = max(self.max_waiting, self._queue.qsize())
+            got, start, end, window = self._queue.get()
+            if got is None:
+                raise window
+            self._starts[got] = start
+            self._starts.setdefault(got + 1, end)  # reading on from where this window ended gives the next
+            while len(self._starts) > self.HISTORY:
+                del self._starts[next(iter(self._starts))]
+            self._next = got + 1
+            if got == u:
+                return window
+
+    def position(self, u: int) -> list[int] | None:
+        """[pass, document, token] where window u starts, if it was read lately (or sought to)."""
+        pos = self._starts.get(u) or self._known.get(u)
+        return None if pos is None else list(pos)
+
+    def seek(self, u: int, position) -> None:
+        """Window u starts at `position` (from a checkpoint's record): start reading there."""
+        self._known[int(u)] = tuple(int(x) for x in position)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures: named sources at weights, dealt rows step by step
+
+
+def _float_bits(x: float) -> int:
+    return int(np.float64(x).view(np.int64))
+
+
+def _bits_float(b: int) -> float:
+    return float(np.int64(b).view(np.float64))
+
+
+def seats(weights, rows: int) -> np.ndarray:
+    """How many of the first `rows` rows of a mixture each source gets: Sainte-Lague's divisor
+    method in closed form. Row seats are ordered by (2j+1)/w_s ascending (source s's (j+1)-th row),
+    ties to the lower source index, and the first `rows` of that one fixed order are taken, so the
+    count per source never falls as `rows` grows (no Alabama paradox: per-step differences are
+    >= 0) and stays within about one row of rows * w_s / sum(w). int64 [S]."""
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    out = np.zeros(len(w), np.int64)
+    if rows <= 0:
+        return out
+    active = [s for s in range(len(w)) if w[s] > 0]
+
+    def count(x: float) -> dict[int, int]:  # per source: its seats whose key (2j+1)/w_s <= x
+        got = {}
+        for s in active:
+            j = max(-1, int((x * w[s] - 1) // 2))  # a guess, then exact against the keys as computed
+            while (2 * (j + 1) + 1) / w[s] <= x:
+                j += 1
+            while j >= 0 and (2 * j + 1) / w[s] > x:
+                j -= 1
+            got[s] = j + 1
+        return got
+    lo, hi = 0, _float_bits((2 * rows + 1) / min(w[s] for s in active))  # count(lo) < rows <= count(hi)
+    while hi - lo > 1:  # positive doubles order like their bit patterns: bisect those
+        mid = (lo + hi) // 2
+        if sum(count(_bits_float(mid)).values()) >= rows:
+            hi = mid
+        else:
+            lo = mid
+    below, at = count(_bits_float(lo)), count(_bits_float(hi))
+    need = rows - sum(below.values())
+    for s in active:  # seats tied at the threshold key: lower source index first
+        take = min(at[s] - below[s], need)
+        out[s] = below[s] + take
+        need -= take
+    return out
+
+
+class Mixture:
+    """Global batch k of a mixture of sources, each packed into windows on its own.
+
+    The schedule is [(start step, weights), ...]. Within the segment that holds step k, the first
+    G * (k - start + 1) rows are dealt to the sources by `seats` (a closed form of the step), and
+    step k takes the difference from step k-1: rounding is carried forward, never re-drawn, so over
+    many steps each source's share of rows matches its weight to within a row. Source s's u-th row
+    overall (u counts every earlier segment's rows too) is window perm_{s,e}[i], (e, i) =
+    divmod(u, its windows): its own seeded permutation per epoch, wrapping around on its own. Rows
+    of a step are in source order; this process builds rows [p*G/P, (p+1)*G/P). All of it is a pure
+    function of (seed, schedule, k): resume needs only k, and P processes build one process's batch."""
+
+    def __init__(self, names: list[str], packed: list, schedule: list[tuple[int, list[float]]],
+                 global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if global_batch < 1 or global_batch % process_count:
+            raise DataError(f"global batch {global_batch} must be a positive multiple of the process count "
+                            f"{process_count}")
+        self.names, self.packed, self.schedule = list(names), list(packed), [(int(a), list(w)) for a, w in schedule]
+        self.global_batch, self.seed = global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._drawn_cache: tuple[int, np.ndarray] | None = None
+
+    def _segment(self, step: int) -> int:
+        return max(i for i, (a, _) in enumerate(self.schedule) if a <= step)
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Rows each source gave to steps 0 .. step-1, int64 [S]."""
+        if self._drawn_cache is not None and self._drawn_cache[0] == step:
+            return self._drawn_cache[1].copy()
+        G, total = self.global_batch, np.zeros(len(self.names), np.int64)
+        for i, (start, weights) in enumerate(self.schedule):
+            if start >= step:
+                break
+            end = min(step, self.schedule[i + 1][0]) if i + 1 < len(self.schedule) else step
+            total += seats(weights, G * (end - start))
+        self._drawn_cache = (step, total)
+        return total.copy()
+
+    def dealt(self, step: int) -> np.ndarray:
+        """Rows of global batch `step` from each source, int64 [S] summing to the global batch."""
+        start, weights = self.schedule[self._segment(step)]
+        G = self.global_batch
+        return seats(weights, G * (step - start + 1)) - seats(weights, G * (step - start))
+
+    def _window(self, s: int, u: int) -> int:
+        if getattr(self.packed[s], "streaming", False):  # in stream order; its windows' count is unknown
+            return u
+        n = len(self.packed[s])
+        epoch, i = divmod(u, n)
+        key = (s, epoch)
+        if key not in self._perms:
+            salt = [] if self.names[s] == IMPLICIT_SOURCE else [zlib.crc32(self.names[s].encode())]
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != s or k[1] >= epoch - 1}
+            self._perms[key] = np.random.default_rng([self.seed, *salt, epoch]).permutation(n)
+        return int(self._perms[key][i])
+
+    def global_rows(self, step: int) -> list[tuple[int, int]]:
+        """(source index, window) of every row of global batch `step`, in source order."""
+        first, counts = self.drawn(step), self.dealt(step)
+        self._drawn_cache = (step + 1, first + counts)  # the loop asks for the next step next
+        return [(s, self._window(s, int(first[s]) + r)) for s in range(len(self.names)) for r in range(int(counts[s]))]
+
+    def rows(self, step: int) -> list[tuple[int, int]]:
+        local = self.global_batch // self.process_count
+        return self.global_rows(step)[self.process_index * local:(self.process_index + 1) * local]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`, as Batches.batch gives them. A streaming
+        source's windows are read in order by every process (each keeps only its own rows)."""
+        local = self.global_batch // self.process_count
+        lo, seqs = self.process_index * local, []
+        for i, (s, w) in enumerate(self.global_rows(step)):  # in order: a stream is read forwards
+            if lo <= i < lo + local:
+                seqs.append(self.packed[s].sequence(w))
+            elif getattr(self.packed[s], "streaming", False):
+                self.packed[s].sequence(w)  # another process's row: read past it
+        return stack_sequences(seqs)
+
+    def positions(self, step: int) -> dict[str, list[int]]:
+        """For the checkpoint of `step`: where each streaming source's next window (the first that
+        step `step` draws) starts, [window, pass, document, token]; a source not read that far is left out."""
+        drawn, out = self.drawn(step), {}
+        for s, (name, packed) in enumerate(zip(self.names, self.packed)):
+            pos = packed.position(int(drawn[s])) if getattr(packed, "streaming", False) else None
+            if pos is not None:
+                out[name] = [int(drawn[s]), *pos]
+        return out
+
+    def seek(self, positions: dict[str, list[int]]) -> None:
+        for name, packed in zip(self.names, self.packed):
+            if name in positions and getattr(packed, "streaming", False):
+                packed.seek(positions[name][0], positions[name][1:])
+
+    def close(self) -> None:
+        """Stops streaming sources' reader threads (a later batch starts them again where they were)."""
+        for packed in self.packed:
+            if getattr(packed, "streaming", False):
+                packed.close()
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0):
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
 @dataclass
 class Data:
+    """The tokenizer, each training source's packed windows (`sources`, by name, in config order),
+    the mixture's weights by step ([(0, weights), (step, weights), ...], one list entry per source),
+    and the held-out sets by name (`held_out`; one unnamed set is named "")."""
     tokenizer: Tokenizer
-    train: PackedSequences | PackedExamples
-    validation: PackedSequences | PackedExamples | None
+    sources: dict[str, PackedSequences | PackedExamples]
+    schedule: list[tuple[int, list[float]]]
+    held_out: dict[str, PackedSequences | PackedExamples]
 
-    def batches(self, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> Batches:
-        return Batches(self.train, global_batch, seed, process_index, process_count)
+    @property
+    def train(self) -> PackedSequences | PackedExamples | None:
+        """The one source's windows (None for a mixture of several)."""
+        return next(iter(self.sources.values())) if len(self.sources) == 1 else None
+
+    @property
+    def validation(self) -> PackedSequences | PackedExamples | None:
+        """The one held-out set (None without one, or with several: see held_out)."""
+        return next(iter(self.held_out.values())) if len(self.held_out) == 1 else None
+
+    def batches(self, global_batch: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> "Batches | Mixture":
+        """One source: Batches (as solarjax has always drawn one stream). Several, or a streaming
+        one: a Mixture."""
+        if len(self.sources) == 1 and not getattr(self.train, "streaming", False):
+            return Batches(self.train, global_batch, seed, process_index, process_count)
+        return Mixture(list(self.sources), list(self.sources.values()), self.schedule, global_batch, seed,
+                       process_index, process_count)
+
+    def describe(self) -> str:
+        """The mixture: each source's weights, documents, tokens and windows; the schedule; held-out sets."""
+        first = dict(zip(self.sources, self.schedule[0][1]))
+        total = sum(first.values())
+        parts = [f"{name} weight {first[name] / total:.3g} (streaming)" if getattr(p, "streaming", False) else
+                 f"{name} weight {first[name] / total:.3g} ({_docs(p):,} documents, {p.n_tokens:,} tokens, "
+                 f"{len(p):,} windows)" for name, p in self.sources.items()]
+        text = f"{len(self.sources)} source{'s' * (len(self.sources) > 1)}: " + "; ".join(parts)
+        for step, weights in self.schedule[1:]:
+            total = sum(weights)
+            text += f"; from step {step}: " + ", ".join(f"{n} {w / total:.3g}" for n, w in zip(self.sources, weights))
+        if self.held_out:
+            text += "; held out: " + ", ".join(f"{name or 'validation'} {_docs(p):,} documents, {p.n_tokens:,} tokens"
+                                               for name, p in self.held_out.items())
+        return text
+
+
+def _docs(packed) -> int:
+    return len(packed.doc_ids) if isinstance(packed, PackedSequences) else packed.examples
 
 
 def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None,
@@ -534,14 +882,13 @@ def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | N
     """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
     data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer.
     layout: "text" (documents cut into windows), "sft" or "pairs" (records packed whole); without
-    sources, records are derived from the built-in corpus (solarjax.records.builtin_records)."""
+    sources, records are derived from the built-in corpus (solarjax.corpus.builtin_records).
+
+    Each source (cfg.named_sources()) has its own token cache, so adding a source later tokenizes
+    only that one. validation_fraction holds out that share of each source (named after it)."""
     tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
-    sources = cfg.sources
-    if layout != "text" and not sources:
-        from solarjax.records import write_builtin
-        sources = (str(write_builtin(layout, cfg.cache_dir)),)
     per = 2 if layout == "pairs" else 1  # documents per unit that is packed and held out whole
 
     def pack(cache, units):
@@ -549,22 +896,45 @@ def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | N
             return PackedSequences(cache, units, cfg.seq_len)
         return PackedExamples(cache, units, cfg.seq_len, pairs=layout == "pairs")
 
-    cache = build_cache(sources, cfg, tokenizer, layout)
-    all_units = np.arange(cache.n_docs // per)
-    validation = None
+    def cache_of(source) -> TokenCache:
+        paths = source.path
+        if layout != "text" and not paths:
+            paths = (str(write_builtin(layout, cfg.cache_dir)),)
+        own = dataclasses.replace(cfg, text_field=source.text_field) if source.text_field else cfg
+        return build_cache(paths, own, tokenizer, layout)
+
+    train, held_out = {}, {}
+    for source in cfg.named_sources():
+        if source.streaming:
+            if layout != "text":
+                raise DataError(f"source {source.name}: streaming is for text (lm) sources; {layout} records are "
+                                f"packed whole from a token cache")
+            train[source.name] = StreamedWindows(source.name, source.path, source.text_field or cfg.text_field,
+                                                 tokenizer, cfg)
+            continue
+        cache = cache_of(source)
+        all_units = np.arange(cache.n_docs // per)
+        if cfg.validation_fraction:
+            n_val = max(1, round(cfg.validation_fraction * len(all_units)))
+            if n_val >= len(all_units):
+                raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {len(all_units)} "
+                                f"{'documents' if layout == 'text' else 'records'} leaves none for training"
+                                + (f" (source {source.name})" if cfg.named_validation else ""))
+            salt = [] if source.name == IMPLICIT_SOURCE else [zlib.crc32(source.name.encode())]
+            held = np.zeros(len(all_units), bool)
+            held[np.random.default_rng([cfg.seed, 1, *salt]).permutation(len(all_units))[:n_val]] = True
+            # Unnamed (plain sources only): one set, as before; named sources: one set each.
+            held_out[source.name if cfg.named_validation else ""] = pack(cache, all_units[held])
+            train[source.name] = pack(cache, all_units[~held])
+        else:
+            train[source.name] = pack(cache, all_units)
     if cfg.validation:
-        val_cache = build_cache(cfg.validation, cfg, tokenizer, layout)
-        validation = pack(val_cache, np.arange(val_cache.n_docs // per))
-        train_units = all_units
-    elif cfg.validation_fraction:
-        n_val = max(1, round(cfg.validation_fraction * len(all_units)))
-        if n_val >= len(all_units):
-            raise DataError(f"data.validation_fraction {cfg.validation_fraction} of {len(all_units)} "
-                            f"{'documents' if layout == 'text' else 'records'} leaves none for training")
-        held_out = np.zeros(len(all_units), bool)
-        held_out[np.random.default_rng([cfg.seed, 1]).permutation(len(all_units))[:n_val]] = True
-        validation = pack(cache, all_units[held_out])
-        train_units = all_units[~held_out]
-    else:
-        train_units = all_units
-    return Data(tokenizer, pack(cache, train_units), validation)
+        sets = cfg.validation if cfg.named_validation else [SourceConfig("", tuple(cfg.validation))]
+        fields = {src.name: src.text_field for src in cfg.named_sources()}
+        for s in sets:  # a set named after a source reads that source's text_field unless it gives its own
+            cache = cache_of(s if s.text_field or not fields.get(s.name) else
+                             dataclasses.replace(s, text_field=fields[s.name]))
+            held_out[s.name] = pack(cache, np.arange(cache.n_docs // per))
+    names = list(train)
+    schedule = [(step, [weights[n] for n in names]) for step, weights in cfg.weights_by_step()]
+    return Data(tokenizer, train, schedule, held_out)

@@ -41,9 +41,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from solarjax.config import ModelConfig
+from solarjax.checkpoint import add_model_arguments, load_for_cli
+from solarjax.corpus import default_corpus_files
+from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
-from solarjax.sharding import global_from_host, host_value, make_mesh, mesh_from_flag
+from solarjax.sharding import global_from_host, host_value, make_mesh
 from solarjax.errors import SolarjaxError, cli
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
@@ -449,7 +451,6 @@ def builtin_docs(n: int = 200, seed: int = 0) -> list[Doc]:
     lines of a function, and its real next line among 3 lines drawn from other functions (re-indented
     alike). Fixed by the seed and the Python version; the corpus is also the demo's training data,
     so this measures how well a model has learned it, not generalization."""
-    from solarjax.data import default_corpus_files
     candidates = []
     for path in default_corpus_files():
         lines = path.read_text(errors="replace").splitlines()
@@ -777,9 +778,7 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: list[Task], mesh=Non
 def _parser():
     p = argparse.ArgumentParser(prog="python -m solarjax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="solarjax checkpoint directory")
-    src.add_argument("--hf", help="Hugging Face model directory")
+    add_model_arguments(p, mesh_help="data,fsdp,tensor sizes (-1: the remaining devices)")
     p.add_argument("--tasks", required=True, help=f"comma-separated: {', '.join(NAMES)} (NAME=PATH for a local "
                    f"copy), or a jsonl path with context/choices/gold")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for every task (default: "
@@ -788,8 +787,6 @@ def _parser():
                    "MMLU subject)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (rounded up to the mesh's data x fsdp)")
     p.add_argument("--max-gen-tokens", type=int, default=256, help="generative tasks: tokens per answer")
-    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the remaining devices)")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory's own)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--log-items", help="write one JSON line per scored item to this file")
     return p
@@ -810,9 +807,6 @@ def _format_text(out: dict) -> str:
 
 @cli
 def main(argv=None) -> int:
-    from solarjax.checkpoint import load_model
-    from solarjax.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
-
     args = _parser().parse_args(argv)
     for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
                         ("--max-gen-tokens", args.max_gen_tokens)):
@@ -820,18 +814,11 @@ def main(argv=None) -> int:
             raise TaskError(f"{name} must be a positive integer, got {value}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise TaskError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    mesh = mesh_from_flag(args.mesh)
     entries = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not entries:
         raise TaskError("--tasks names no task")
     tasks = [t for entry in entries for t in load_task(entry, args.num_fewshot)]
-    path = Path(args.ckpt or args.hf)
-    source = args.tokenizer or path
-    if args.tokenizer is None and not has_tokenizer(path):
-        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; name the model's tokenizer with "
-                             f"--tokenizer (scores depend on it, so none is assumed)")
-    config, params = load_model(path, mesh)
-    tokenizer = load_tokenizer(source).check_fits(config.vocab_size, str(path))
+    path, mesh, config, params, tokenizer = load_for_cli(args)
     items = [] if args.log_items else None
     t0 = time.perf_counter()
     out = evaluate(config, params, tokenizer, tasks, mesh, args.batch_size, args.limit, args.max_gen_tokens, items)

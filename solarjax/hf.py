@@ -22,7 +22,8 @@ from jax.sharding import SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from solarjax import model as model_lib
-from solarjax.config import ROPE_SCALING_KEYS, ConfigError, ModelConfig
+from solarjax.errors import ConfigError
+from solarjax.modelconfig import ROPE_SCALING_KEYS, ModelConfig
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
                                  plan_shards, write_safetensors)

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from solarjax import checkpoint, hf
-from solarjax.config import ModelConfig
+from solarjax.modelconfig import ModelConfig
 from solarjax.tensorfile import SafetensorsWriter, TensorInfo, atomic_output_dir, check_output, plan_shards
 from solarjax.errors import SolarjaxError
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from solarjax.attention import attend, attention_mask, self_attend
 from solarjax import xla_cpu
-from solarjax.config import ModelConfig
+from solarjax.modelconfig import ModelConfig
 from solarjax.sharding import constrain, param_shardings
 from solarjax.errors import SolarjaxError
 
@@ -234,7 +234,7 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
-    # The decode layout (xla_cpu.decode_params): layers as separate modules layers_0..layers_{L-1},
+    # The decode layout (sample.decode_params): layers as separate modules layers_0..layers_{L-1},
     # because XLA:CPU copies each layer's slice of a stacked weight on every scan step, and
     # projection weights stored [out, in] (solarjax.xla_cpu). The sampler uses it on CPU.
     decode_layout: bool = False

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from solarjax import loss as loss_lib
-from solarjax.config import ModelConfig
+from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
 
 

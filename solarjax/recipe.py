@@ -27,7 +27,8 @@ from solarjax import data as data_lib
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
 from solarjax.model import logits, param_count
 from solarjax.sharding import make_mesh
-from solarjax.topology import model_flops_per_token, planned_model_config
+from solarjax.plan import RunPlan
+from solarjax.topology import model_flops_per_token
 from solarjax.trainer import Trainer, read_metrics
 from solarjax.rundir import lock_run_dir
 
@@ -44,8 +45,8 @@ def stage_train_config(recipe: RecipeConfig, stage: StageConfig):
     if stage.match_flops is None:
         return cfg
     ref = recipe.stage(stage.match_flops).train
-    ref_flops = model_flops_per_token(planned_model_config(ref), ref.data.seq_len) * ref.steps * _tokens_per_step(ref)
-    own = model_flops_per_token(planned_model_config(cfg), cfg.data.seq_len) * _tokens_per_step(cfg)
+    ref_flops = RunPlan.resolve(ref).flops_per_token * ref.steps * _tokens_per_step(ref)
+    own = RunPlan.resolve(cfg).flops_per_token * _tokens_per_step(cfg)
     return dataclasses.replace(cfg, steps=max(1, round(ref_flops / own)))
 
 
@@ -117,6 +118,9 @@ def summarize(recipe: RecipeConfig) -> dict:
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         # Every eval metric of the objective (dpo: reward accuracy, margin, ...) at the first and last eval.
         eval_records = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in records if "eval_loss" in r]
+        # Held-out loss of each named set (eval_loss/NAME) before the stage's first step and after its last.
+        by_source = {r["step"]: {k.removeprefix("eval_loss/"): v for k, v in r.items() if k.startswith("eval_loss/")}
+                     for r in records if "eval_loss" in r}
         samples = [r["samples"] for r in records if "samples" in r]
         tasks = {r["step"]: {k.removeprefix("task/"): v for k, v in r.items() if k.startswith("task/")}
                  for r in records if any(k.startswith("task/") for k in r)}
@@ -133,6 +137,8 @@ def summarize(recipe: RecipeConfig) -> dict:
             "eval_curve": [{"step": step, "tokens": step * tokens_per_step,
                             "flops": step * tokens_per_step * flops_per_token, "eval_loss": loss}
                            for step, loss in evals],
+            "eval_loss_by_source_at_init": by_source.get(0) or None,
+            "eval_loss_by_source_final": by_source.get(cfg.steps) or None,
             "eval_first": eval_records[0] if eval_records else {}, "eval_last": eval_records[-1] if eval_records else {},
             "tasks_at_init": tasks.get(0), "tasks_final": tasks.get(cfg.steps),
             "samples": samples[-1] if samples else [], "seconds": done.get("seconds"),
@@ -164,10 +170,15 @@ def format_table(summary: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     for name, s in summary["stages"].items():  # an objective's own held-out metrics, first -> last eval
-        extra = [k for k in s["eval_last"] if k not in ("eval_loss", "eval_perplexity")]
+        extra = [k for k in s["eval_last"] if k not in ("eval_loss", "eval_perplexity") and not k.startswith("eval_loss/")]
         if extra:
             lines.append(f"{name}: " + ", ".join(f"{k[5:]} {_num(s['eval_first'].get(k))} -> {_num(s['eval_last'][k])}"
                                                  for k in extra))
+    for name, s in summary["stages"].items():  # forgetting as a number: each held-out set, init -> end
+        init, final = s.get("eval_loss_by_source_at_init") or {}, s.get("eval_loss_by_source_final") or {}
+        if init or final:
+            lines.append(f"{name} held-out loss by source: " + ", ".join(
+                f"{src} {_num(init.get(src))} -> {_num(final.get(src))}" for src in dict.fromkeys([*init, *final])))
     up = summary.get("upscaled_loss_final")
     for key, arm, what in (("base_continued_loss_final", "control", "equal tokens"),
                            ("base_continued_equal_flops_loss_final", "control_equal_flops", "equal model FLOPs")):
@@ -221,15 +232,16 @@ def paired_differences(recipe: RecipeConfig) -> dict:
     if not pairs or jax.process_count() > 1:
         return {}
     cfg = stage_train_config(recipe, names[pairs[0][0]])
-    windows = data_lib.load_data(cfg.data).validation
-    if windows is None:
+    held_out = list(data_lib.load_data(cfg.data).held_out.values())  # every named set's windows together
+    if not held_out:
         return {}
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
     scores = {}
     for stage in sorted({s for pair in pairs for s in pair}):
         config, params = ckpt_lib.load_params(Path(recipe.run_dir) / stage / "final", mesh)
-        scores[stage] = window_losses(config, params, windows, cfg.global_batch)
-    out = {"paired_difference": {}, "paired_interval": {}, "paired_windows": len(windows)}
+        per_set = [window_losses(config, params, windows, cfg.global_batch) for windows in held_out]
+        scores[stage] = tuple(np.concatenate(parts) for parts in zip(*per_set))
+    out = {"paired_difference": {}, "paired_interval": {}, "paired_windows": sum(len(w) for w in held_out)}
     for a, b in pairs:
         (nll_a, count), (nll_b, _) = scores[a], scores[b]
         difference, interval = paired_bootstrap(nll_a, nll_b, count)

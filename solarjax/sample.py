@@ -25,14 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.config import ModelConfig
-from solarjax.model import Decoder, init_cache
-from solarjax.sharding import host_value, mesh_from_flag
-from solarjax.xla_cpu import decode_params
+from solarjax.modelconfig import ModelConfig
+from solarjax.model import Decoder, abstract_params, init_cache
+from solarjax.checkpoint import add_model_arguments, load_for_cli
+from solarjax.sharding import constrain, host_value
 from solarjax.errors import SolarjaxError, cli
 
 
@@ -129,6 +130,29 @@ def _is_eos(tokens_B, eos_E):
     return (tokens_B[:, None] == eos_E[None, :]).any(axis=-1)
 
 
+def decode_params(config, params) -> dict:
+    """Training-layout parameters in the decode layout (Decoder(decode_layout=True), see xla_cpu):
+    the stacked layers split into layers_0..layers_{L-1} and each weight's axes reordered as that
+    layout declares them, matched by logical axis name. Costs one copy of the weights; under a mesh
+    the copy keeps each weight's sharding by name."""
+    names = lambda tree: jax.tree.map(lambda p: p.names, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    train = names(abstract_params(config))
+    decode = names(abstract_params(config, decode_layout=True))
+
+    def relayout(a, t, d):
+        return constrain(a.transpose([t.index(n) for n in d]), d)
+
+    out = {}
+    for key, value in params.items():
+        if key != "layers":
+            out[key] = jax.tree.map(relayout, value, train[key], decode[key])
+            continue
+        for i in range(config.num_layers):  # t[1:]: a layer's axes without the leading "layers"
+            out[f"layers_{i}"] = jax.tree.map(lambda a, t, d: relayout(a[i], t[1:], d), value, train[key],
+                                              decode[f"layers_{i}"])
+    return out
+
+
 _decode_params = jax.jit(decode_params, static_argnums=0)
 
 
@@ -186,7 +210,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     max_new = max(max_new, 1)
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
-        # The decode layout (xla_cpu.decode_params) halves XLA:CPU's time per decoded token
+        # The decode layout (decode_params) halves XLA:CPU's time per decoded token
         # (bench/b3_b4_decode.py); one copy of the weights up front pays for itself within a token or two.
         params = _decode_params(config, params)
     knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
@@ -227,9 +251,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
 def _parser():
     p = argparse.ArgumentParser(prog="python -m solarjax.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="solarjax checkpoint directory")
-    src.add_argument("--hf", help="Hugging Face model directory")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the "
@@ -240,18 +262,11 @@ def _parser():
     p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over this machine's devices (-1: the "
-                   "rest); the default shards the weights over all of them")
-    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a directory with one; default: the "
-                   "model directory's own (a directory without one is refused)")
     return p
 
 
 @cli
 def main(argv=None) -> int:
-    from solarjax.checkpoint import load_model
-    from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer
-
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -266,16 +281,7 @@ def main(argv=None) -> int:
         if not text.strip():
             raise SamplingError(f"prompt {i} is empty")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    path = Path(args.ckpt or args.hf)
-    mesh = mesh_from_flag(args.mesh)
-    config, params = load_model(path, mesh)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer).check_fits(config.vocab_size, str(path))
-    elif has_tokenizer(path):
-        tokenizer = load_tokenizer(path).check_fits(config.vocab_size, str(path))
-    else:  # never a guess: Llama 2's 32000 ids are not Mistral's
-        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
-                             f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
+    path, mesh, config, params, tokenizer = load_for_cli(args)
     if args.chat:
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in prompts]

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     cfg = load_job(args.config, args.overrides)
     if args.compile_only:
         import json
-        from solarjax.topology import compile_for_topology
+        from solarjax.aot import compile_for_topology
         if not args.topology:
             raise ConfigError("--compile-only needs --topology (e.g. v5p-128)")
         if isinstance(cfg, RecipeConfig):

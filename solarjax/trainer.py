@@ -30,22 +30,21 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from solarjax import attention as attention_lib
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
 from solarjax.config import ConfigError, ModelConfig, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
-from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import Trainable, make_optimizer, schedule
+from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh, param_shardings
 from solarjax.tensorfile import check_output
-from solarjax.topology import model_flops_per_token, peak_tflops_per_device
+from solarjax.topology import peak_tflops_per_device
 from solarjax.upscale import UpscaleSpec, grow, parse_trainable
 
 
@@ -122,17 +121,18 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
 
 
 def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None, microbatches: int = 1, objective: str = "lm", options=None,
+                   chunk: int | None = None, microbatches: int = 1,
+                   objective: objectives_lib.Objective = objectives_lib.get("lm"), options=None,
                    trainable: Trainable | None = None):
     """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
     and donated state buffers; (state, batch, reference) for an objective with a frozen reference
     model, whose parameters are sharded like the policy's and are not in the optimizer state.
     chunk: as in loss_and_count. microbatches: the batch's rows are split into this many groups,
     run one after another (a scan) with their gradients summed, so activations are those of one
-    group; the result is the whole batch's mean loss and gradient. objective: a name in
+    group; the result is the whole batch's mean loss and gradient. objective: one of
     objectives.OBJECTIVES; options: its config section (e.g. DPOConfig). trainable: the parts the
     optimizer trains (its grad_norm is theirs: what the clip sees)."""
-    obj = objectives_lib.get(objective)
+    obj = objective
     ctx = objectives_lib.Context(model_config, chunk, unroll, options)
 
     def train_step(state, batch, reference=None):
@@ -176,7 +176,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.objective = objectives_lib.get(cfg.objective)
+        self.objective = objectives_lib.get(cfg.objective)  # the config has checked the name
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         self._lock = lock_run_dir(self.run_dir)  # before anything in the run directory is touched
         try:
@@ -191,20 +191,15 @@ class Trainer:
         ckpt_lib.drop_orbax_leftovers()  # a damaged checkpoint or a full disk: our one line, not orbax's noise
         # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
         # started its backend threads (the vocab check waits for the model config, below).
-        param_dtype = (cfg.model.param_dtype if cfg.model is not None
-                       else cfg.model_runtime.get("param_dtype", "float32"))
-        if param_dtype != "float32":  # until there is a float32 master copy (docs/architecture.md)
-            raise ConfigError(f"model.param_dtype {param_dtype} is refused for training: AdamW's moments and "
-                              f"updates would take that dtype and most small updates round away (68% of "
-                              f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
-                              f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
+        # Everything the run derives from its config, checked across sections, before any data is read
+        # (the platform, which needs JAX's backend, comes with the mesh below).
+        saved = saved_model_config(self.run_dir)
+        RunPlan.resolve(cfg, saved=saved)
         model_dir = ckpt_lib.tokenizer_dir(cfg.init.source) if cfg.init.source and cfg.data.tokenizer is None else None
         self.data = data_lib.load_data(cfg.data, model_dir=model_dir, layout=self.objective.layout)
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        batch_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.global_batch % (batch_rows * cfg.microbatches):
-            raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {batch_rows}"
-                              + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
+        self.plan = plan = RunPlan.resolve(cfg, self.mesh, saved=saved)
+        self.model_config = plan.model_config
         self.checkpoints = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
@@ -221,7 +216,9 @@ class Trainer:
         if restored is not None:
             self.state = restored
         else:
-            self.model_config, params = self._initial_params()
+            config, params = self._initial_params()
+            if config != self.model_config:  # the plan read it from the configs alone: a bug if they differ
+                raise AssertionError(f"the planned model {self.model_config} is not the one made {config}")
             shardings = state_shardings(self.model_config, self.optimizer, self.mesh)
             if self.objective.reference and cfg.dpo.reference is None:  # a copy: new_state donates params
                 initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])(params)
@@ -236,26 +233,30 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        attention_lib.choose(self.model_config.attention, self.mesh.devices.flat[0].platform,  # refuse now
-                             self.model_config.sliding_window, cfg.data.seq_len)
-        self.loss_chunk = loss_chunk(cfg, self.mesh)
-        self.train_step = jit_train_step(self.model_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=self.loss_chunk, microbatches=cfg.microbatches,
-                                         objective=cfg.objective, options=objective_options(cfg),
-                                         trainable=self.trainable)
-        self.loss_context = objectives_lib.Context(self.model_config, self.loss_chunk, 1, objective_options(cfg))
+        self.train_step = jit_train_step(plan.step_config, self.optimizer, self.schedule, self.mesh,
+                                         chunk=plan.loss_chunk, microbatches=cfg.microbatches,
+                                         objective=plan.objective, options=plan.options, trainable=self.trainable)
+        self.loss_context = objectives_lib.Context(plan.step_config, plan.loss_chunk, 1, plan.options)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
-        self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
+        self.flops_per_token = plan.flops_per_token
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
+        if isinstance(self.batches, data_lib.Mixture) and restored is not None:  # streaming sources read on from there
+            self.batches.seek(_stream_positions(self.run_dir).get(str(resume_step), {}))
+        cached = [p for p in self.data.sources.values() if not getattr(p, "streaming", False)]
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
-                  f"data: {self.data.train.n_tokens:,} tokens in {len(self.data.train):,} sequences; "
+                  f"data: {sum(p.n_tokens for p in cached):,} tokens in {sum(len(p) for p in cached):,} sequences"
+                  f"{' and streaming sources' if len(cached) < len(self.data.sources) else ''}; "
                   f"mesh {dict(self.mesh.shape)}; run dir {cfg.run_dir}"
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
             print(self._describe_trainable(), file=sys.stderr)
-            if isinstance(self.data.train, data_lib.PackedExamples):
-                print(f"{cfg.objective} data: {self.data.train.describe()}", file=sys.stderr)
+            if len(self.data.sources) > 1 or self.data.schedule[1:] or cfg.data.named_validation:
+                print(f"mixture: {self.data.describe()}", file=sys.stderr)
+            for name, packed in self.data.sources.items():
+                if isinstance(packed, data_lib.PackedExamples):
+                    print(f"{cfg.objective} data{'' if self.data.train else ' ' + name}: {packed.describe()}",
+                          file=sys.stderr)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
@@ -306,7 +307,6 @@ class Trainer:
                 f"{what(ours)}; a run keeps what it trains (its optimizer state holds those parts' moments), and "
                 f"nothing was moved. Change trainable back to resume, or start a new run_dir from these weights "
                 f"with init.from: {folder / str(steps[0])}")
-        self.model_config = self._saved_model_config()
         target = abstract_state(self.model_config, optimizer, self.mesh)
         expected = ckpt_lib.tree_shapes(target)
         for step in steps:
@@ -373,7 +373,9 @@ class Trainer:
         """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,
         the data sources that are local paths, and the token cache."""
         data = self.cfg.data
-        sources = [s for s in (*data.sources, *data.validation) if Path(os.path.expanduser(s)).exists()]
+        named = [*data.named_sources(), *(v for v in data.validation if isinstance(v, data_lib.SourceConfig))]
+        given = [p for s in named for p in s.path] + [v for v in data.validation if isinstance(v, str)]
+        sources = [s for s in given if Path(os.path.expanduser(s)).exists()]
         paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
         if self.objective.reference:
             paths.append(self.cfg.dpo.reference)
@@ -414,21 +416,6 @@ class Trainer:
             params = jax.tree.map(lambda a: a.astype(self.model_config.param_dtype), params)
         return params
 
-    def _saved_model_config(self) -> ModelConfig:
-        """The resumed run's model; the config may change how it runs (dtype, remat), not what it is."""
-        saved = ModelConfig.load(self.run_dir / ckpt_lib.CONFIG_FILE)
-        runtime = TrainConfig.RUNTIME_MODEL_KEYS
-        if self.cfg.model is None:  # the model came from init.from
-            return saved.replace(**self.cfg.model_runtime)
-        if self.cfg.init.upscale is not None:  # cfg.model is the base before growing: take how it runs
-            return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
-        for f in dataclasses.fields(saved):
-            ours, theirs = getattr(self.cfg.model, f.name), getattr(saved, f.name)
-            if f.name not in runtime and ours != theirs:
-                raise ConfigError(f"{self.run_dir} holds a run with model.{f.name}={theirs!r}, but the config says "
-                                  f"{ours!r}; use another run_dir or the same model")
-        return saved.replace(**{k: getattr(self.cfg.model, k) for k in runtime})
-
     def _eval_step(self, params, batch, reference=None):
         """The objective's loss and metrics summed over the batch, and its units, to be added up."""
         return {**self.objective.sums(self.loss_context, params, batch, reference),
@@ -461,13 +448,31 @@ class Trainer:
                 for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
 
     def _eval_loss(self, whole: bool = False) -> dict:
-        """Held-out loss over `eval_batches` batches drawn from the held-out windows (seed 0), or with
-        `whole` (the evals of step 0 and the last step) over every held-out window, so that a run's
+        """eval_loss over every held-out set's tokens together; with named sets also eval_loss/NAME,
+        each set's own mean. Each set contributes `eval_batches` batches drawn from its windows (seed
+        0), or with `whole` (the evals of step 0 and the last step) every window, so that a run's
         numbers at init and at the end are the whole split's (a continued stage's first equals the
         stage it starts from's last)."""
-        if self.data.validation is None:
+        if not self.data.held_out:
             return {}
-        val, G = self.data.validation, self.cfg.global_batch
+        total, result = {}, {}
+        for name, val in self.data.held_out.items():
+            sums = self._eval_sums(val, whole)
+            for k, v in sums.items():
+                total[k] = total.get(k, 0.0) + v
+            if name:
+                result[f"eval_loss/{name}"] = sums["loss"] / max(sums[self.objective.count], 1)
+        count = max(total.pop(self.objective.count), 1)
+        loss = total.pop("loss") / count
+        result = {"eval_loss": loss, **result}
+        if self.objective.per_token:
+            result["eval_perplexity"] = math.exp(min(loss, 50.0))
+        return {**result, **{f"eval_{k}": v / count for k, v in total.items()}}
+
+    def _eval_sums(self, val, whole: bool) -> dict[str, float]:
+        """The objective's sums and units over one held-out set: its first eval_batches global batches,
+        or (whole) every window in order."""
+        G = self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
         if len(val) >= G and not whole:
             batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
@@ -482,12 +487,7 @@ class Trainer:
             for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),
                                                       *self._step_args())).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        count = max(sums.pop(self.objective.count), 1)
-        loss = sums.pop("loss") / count
-        result = {"eval_loss": loss}
-        if self.objective.per_token:
-            result["eval_perplexity"] = math.exp(min(loss, 50.0))
-        return {**result, **{f"eval_{k}": v / count for k, v in sums.items()}}
+        return sums
 
     def samples(self) -> list[dict]:
         """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
@@ -508,6 +508,14 @@ class Trainer:
     def save(self, step: int) -> None:
         with self._disk_full_is_one_line(f"the checkpoint of step {step}"):
             self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
+            positions = self.batches.positions(step) if isinstance(self.batches, data_lib.Mixture) else {}
+            if positions and jax.process_index() == 0:  # where streaming sources stand: a resume seeks there
+                path = self.run_dir / STREAMS_FILE
+                record = {k: v for k, v in _stream_positions(self.run_dir).items() if int(k) < step}
+                record = dict(list(record.items())[-(self.cfg.keep_checkpoints + 2):])
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({**record, str(step): positions}) + "\n")
+                tmp.replace(path)
 
     def _wait_for_saves(self) -> None:
         with self._disk_full_is_one_line("a checkpoint"):
@@ -609,6 +617,8 @@ class Trainer:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            if isinstance(self.batches, data_lib.Mixture):  # no streaming reader thread outlives the run
+                self.batches.close()
             self._wait_for_saves()
         done = int(self.state["step"])
         if stop["signal"]:
@@ -643,6 +653,10 @@ class Trainer:
                                          f"{values['grad_norm']:.3g}, lr {values['lr']:.3g}); the last good "
                                          f"checkpoint is step {self.checkpoints.latest_step()}")
             record = {"step": step, **values}
+        # Cumulative tokens (windows of seq_len, a last window's padding included) drawn from each source.
+        drawn = (self.batches.drawn(record["step"]) if isinstance(self.batches, data_lib.Mixture)
+                 else [record["step"] * self.cfg.global_batch])
+        record.update({f"tokens/{name}": int(n) * self.cfg.data.seq_len for name, n in zip(self.data.sources, drawn)})
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
         if self.peak_tflops:
@@ -666,6 +680,7 @@ class Trainer:
 
 SCHEDULE_FILE = "schedule.json"
 TRAINABLE_FILE = "trainable.json"  # what the run trains, resolved to layers: a resume must train the same
+STREAMS_FILE = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
 
 
 def _ranges(layers) -> str:
@@ -679,10 +694,12 @@ def _ranges(layers) -> str:
     return ",".join(f"{a}:{b}" for a, b in out) or "none"
 
 
-def objective_options(cfg: TrainConfig):
-    """The config section named after the objective (dpo: DPOConfig), or None (lm and sft have none)."""
-    section = getattr(cfg, cfg.objective, None)
-    return section if dataclasses.is_dataclass(section) else None
+def _stream_positions(run_dir: Path) -> dict:
+    path = run_dir / STREAMS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:  # a torn write cannot happen (replace), but a record is only a shortcut
+        return {}
 
 
 def _is_eval(record: dict) -> bool:
@@ -726,18 +743,10 @@ class _TensorBoard:
         for key, value in record.items():
             if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            tag = self.KEYS.get(key) or (key if key.startswith("task/") else
+            tag = self.KEYS.get(key) or (key if key.startswith(("task/", "tokens/")) else
+                                         f"eval/{key[10:]}/loss" if key.startswith("eval_loss/") else
                                          f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}")
             self._writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         self._writer.close()
-
-
-def loss_chunk(cfg: TrainConfig, mesh) -> int:
-    """Positions per step of the chunked vocabulary loss for this run's batch on this mesh."""
-    rows = cfg.loss_chunk_tokens
-    if rows is None:  # CPU: chunks that stay near the caches; accelerators: bounded logits memory
-        rows = 256 if mesh.devices.flat[0].platform == "cpu" else 4096
-    local_rows = cfg.global_batch // (mesh.shape["data"] * mesh.shape["fsdp"] * cfg.microbatches)
-    return loss_lib.chunk_length(cfg.data.seq_len, local_rows, rows)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from solarjax import hf
 from solarjax import model as model_lib
-from solarjax.config import ModelConfig
+from solarjax.modelconfig import ModelConfig
 from solarjax.errors import ConfigError
 from solarjax.sharding import param_shardings
 from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, check_output,

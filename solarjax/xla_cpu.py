@@ -10,18 +10,17 @@ product as the einsum it is (`dense`), and this module decides how it runs.
   stored: 1.6x faster at 16 rows (bench/gemm_shapes.py: 36 -> 16 ms for [16, 2048] x [2048, 5632]).
   Optimization barriers stop XLA from rewriting it back into x @ W^T. The layers are also kept as
   separate weights (layers_0..): XLA:CPU copies each layer's slice of a stacked weight on every scan
-  step. `decode_params` makes this layout from the training one.
+  step. `sample.decode_params` makes this layout from the training one.
 - Everywhere else: jnp.einsum as written.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.sharding import constrain, platform
+from solarjax.sharding import platform
 
 
 def parse(eq: str) -> tuple[str, str, str, str]:
@@ -54,27 +53,3 @@ def dense(eq: str, x: jax.Array, w: jax.Array, decode_layout: bool = False, out_
         y = jnp.matmul(x.reshape(-1, n), w.reshape(n, -1), preferred_element_type=out_dtype)
         return y.reshape(lead + w.shape[len(contracted):])
     return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
-
-
-def decode_params(config, params) -> dict:
-    """Training-layout parameters in the decode layout (Decoder(decode_layout=True)): the stacked
-    layers split into layers_0..layers_{L-1} and each weight's axes reordered as that layout
-    declares them, matched by logical axis name. Costs one copy of the weights; under a mesh the
-    copy keeps each weight's sharding by name."""
-    from solarjax.model import abstract_params
-    names = lambda tree: jax.tree.map(lambda p: p.names, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    train = names(abstract_params(config))
-    decode = names(abstract_params(config, decode_layout=True))
-
-    def relayout(a, t, d):
-        return constrain(a.transpose([t.index(n) for n in d]), d)
-
-    out = {}
-    for key, value in params.items():
-        if key != "layers":
-            out[key] = jax.tree.map(relayout, value, train[key], decode[key])
-            continue
-        for i in range(config.num_layers):  # t[1:]: a layer's axes without the leading "layers"
-            out[f"layers_{i}"] = jax.tree.map(lambda a, t, d: relayout(a[i], t[1:], d), value, train[key],
-                                              decode[f"layers_{i}"])
-    return out

@@ -4,7 +4,8 @@ machine (train.py --compile-only --topology ...)."""
 import pytest
 
 from solarjax.config import ConfigError
-from solarjax.topology import compile_for_topology, topology_name
+from solarjax.aot import compile_for_topology
+from solarjax.topology import topology_name
 from test_train import TINY, _config, corpus  # noqa: F401  (the corpus fixture)
 
 

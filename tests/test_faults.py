@@ -178,6 +178,7 @@ def test_a_second_job_on_a_run_directory_is_refused(tmp_path, corpus):
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_ends_in_one_line_and_resumes_exactly(tmp_path, corpus, capsys, monkeypatch):
     """A full disk at step 8's checkpoint (orbax reports it as RESOURCE_EXHAUSTED from its writer):
     the CLI prints one line naming the folder and the last complete checkpoint, exits 2, leaves

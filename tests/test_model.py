@@ -7,6 +7,7 @@ import pytest
 
 import solarjax
 from solarjax import model as model_lib
+from solarjax import sample
 from solarjax import xla_cpu
 from solarjax.errors import SolarjaxError
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind
@@ -164,7 +165,7 @@ def test_decode_layout_equals_train_layout(tied):
     config = solarjax.preset("tiny").replace(num_layers=3, sliding_window=4, tie_word_embeddings=tied)
     params = solarjax.init_params(config, jax.random.key(5))
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 9)))
-    unstacked = xla_cpu.decode_params(config, params)
+    unstacked = sample.decode_params(config, params)
     assert sorted(k for k in unstacked if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
     np.testing.assert_array_equal(unstacked["layers_2"]["mlp"]["up_proj"], params["layers"]["mlp"]["up_proj"][2].T)
     np.testing.assert_array_equal(unstacked["layers_1"]["self_attn"]["o_proj"],

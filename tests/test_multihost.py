@@ -1,6 +1,8 @@
 """A real two-process run: jax.distributed over localhost with gloo collectives, 2 CPU devices per
 process, a (data 1, fsdp 4, tensor 1) mesh across both. Each process builds only its rows; the
-result, and the samples and task scores logged at eval, equal one process training on 4 devices."""
+result, and the samples and task scores logged at eval, equal one process training on 4 devices,
+with a two-source mixture whose weights change mid-run (tokens per source and held-out loss per
+source logged alike)."""
 
 import json
 import signal
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import solarjax
 from solarjax.trainer import Trainer
@@ -27,10 +30,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
     tasks = eval_tasks.write_all(tmp_path / "tasks")
+    # A mixture of two named sources whose weights change at step 2: each process deals the same
+    # rows to the sources and builds its half; held-out loss per source (validation_fraction).
+    mixture = [{"name": "low", "path": str(corpus / "d[01]*.txt"), "weight": 0.7},
+               {"name": "high", "path": str(corpus / "d[23]*.txt"), "weight": 0.3}]
     over = {"steps": 3, "eval_every": 3, "checkpoint_every": 3, "mesh.fsdp": 4, "sample_prompts": ["alpha beta"],
-            "sample_tokens": 4, "eval_tasks": [f"truthfulqa_mc2={tasks['truthfulqa_mc2']}"]}
+            "sample_tokens": 4, "eval_tasks": [f"truthfulqa_mc2={tasks['truthfulqa_mc2']}"], "log_every": 1,
+            "data.sources": mixture, "data.mixture_schedule": [{"step": 2, "weights": {"low": 0.2, "high": 0.8}}]}
     single = Trainer(_config(tmp_path / "single", corpus, **over), solarjax.make_mesh(1, 4, 1, jax.devices()[:4]))
     single_loss = single.run()["loss"]
 
@@ -56,6 +65,11 @@ def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
     mc2 = "task/truthfulqa_mc2/mc2"
     assert len(logged("single", mc2)) == 2 and logged("single", mc2)[0] != logged("single", mc2)[1]
     np.testing.assert_allclose(logged("multi", mc2), logged("single", mc2), rtol=1e-5)
+    # The mixture: the same tokens drawn from each source, the same held-out loss of each.
+    for key in ("tokens/low", "tokens/high", "eval_loss/low", "eval_loss/high", "loss"):
+        assert len(logged("single", key)) >= 2, key
+        np.testing.assert_allclose(logged("multi", key), logged("single", key), rtol=1e-5)
+    assert logged("single", "tokens/low")[-1] + logged("single", "tokens/high")[-1] == 3 * 4 * 64
 
 
 def _launch(config_path: Path, n: int = 2) -> list[subprocess.Popen]:
@@ -71,6 +85,7 @@ def _finish(procs) -> list[dict]:
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, corpus):  # noqa: F811
     """A preemption notice reaches one host only: every process must save the same step and exit,
     not wait forever in a collective the other has left; the rerun then ends where one

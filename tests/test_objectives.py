@@ -174,6 +174,7 @@ def _their_pair_logps(model, tok, prompt, response):
     return sum(float(logp[t - 1, ids[t]]) for t in range(len(head), len(ids)))
 
 
+@pytest.mark.slow
 def test_dpo_first_step_equals_the_formula_with_transformers_logprobs(tmp_path, models):
     beta = 0.5
     over = {"data.seq_len": 140, "steps": 1}  # the 3 pairs (80, 109 and 59 tokens) in 2 rows
@@ -253,6 +254,7 @@ def test_the_packer_never_splits_an_example(pairs):
         assert m == lengths[doc] or sum(lengths[doc - doc % 2:doc - doc % 2 + 2] if pairs else [lengths[doc]]) > T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path, models, objective):
     """train.py killed with SIGKILL (no handler runs, no last save) once it has saved a checkpoint of
@@ -353,12 +355,13 @@ def test_a_recipe_stage_sets_its_own_objective_and_reference():
         train_config_from_dict({"model": {"preset": "tiny"}, "dpo": {"beta": -1}})
 
 
+@pytest.mark.slow
 def test_dpo_microbatches_give_the_whole_batch_mean(models):
     """Pairs averaged over the whole batch, not per group: 4 rows holding unequal numbers of pairs
     in 2 groups on 2 devices give the loss, rewards and step of the batch at once."""
     import jax.numpy as jnp
     from solarjax.config import DPOConfig, OptimConfig
-    from solarjax.objectives import real_pairs_BP
+    from solarjax.objectives import OBJECTIVES, real_pairs_BP
     from solarjax.optim import make_optimizer, schedule
     from solarjax.trainer import jit_train_step, new_state
     d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,
@@ -373,8 +376,8 @@ def test_dpo_microbatches_give_the_whole_batch_mean(models):
     opt = make_optimizer(opt_cfg, 10)
     results = {}
     for k in (1, 2):
-        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=16, microbatches=k, objective="dpo",
-                              options=DPOConfig(beta=0.5))
+        step = jit_train_step(config, opt, schedule(opt_cfg, 10), mesh, chunk=16, microbatches=k,
+                              objective=OBJECTIVES["dpo"], options=DPOConfig(beta=0.5))
         with jax.set_mesh(mesh):
             state = jax.jit(lambda p: new_state(opt, p))(jax.tree.map(jnp.copy, params))
             new, metrics = step(state, batch, reference)

@@ -62,6 +62,7 @@ def test_loss_ignores_targets_across_documents_and_on_padding():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_whole_batch_mean_loss_and_step():
     """Gradient accumulation: 4 rows with different numbers of targets (so a mean of the groups'
     means would be wrong), in 2 groups on a 2-device data mesh, give the same loss, gradient

@@ -78,6 +78,7 @@ def _one_device_mesh():
     return solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_recipe_runs_stages_in_order_from_the_right_parameters(tmp_path, corpus, capsys):  # noqa: F811
     recipe = recipe_config_from_dict(_recipe_dict(tmp_path, corpus))
     summary = recipe_lib.run_recipe(recipe, _one_device_mesh())
@@ -180,6 +181,7 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, list]:
     return scalars
 
 
+@pytest.mark.slow
 def test_a_recipe_killed_inside_a_stage_resumes_there_exactly(tmp_path, corpus):  # noqa: F811
     def job(name):
         # Killed once step 10's checkpoint exists: 10 steps (~5 s) left in which to kill it.

@@ -12,7 +12,7 @@ import torch
 import solarjax
 from solarjax import sample
 from solarjax.model import Decoder, abstract_params, init_cache
-from solarjax.xla_cpu import decode_params
+from solarjax.sample import decode_params
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
 from hf_models import KINDS, make_bpe_tokenizer, make_hf_model, save_hf_model, save_kind, tokenizer_file
@@ -122,6 +122,7 @@ def test_seed_gives_the_same_text_and_temperature_zero_is_greedy():
     assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
 
 
+@pytest.mark.slow
 def test_same_code_on_a_tensor_parallel_mesh():
     config = solarjax.preset("tiny").replace(sliding_window=5)
     params = solarjax.init_params(config, jax.random.key(3))

@@ -92,6 +92,7 @@ def test_loss_falls(tmp_path, corpus, capsys):
     assert [s["completion"] for s in logged[0]["samples"]] == expected and all(expected)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, corpus):
     straight = Trainer(_config(tmp_path / "a", corpus), _one_device_mesh())
     straight.run()
@@ -110,6 +111,7 @@ def test_resume_is_exact(tmp_path, corpus):
     assert set(a) <= set(b) and all(a[k] == b[k] for k in a)  # b also logged where it stopped, step 3
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_single_device(tmp_path, corpus):
     single = Trainer(_config(tmp_path / "a", corpus, steps=2, eval_every=0), _one_device_mesh())
     single.run()
@@ -165,6 +167,7 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     assert overrides or "c.yaml" in str(e.value)  # file errors name the file, override errors the override
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, corpus):
     cfg = tmp_path / "job.yaml"
     d = _config(tmp_path, corpus, steps=400, log_every=1, checkpoint_every=1000, eval_every=0).to_dict()
@@ -190,6 +193,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, corpus):
     assert steps == list(range(1, stopped + 3))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_but_allows_runtime_changes(tmp_path, corpus):
     Trainer(_config(tmp_path, corpus, steps=1, eval_every=0), _one_device_mesh()).run()
     with pytest.raises(ConfigError, match=r"holds a run with model.hidden_size=32, but the config says 64"):
@@ -210,6 +214,7 @@ def test_final_export_may_not_replace_what_the_run_reads(tmp_path, corpus):
         Trainer(_config(tmp_path, corpus, **{"data.tokenizer": str(tokenizer)}), _one_device_mesh())
 
 
+@pytest.mark.slow
 def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     """No data.tokenizer: the init.from model's own tokenizer.json (ids not 1/2) tokenizes the
     data, samples and the final export, which keeps its tokenizer files and special ids."""
@@ -262,6 +267,7 @@ def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
     assert np.abs(ours - hf_logits(theirs.eval(), tokens)).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus):
     """Resumed at step 6 of 10 with steps=20, the cosine goes on from the rate it had reached and
     decays to the same floor at 20 (it used to jump to where a 20-step schedule would have been)."""
@@ -282,6 +288,7 @@ def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus)
         Trainer(_config(tmp_path, corpus, **{**over, "steps": 15}), _one_device_mesh())
 
 
+@pytest.mark.slow
 def test_eval_with_fewer_sequences_than_a_batch_on_a_mesh(tmp_path, corpus):
     """8 devices, global batch 8, a held-out set of fewer than 8 sequences: eval pads the batch with
     rows that carry no loss (it raised IndivisibleError, losing that step's checkpoint)."""
@@ -311,6 +318,7 @@ def _direct_eval_loss(trainer, windows) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_the_last_eval_scores_every_held_out_window(tmp_path, corpus):
     """Evals during the run use eval_batches batches; those of step 0 and the last step cover the whole
     held-out split (a partial last batch included, on a mesh), so a run's numbers are the split's."""
@@ -343,6 +351,7 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
     assert steps == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_a_stop_between_a_checkpoint_and_its_eval_evaluates_on_resume(tmp_path, corpus):
     """The checkpoint of an eval step is saved before the eval runs; a crash in between leaves the
     checkpoint without the eval, and the resumed run must make it up, not skip it."""
@@ -358,6 +367,7 @@ def test_a_stop_between_a_checkpoint_and_its_eval_evaluates_on_resume(tmp_path, 
     assert [step for step, _ in evals["a"]] == [0, 4, 8] and evals["b"] == evals["a"]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, capsys):
     """The newest checkpoint's biggest file is truncated (a crash or a full disk mid-write): resume
     warns naming it, moves it aside, continues from the one before and ends where an undamaged run
@@ -383,6 +393,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, corpus, cap
         Trainer(_config(tmp_path / "b", corpus, **over), _one_device_mesh())
 
 
+@pytest.mark.slow
 def test_a_config_change_is_not_damage(tmp_path, corpus):
     """Resuming with optim.grad_clip turned off changes the optimizer state's structure: the run
     stops naming what differs and how to go on, and moves no checkpoint. A harmless change (the

@@ -242,7 +242,7 @@ def test_bad_trainable_in_the_config_is_one_line(tmp_path, corpus, over, message
 ])
 def test_trainable_against_the_model_is_one_line(tmp_path, corpus, over, message):
     from solarjax.trainer import resolve_trainable
-    from solarjax.topology import planned_model_config
+    from solarjax.plan import planned_model_config
     cfg = _train_cfg(tmp_path, corpus, **over)
     with pytest.raises(ConfigError) as e:
         planned_model_config(cfg)

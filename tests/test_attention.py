@@ -108,6 +108,7 @@ def test_auto_choice_and_refusals():
         solarjax.preset("tiny").replace(attention="flash")
 
 
+@pytest.mark.slow
 def test_the_decoder_uses_the_configured_kernel():
     """The model's logits and gradients with splash equal those with the einsum path."""
     config = solarjax.preset("tiny").replace(num_layers=2, sliding_window=24)

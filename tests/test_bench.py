@@ -27,6 +27,7 @@ def flops_per_token(model: dict, seq_len: int) -> int:
     return 6 * weights + 12 * L * H * E * seq_len
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_consistent_mfu(tmp_path):
     out = tmp_path / "b8.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",

@@ -23,6 +23,7 @@ def test_bad_topology_names(name):
         topology_name(name)
 
 
+@pytest.mark.slow
 def test_compile_for_a_tpu_slice_reports_memory_and_flops(tmp_path, corpus):  # noqa: F811
     cfg = _config(tmp_path, corpus, **{"mesh.fsdp": -1, "global_batch": 8, "model.num_layers": 3})
     report = compile_for_topology(cfg, "v5p-8")

@@ -164,6 +164,7 @@ print(data.build_cache(cfg.sources, cfg, load_tokenizer()).path)
 """
 
 
+@pytest.mark.slow
 def test_hosts_racing_on_one_shared_cache_all_succeed(corpus, tmp_path):
     import subprocess
     import sys

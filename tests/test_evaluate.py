@@ -235,6 +235,7 @@ def test_gsm8k_extraction_and_exact_match():
     assert ev.cut_at_stop(" 3 apples.\n#### 3\n\nQuestion: more</s>", ("Question:", "</s>")) == " 3 apples.\n#### 3\n\n"
 
 
+@pytest.mark.slow
 def test_cli_over_every_task_layout(model, dirs, tmp_path, capsys):
     """Every task's hub layout (jsonl, and MMLU's subjects as parquet), the generic jsonl and the
     built-in task, in one run: the metrics each task has, n, tokens/s; one log line per item."""

@@ -157,6 +157,7 @@ def _host(tree):
     return jax.tree.map(lambda a: np.array(a), tree)
 
 
+@pytest.mark.slow
 def test_new_layers_train_alone_on_a_3d_mesh_with_microbatches(tmp_path, corpus, capsys):
     """A 2-layer model expanded every block (4 layers, new: 1 and 3), trainable: new_layers, on a
     data x fsdp x tensor mesh with 2 microbatches: after 3 steps every frozen tensor (embeddings,
@@ -196,6 +197,7 @@ def test_new_layers_train_alone_on_a_3d_mesh_with_microbatches(tmp_path, corpus,
             assert (b[i] != a[i]).any(), f"{name} layer {i} did not move"
 
 
+@pytest.mark.slow
 def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpus):
     """A run of trainable "1:2" resumed with "0:1" (the same state shapes) or with all (other shapes)
     stops naming both and moves nothing; without trainable.json (a run from before it was written),
@@ -298,6 +300,7 @@ def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, c
         np.testing.assert_array_equal(frozen, s if path[0].key != "layers" else s[[0, 2]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_new_layers_train_alone_under_every_objective(tmp_path, objective, models):  # noqa: F811
     """sft and dpo (whose reference is the grown model at step 0) on an expanded HF model: only

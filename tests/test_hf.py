@@ -282,6 +282,7 @@ def test_safetensors_reader_matches_reference_library(tiny_hf):
     assert ours.metadata == {"format": "pt"} and n > 0
 
 
+@pytest.mark.slow
 def test_convert_weights_script_runs_as_a_program(tiny_hf, tmp_path):
     import subprocess
     import sys

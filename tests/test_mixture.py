@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -348,7 +349,14 @@ def test_a_streaming_source_gives_the_windows_of_its_cache(tmp_path, domains):
         for u in range(2 * n + 3):
             for got, want in zip(stream.sequence(u), cached.sequence(u % n)):
                 np.testing.assert_array_equal(got, want)
-        assert 0 < stream.max_waiting <= 3
+        assert stream.max_waiting <= 3
+        # The producer reads ahead until `ahead` windows wait, and no further (bounded memory); how
+        # many wait while the consumer reads depends on timing, so wait here for the queue to fill.
+        deadline = time.monotonic() + 20
+        while stream._queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert stream._queue.qsize() == 3
         stream.close()  # and opened again where it stood (the windows it read lately), not from the start
         np.testing.assert_array_equal(stream.sequence(2 * n + 3)[0], cached.sequence((2 * n + 3) % n)[0])
         assert stream.started_at == 2 * n + 3

@@ -107,6 +107,7 @@ def jitted_reference():
     return config, params, tokens, _loss_and_grads(config, params, tokens, jit=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["no-jit", "remat-full", "remat-dots", "remat-dots_no_batch"])
 def test_jit_and_remat_give_same_loss_and_gradients(variant, jitted_reference):
     config, params, tokens, (ref_loss, ref_grads) = jitted_reference

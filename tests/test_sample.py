@@ -62,6 +62,7 @@ def test_greedy_matches_transformers_generate_for_each_model_kind(kind, tmp_path
     assert ours == _hf_greedy(hf_model, prompts, NEW, eos=None) and len(ours[0]) == NEW
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_layout", [False, True])
 def test_cached_decoding_equals_full_recomputation(decode_layout):
     config = solarjax.preset("tiny").replace(sliding_window=6)
@@ -230,6 +231,7 @@ def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
     assert code == 2 and "32000" in err and "128" in err
 
 
+@pytest.mark.slow
 def test_cli_uses_the_model_tokenizer_and_stops_on_its_eos_ids(tmp_path, capsys):
     """A model with a byte-level BPE tokenizer.json (special ids 300..305): text in, text out, the
     chat template with --chat, and generation stops at any id generation_config.json lists."""

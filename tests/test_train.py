@@ -60,6 +60,7 @@ def test_every_config_parses(path):
         assert cfg.steps > 0 and (cfg.model is not None or cfg.init.source is not None)
 
 
+@pytest.mark.slow
 def test_loss_falls(tmp_path, corpus, capsys):
     prompts = ["alpha beta", "gamma"]
     trainer = Trainer(_config(tmp_path, corpus, steps=30, log_every=5, eval_every=30, sample_prompts=prompts,
@@ -142,6 +143,7 @@ def test_init_from_hf_with_depth_upscaling(tmp_path, corpus):
     assert np.isfinite(trainer.run()["loss"])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_the_step(tmp_path, corpus):
     cfg = _config(tmp_path, corpus, **{"optim.learning_rate": 1e8, "optim.grad_clip": 0.0,
                                        "optim.warmup_steps": 0, "steps": 8, "log_every": 1, "eval_every": 0})
@@ -243,6 +245,7 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     assert samples[0]["samples"][0]["prompt"] == "alpha beta"
 
 
+@pytest.mark.slow
 def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
     """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and
     final/ exports as a Qwen2 that transformers runs to our logits."""
@@ -333,6 +336,7 @@ def test_the_last_eval_scores_every_held_out_window(tmp_path, corpus):
     np.testing.assert_allclose(record["eval_loss"], _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_of_an_upscaled_preset_run_takes_runtime_changes(tmp_path, corpus):
     """model.* runtime keys beside a preset grown by init.upscale were dropped on resume."""
     over = {"steps": 1, "eval_every": 0, "init.upscale": {"layers": "0:2,1:2"}}
@@ -341,6 +345,7 @@ def test_resume_of_an_upscaled_preset_run_takes_runtime_changes(tmp_path, corpus
     assert resumed.model_config.num_layers == 3 and resumed.model_config.remat == "full"
 
 
+@pytest.mark.slow
 def test_resume_survives_a_metrics_line_cut_short_by_a_crash(tmp_path, corpus):
     Trainer(_config(tmp_path, corpus, eval_every=0), _one_device_mesh()).run(until=4)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -442,6 +447,7 @@ def test_an_attention_kernel_that_cannot_do_the_config_is_refused_before_trainin
         Trainer(_config(tmp_path, corpus, **over), _one_device_mesh())
 
 
+@pytest.mark.slow
 def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
     """eval_tasks: the first and last evals carry the task's metrics, and the last ones are what
     solarjax.evaluate gives for the final parameters."""

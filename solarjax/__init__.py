@@ -11,13 +11,35 @@ The public API:
   load_tokenizer(path=None)            a model's tokenizer.json / tokenizer.model (None: Mistral's)
 """
 
-from solarjax.checkpoint import load_model, load_params, save_params
-from solarjax.errors import ConfigError
-from solarjax.modelconfig import ModelConfig, PRESETS, preset
-from solarjax.hf import ConversionError, load_hf, save_hf
-from solarjax.model import init_params, logits, param_count
-from solarjax.sharding import make_mesh
-from solarjax.tokenizer import Tokenizer, load_tokenizer
+import glob
+import os
+
+
+def _only_a_cpu_here() -> bool:
+    """No TPU chip on the PCI bus (Google's vendor id, as jax looks for one) and no GPU device node."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if open(vendor).read().strip() == "0x1ae0":
+                return False
+        except OSError:
+            continue
+    return not any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+
+
+# With libtpu installed (the tpu extra, for --compile-only) jax tries the TPU backend first, and
+# libtpu prints a dozen lines of warnings before jax falls back to the CPU. On a host with nothing
+# but a CPU the CPU is the only backend there is, so say so before jax is imported; anywhere else
+# (or when the user set JAX_PLATFORMS) nothing changes, so no real error can be hidden.
+if "JAX_PLATFORMS" not in os.environ and _only_a_cpu_here():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+from solarjax.checkpoint import load_model, load_params, save_params  # noqa: E402
+from solarjax.errors import ConfigError  # noqa: E402
+from solarjax.modelconfig import ModelConfig, PRESETS, preset  # noqa: E402
+from solarjax.hf import ConversionError, load_hf, save_hf  # noqa: E402
+from solarjax.model import init_params, logits, param_count  # noqa: E402
+from solarjax.sharding import make_mesh  # noqa: E402
+from solarjax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = ["ConfigError", "ConversionError", "ModelConfig", "PRESETS", "init_params", "load_hf", "load_model",
            "load_params", "load_tokenizer", "logits", "make_mesh", "param_count", "preset", "save_hf", "save_params",

@@ -328,7 +328,7 @@ class TrainConfig:
     global_batch: int = 8
     log_every: int = 10
     eval_every: int = 50  # 0: never
-    eval_batches: int = 2
+    eval_batches: int = 2  # held-out batches per eval; 0: every window (always so at step 0 and the last)
     sample_prompts: tuple[str, ...] = ()  # at each eval, greedy completions of these are logged
     sample_tokens: int = 32
     # Tasks scored at each eval, as `python -m solarjax.evaluate --tasks` takes them (e.g.
@@ -352,11 +352,14 @@ class TrainConfig:
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "log_every", "eval_batches", "sample_tokens", "checkpoint_every",
+        for name in ("steps", "global_batch", "log_every", "sample_tokens", "checkpoint_every",
                      "keep_checkpoints", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
+            raise ConfigError(f"eval_batches must be 0 (every held-out window) or a positive integer, "
+                              f"got {self.eval_batches!r}")
         if self.loss_chunk_tokens is not None and (not isinstance(self.loss_chunk_tokens, int)
                                                    or isinstance(self.loss_chunk_tokens, bool)
                                                    or self.loss_chunk_tokens < 1):

@@ -434,7 +434,8 @@ class Trainer:
         tasks are scored at step 0, the last step and multiples of eval_tasks_every (None: every eval)."""
         every = self.cfg.eval_tasks_every
         tasks_due = step is None or every is None or step in (0, self.cfg.steps) or (every and step % every == 0)
-        whole = step in (0, self.cfg.steps)  # a stage's numbers at init and at the end: the whole split
+        # A stage's numbers at init and at the end are the whole split's; eval_batches 0: every eval's.
+        whole = step in (0, self.cfg.steps) or self.cfg.eval_batches == 0
         result = {**self._eval_loss(whole), **(self._eval_tasks() if tasks_due else {})}
         return result or None
 

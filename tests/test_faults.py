@@ -230,3 +230,18 @@ def test_a_truncated_checkpoint_is_one_warning_line(tmp_path, corpus):
     for noise in ("Traceback", "Event loop is closed", "'driver'", "TensorStore"):
         assert noise not in run.stderr, noise
     assert "resumed from its checkpoint of step 4" in run.stderr
+
+
+def test_a_cpu_only_host_starts_without_libtpu_noise():
+    """With libtpu installed (the tpu extra) jax tries the TPU backend, and libtpu printed a dozen
+    warning lines before the CPU took over; importing solarjax on a host with nothing but a CPU
+    names the CPU first. Where a TPU or GPU is present, nothing is changed."""
+    import solarjax
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import solarjax, jax, os; print(jax.devices()[0].platform, os.environ.get('JAX_PLATFORMS'))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    if solarjax._only_a_cpu_here():
+        assert run.stdout.split() == ["cpu", "cpu"] and "TPU" not in run.stderr, run.stderr
+    else:  # an accelerator host: JAX_PLATFORMS left to jax
+        assert run.stdout.split()[1] == "None"

@@ -1,6 +1,7 @@
 """The training job: configs parse, loss falls, resume is exact, sharded equals single-device,
 init from HF with depth up-scaling, NaN detection, stop on SIGTERM and resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -156,6 +157,7 @@ def test_non_finite_loss_names_the_step(tmp_path, corpus):
     ("model: {preset: tiny}\n", ["optim.learning_rate"], "is not KEY=VALUE"),
     ("model: {preset: tiny}\ninit: {from: /x}\n", [], "model.preset is taken from init.from"),
     ("model: {preset: tiny}\nsteps: 0\n", [], "steps must be a positive integer, got 0"),
+    ("model: {preset: tiny}\neval_batches: -1\n", [], "eval_batches must be 0 (every held-out window) or a positive"),
     ("model: {preset: tiny, num_heads: 5}\n", [], "model.num_heads 5 must be a multiple"),
     ("model: [1, 2\n", [], "not valid YAML"),
     ("model: {preset: tiny}\noptim: {learning_rate: fast}\n", [], "optim.learning_rate must be a number, got 'fast'"),
@@ -332,6 +334,9 @@ def test_the_last_eval_scores_every_held_out_window(tmp_path, corpus):
     at_init = trainer.evaluate(0)["eval_loss"]
     np.testing.assert_allclose(at_init, _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
     assert trainer.evaluate(1)["eval_loss"] != at_init  # one batch of 4 windows
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # 0: every eval scores every window
+    assert trainer.evaluate(1)["eval_loss"] == at_init
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=1)
     record = trainer.run()
     np.testing.assert_allclose(record["eval_loss"], _direct_eval_loss(trainer, range(len(val))), rtol=1e-5)
 

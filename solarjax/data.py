@@ -381,7 +381,20 @@ class PackedSequences:
         return tokens, segments, positions
 
 
-class Batches:
+class _Steps:
+    """Iteration over global batches from a step on; `batch(step)` is a pure function of the step."""
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0):
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class Batches(_Steps):
     """Global batch k = rows perm_e[j*G:(j+1)*G], (e, j) = divmod(k, steps_per_epoch); this process
     builds rows [p*G/P, (p+1)*G/P) of it. The n % G windows left over by an epoch's permutation
     are skipped in that epoch only (each epoch skips others)."""
@@ -411,15 +424,6 @@ class Batches:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: tokens, segment_ids, positions, [G/P, T] int32."""
         return stack_sequences([self.packed.sequence(int(r)) for r in self.rows(step)])
-
-    def __iter__(self):
-        return self.iterate(0)
-
-    def iterate(self, start_step: int = 0):
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
 
 
 def stack_sequences(seqs) -> dict[str, np.ndarray]:
@@ -717,7 +721,7 @@ def seats(weights, rows: int) -> np.ndarray:
     return out
 
 
-class Mixture:
+class Mixture(_Steps):
     """Global batch k of a mixture of sources, each packed into windows on its own.
 
     The schedule is [(start step, weights), ...]. Within the segment that holds step k, the first
@@ -816,15 +820,6 @@ class Mixture:
         for packed in self.packed:
             if getattr(packed, "streaming", False):
                 packed.close()
-
-    def __iter__(self):
-        return self.iterate(0)
-
-    def iterate(self, start_step: int = 0):
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
 
 
 @dataclass

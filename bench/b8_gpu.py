@@ -1,7 +1,7 @@
 """Benchmark B8: training MFU and decoding speed on one accelerator, in one bounded command.
 
 For each preset (a model shape and how it is run: batch, sequence, microbatches, remat):
-  train:  the trainer's own jitted step (trainer.jit_train_step with the optimizer, schedule and
+  train:  the trainer's own jitted step (step.jit_train_step with the optimizer, schedule and
           loss chunking train.py builds; AdamW, float32 parameters and moments, bf16 compute) on
           random tokens; warm-up steps untimed, then timed steps ending in block_until_ready.
           tokens/s, and MFU = tokens/s x model FLOPs per token (topology.model_flops_per_token: 6 per
@@ -51,7 +51,7 @@ from solarjax.optim import make_optimizer, schedule  # noqa: E402
 from solarjax.sharding import batch_sharding, make_mesh  # noqa: E402
 from solarjax.topology import PEAK_TFLOPS, model_flops_per_token  # noqa: E402
 from solarjax.plan import RunPlan  # noqa: E402
-from solarjax.trainer import jit_train_step, new_state, state_shardings  # noqa: E402
+from solarjax.step import jit_train_step, new_state, state_shardings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

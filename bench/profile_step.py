@@ -25,7 +25,7 @@ from solarjax.config import OptimConfig, TrainConfig, DataConfig
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import make_mesh
 from solarjax.plan import RunPlan
-from solarjax.trainer import jit_train_step, new_state
+from solarjax.step import jit_train_step, new_state
 
 
 def main(argv=None):

@@ -17,8 +17,8 @@ from solarjax.modelconfig import ModelConfig
 from solarjax.optim import make_optimizer, schedule
 from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.plan import RunPlan
+from solarjax.step import abstract_state, jit_train_step, resolve_trainable
 from solarjax.topology import HBM_GIB, topology_name
-from solarjax.trainer import abstract_state, jit_train_step, resolve_trainable
 
 
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:

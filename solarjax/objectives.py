@@ -2,10 +2,10 @@
 
 An objective is a batch layout (which rows solarjax.data builds), its units (target tokens or
 pairs, counted from the batch alone) and `sums(ctx, params, batch, reference)`: the loss and its
-metrics summed over the units. The trainer divides by the whole global batch's units, so the loss
-is the mean over all of them however the rows are split (devices, microbatches, eval batches).
-The jitted step, sharding, checkpoints, resume, eval, samples and recipes are the trainer's and the
-same for all objectives.
+metrics summed over the units. The train step divides by the whole global batch's units, so the
+loss is the mean over all of them however the rows are split (devices, microbatches, eval batches).
+The jitted step and its sharding (solarjax.step), checkpoints, resume, eval, samples and recipes
+(solarjax.trainer, solarjax.recipe) are the same for all objectives.
 
 - lm:  next-token cross entropy over every position whose next token is in the same document.
 - sft: the same over the tokens the record's mask marks (the assistant turns, solarjax.records):

@@ -1,4 +1,5 @@
-"""Continued pretraining: one pure, jitted train_step over a sharded state, and a plain loop around it.
+"""Continued pretraining: a plain loop around the train step (solarjax.step), with its periodic
+hooks: eval, checkpoints, logging, samples, and the export of final/.
 
 A run directory holds everything needed to resume: config.json, model_config.json,
 checkpoints/<step>/ (orbax: params, optimizer state, step), metrics.jsonl, and final/ (a solarjax
@@ -25,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -34,27 +34,24 @@ from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
-from solarjax.config import ConfigError, ModelConfig, TrainConfig
+from solarjax import step as step_lib
+from solarjax.config import ConfigError, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
-from solarjax.optim import Trainable, make_optimizer, schedule
+from solarjax.optim import make_optimizer, schedule
 from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
-from solarjax.sharding import batch_sharding, make_mesh, param_shardings
+from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.tensorfile import check_output
 from solarjax.topology import peak_tflops_per_device
-from solarjax.upscale import UpscaleSpec, grow, parse_trainable
+from solarjax.upscale import UpscaleSpec, grow
 
 
-def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
-    """Mean next-token cross entropy over positions whose next token is in the same document (the
-    lm objective), and their count. chunk: positions per step of the chunked vocabulary loss
-    (solarjax.loss; must divide the sequence length); None: one chunk, the whole sequence."""
-    lm = objectives_lib.get("lm")
-    loss, metrics = lm.mean(objectives_lib.Context(config, chunk, unroll), params, batch)
-    return loss, metrics[lm.count]
+# tests/test_mixture.py, which is being edited elsewhere, imports it from here; it goes when that file
+# imports it from solarjax.step.
+loss_and_count = step_lib.loss_and_count
 
 
 class NonFiniteLossError(SolarjaxError, FloatingPointError):
@@ -64,112 +61,6 @@ class NonFiniteLossError(SolarjaxError, FloatingPointError):
 class CheckpointError(SolarjaxError):
     """The run's checkpoints cannot be restored (all damaged), or were saved by a run this config
     cannot continue (another optimizer structure); the message names the folder and what to do."""
-
-
-def new_state(optimizer, params) -> dict:
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-
-def state_shardings(model_config: ModelConfig, optimizer, mesh) -> dict:
-    """Params by their logical axes; each optimizer state array in the shards of the parameter
-    whose key path ends its own (Adam's mu/nu, inside whatever chain, partition or freezing wraps
-    them; a frozen part's gathered moments [layers trained, ...] too, as the layer axis is never
-    sharded); anything else (step counts) replicated."""
-    params = nn.unbox(param_shardings(abstract_params(model_config), mesh))
-    abstract = nn.unbox(abstract_params(model_config))
-    by_path = {tuple(k.key for k in path): (sharding, len(leaf.shape)) for (path, sharding), leaf in
-               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract))}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(path, leaf):
-        keys = []
-        for k in reversed(path):  # the trailing run of dict keys: a parameter's path
-            if not isinstance(k, jax.tree_util.DictKey):
-                break
-            keys.insert(0, k.key)
-        sharding, ndim = by_path.get(tuple(keys), (replicated, None))
-        return sharding if ndim == len(leaf.shape) else replicated
-    abstract_opt = jax.eval_shape(optimizer.init, abstract)
-    return {"params": params, "opt_state": jax.tree_util.tree_map_with_path(place, abstract_opt), "step": replicated}
-
-
-def resolve_trainable(cfg: TrainConfig) -> Trainable | None:
-    """cfg.trainable as the layers of the (grown) model that train, or None for all; read from
-    configs alone (init.from's config, init.upscale), so a resumed run resolves it the same way."""
-    value = parse_trainable(cfg.trainable)
-    if value == "all":
-        return None
-    base = cfg.model if cfg.model is not None else ckpt_lib.model_config_of(cfg.init.source)
-    growth = UpscaleSpec(**cfg.init.upscale).growth(base.num_layers) if cfg.init.upscale else None
-    depth = len(growth.index) if growth is not None else base.num_layers
-    if value == "new_layers":
-        if not growth.new:
-            raise ConfigError(f"trainable: new_layers names no parameter: init.upscale {cfg.init.upscale} "
-                              f"repeats no base layer, so it adds no new layer")
-        return Trainable(growth.new, rest=False)
-    for start, end in value:
-        if end > depth:
-            raise ConfigError(f"trainable: range {start}:{end} is outside the "
-                              f"{'grown ' if growth is not None else ''}model's {depth} layers [0, {depth})")
-    return Trainable(tuple(i for start, end in value for i in range(start, end)), rest=False)
-
-
-def abstract_state(model_config: ModelConfig, optimizer, mesh) -> dict:
-    shapes = jax.eval_shape(lambda p: new_state(optimizer, p), nn.unbox(abstract_params(model_config)))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                        state_shardings(model_config, optimizer, mesh))
-
-
-def jit_train_step(model_config: ModelConfig, optimizer, lr_schedule, mesh, unroll: int = 1,
-                   chunk: int | None = None, microbatches: int = 1,
-                   objective: objectives_lib.Objective = objectives_lib.get("lm"), options=None,
-                   trainable: Trainable | None = None):
-    """The one train step: (state, batch) -> (state, metrics), jitted with the state's shardings
-    and donated state buffers; (state, batch, reference) for an objective with a frozen reference
-    model, whose parameters are sharded like the policy's and are not in the optimizer state.
-    chunk: as in loss_and_count. microbatches: the batch's rows are split into this many groups,
-    run one after another (a scan) with their gradients summed, so activations are those of one
-    group; the result is the whole batch's mean loss and gradient. objective: one of
-    objectives.OBJECTIVES; options: its config section (e.g. DPOConfig). trainable: the parts the
-    optimizer trains (its grad_norm is theirs: what the clip sees)."""
-    obj = objective
-    ctx = objectives_lib.Context(model_config, chunk, unroll, options)
-
-    def train_step(state, batch, reference=None):
-        count = obj.units(batch)  # over the whole batch: each group's sums / all units
-        per_unit = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
-
-        def grads_and_sums(rows):
-            def loss(p):
-                sums = obj.sums(ctx, p, rows, reference)
-                return sums["loss"] * per_unit, sums
-            (_, sums), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-            return grads, sums
-        if microbatches == 1:
-            grads, sums = grads_and_sums(batch)
-        else:
-            # Row r goes to group r % K: each group keeps the batch's spread over the devices.
-            groups = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(a.shape[0] // microbatches, microbatches,
-                                                                   *a.shape[1:]), 1, 0), batch)
-
-            def accumulate(acc, rows):
-                return jax.tree.map(jnp.add, acc, grads_and_sums(rows)), None
-            sums_shape = jax.eval_shape(lambda rows: obj.sums(ctx, state["params"], rows, reference),
-                                        jax.tree.map(lambda a: a[0], groups))
-            zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
-                     jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, groups)
-        metrics = {k: v * per_unit for k, v in sums.items()}  # means over the whole batch's units
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-               "step": state["step"] + 1}
-        trained = grads if trainable is None else trainable.select(grads)
-        return new, {**metrics, obj.count: count, "grad_norm": optax.global_norm(trained),
-                     "lr": lr_schedule(state["step"])}
-    shardings = state_shardings(model_config, optimizer, mesh)
-    in_shardings = (shardings, batch_sharding(mesh)) + ((shardings["params"],) if obj.reference else ())
-    return jax.jit(train_step, in_shardings=in_shardings,
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
 class Trainer:
@@ -204,7 +95,7 @@ class Trainer:
             (self.run_dir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
-        self.trainable = resolve_trainable(cfg)
+        self.trainable = step_lib.resolve_trainable(cfg)
         # The optimizer state's structure does not depend on the schedule, which needs the step.
         resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
                                                                          trainable=self.trainable))
@@ -219,10 +110,10 @@ class Trainer:
             config, params = self._initial_params()
             if config != self.model_config:  # the plan read it from the configs alone: a bug if they differ
                 raise AssertionError(f"the planned model {self.model_config} is not the one made {config}")
-            shardings = state_shardings(self.model_config, self.optimizer, self.mesh)
+            shardings = step_lib.state_shardings(self.model_config, self.optimizer, self.mesh)
             if self.objective.reference and cfg.dpo.reference is None:  # a copy: new_state donates params
                 initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])(params)
-            self.state = jax.jit(lambda p: new_state(self.optimizer, p), donate_argnums=0,
+            self.state = jax.jit(lambda p: step_lib.new_state(self.optimizer, p), donate_argnums=0,
                                  out_shardings=shardings)(params)
         self.reference = self._reference_params(initial)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
@@ -233,9 +124,10 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_step = jit_train_step(plan.step_config, self.optimizer, self.schedule, self.mesh,
-                                         chunk=plan.loss_chunk, microbatches=cfg.microbatches,
-                                         objective=plan.objective, options=plan.options, trainable=self.trainable)
+        self.train_step = step_lib.jit_train_step(plan.step_config, self.optimizer, self.schedule, self.mesh,
+                                                  chunk=plan.loss_chunk, microbatches=cfg.microbatches,
+                                                  objective=plan.objective, options=plan.options,
+                                                  trainable=self.trainable)
         self.loss_context = objectives_lib.Context(plan.step_config, plan.loss_chunk, 1, plan.options)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = plan.flops_per_token
@@ -307,7 +199,7 @@ class Trainer:
                 f"{what(ours)}; a run keeps what it trains (its optimizer state holds those parts' moments), and "
                 f"nothing was moved. Change trainable back to resume, or start a new run_dir from these weights "
                 f"with init.from: {folder / str(steps[0])}")
-        target = abstract_state(self.model_config, optimizer, self.mesh)
+        target = step_lib.abstract_state(self.model_config, optimizer, self.mesh)
         expected = ckpt_lib.tree_shapes(target)
         for step in steps:
             try:

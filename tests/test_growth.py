@@ -243,7 +243,7 @@ def test_bad_trainable_in_the_config_is_one_line(tmp_path, corpus, over, message
     ({"init.upscale": {"expand": 3}}, "expand=3 must divide the base's depth of 2 layers (expand in [1, 2])"),
 ])
 def test_trainable_against_the_model_is_one_line(tmp_path, corpus, over, message):
-    from solarjax.trainer import resolve_trainable
+    from solarjax.step import resolve_trainable
     from solarjax.plan import planned_model_config
     cfg = _train_cfg(tmp_path, corpus, **over)
     with pytest.raises(ConfigError) as e:

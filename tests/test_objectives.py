@@ -363,7 +363,7 @@ def test_dpo_microbatches_give_the_whole_batch_mean(models):
     from solarjax.config import DPOConfig, OptimConfig
     from solarjax.objectives import OBJECTIVES, real_pairs_BP
     from solarjax.optim import make_optimizer, schedule
-    from solarjax.trainer import jit_train_step, new_state
+    from solarjax.step import jit_train_step, new_state
     d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,
                                       cache_dir=str(models["root"] / "cache")), model_dir=models["policy"], layout="pairs")
     batch = data_lib.stack_sequences([d.train.sequence(i) for i in range(4)])

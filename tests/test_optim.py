@@ -12,7 +12,7 @@ import pytest
 import solarjax
 from solarjax.config import OptimConfig
 from solarjax.optim import Trainable, make_optimizer, schedule
-from solarjax.trainer import jit_train_step, loss_and_count, new_state
+from solarjax.step import jit_train_step, loss_and_count, new_state
 from solarjax.errors import ConfigError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from solarjax.errors import ConfigError  # noqa: F401  (solarjax.config.ConfigError, as before)
 from solarjax.modelconfig import PRESETS, ModelConfig, build, preset  # noqa: F401  (PRESETS, preset: as before)
-from solarjax.objectives import OBJECTIVES
+from solarjax.objectives import OBJECTIVES, DPOConfig
 
 
 SOURCE_KEYS = ("name", "path", "weight", "text_field", "streaming")  # of a data.sources mapping (README: Mixtures)
@@ -304,17 +304,6 @@ class InitConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Direct preference optimization (objective: dpo, solarjax/objectives.py)."""
-    beta: float = 0.1  # reward = beta * (log p_policy - log p_reference) of a response
-    reference: str | None = None  # HF dir or solarjax checkpoint (in a recipe: a stage); None: the initial policy
-
-    def __post_init__(self):
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ConfigError(f"dpo.beta must be > 0, got {self.beta!r}")
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig | None  # None: taken from init.from
     data: DataConfig = DataConfig()
@@ -322,6 +311,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     init: InitConfig = InitConfig()
     objective: str = "lm"  # lm (next token) | sft (assistant tokens) | dpo (preference pairs): objectives.py
+    # One section per objective with options, named after it, of its Objective.options class.
     dpo: DPOConfig = DPOConfig()
     run_dir: str = "runs/demo"
     steps: int = 100
@@ -397,6 +387,11 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
+    @property
+    def objective_options(self):
+        """The objective's own section (DPOConfig for dpo), or None for one without options."""
+        return getattr(self, self.objective) if OBJECTIVES[self.objective].options else None
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["data"] = self.data.to_dict()  # sources and schedule as YAML writes them, not as dataclasses
@@ -408,7 +403,8 @@ class TrainConfig:
 
 def train_config_from_dict(d: dict) -> TrainConfig:
     d = dict(d or {})
-    sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "dpo": DPOConfig}
+    sections = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
+                **{name: o.options for name, o in OBJECTIVES.items() if o.options}}
     kwargs = {name: build(cls, d.pop(name) or {}, name) for name, cls in sections.items() if name in d}
     init = dict(d.pop("init", None) or {})
     if "from" in init:
@@ -552,14 +548,15 @@ def recipe_config_from_dict(d: dict) -> RecipeConfig:
         elif _looks_like_a_stage(init.get("from")):
             raise ConfigError(f"{where}.init.from: {init['from']!r} is neither a stage of this recipe "
                               f"(stages: {', '.join(stages)}) nor an existing directory")
-        reference = (merged.get("dpo") or {}).get("reference")
-        if reference in list(stages)[len(built):]:
-            raise ConfigError(f"{where}.dpo.reference: stage {reference!r} does not run before {name!r}")
-        if reference in earlier:  # a stage's final parameters, like init.from
-            merged["dpo"] = {**merged["dpo"], "reference": str(Path(run_dir) / reference / "final")}
-        elif _looks_like_a_stage(reference):
-            raise ConfigError(f"{where}.dpo.reference: {reference!r} is neither a stage of this recipe "
-                              f"(stages: {', '.join(stages)}) nor an existing directory")
+        for section in (n for n, o in OBJECTIVES.items() if o.reference):  # dpo.reference: a stage, like init.from
+            reference = (merged.get(section) or {}).get("reference")
+            if reference in list(stages)[len(built):]:
+                raise ConfigError(f"{where}.{section}.reference: stage {reference!r} does not run before {name!r}")
+            if reference in earlier:  # a stage's final parameters, like init.from
+                merged[section] = {**merged[section], "reference": str(Path(run_dir) / reference / "final")}
+            elif _looks_like_a_stage(reference):
+                raise ConfigError(f"{where}.{section}.reference: {reference!r} is neither a stage of this recipe "
+                                  f"(stages: {', '.join(stages)}) nor an existing directory")
         if init.get("from") is not None:  # the model comes from there: keep only how it runs
             model = merged.get("model") or {}
             merged["model"] = {k: v for k, v in model.items() if k in TrainConfig.RUNTIME_MODEL_KEYS}

@@ -16,12 +16,14 @@ The jitted step and its sharding (solarjax.step), checkpoints, resume, eval, sam
        reference. Nonlinear in per-sequence sums, so it differentiates per-token log-probs
        (loss.token_logprobs) by ordinary autodiff.
 
-A pair objective is one function of the policy's (and reference's) per-sequence sums, e.g. SimPO
-(with a `simpo` config section holding beta and gamma):
+Each objective owns its options: a frozen dataclass (DPOConfig for dpo) that the YAML section
+named after the objective builds (`dpo: {beta: 0.1}`), which the loss gets as ctx.options. A pair
+objective is one function of the policy's (and reference's) per-sequence sums, e.g. SimPO (with
+a SimPOConfig holding beta and gamma, and a `simpo: SimPOConfig` field in config.TrainConfig):
     def simpo(pol, ref, opts):
         margin = opts.beta * (pol.chosen / pol.chosen_n - pol.rejected / pol.rejected_n) - opts.gamma
         return -jax.nn.log_sigmoid(margin), {"reward_accuracy": margin > 0}
-    OBJECTIVES["simpo"] = pair_objective("simpo", simpo, reference=False)
+    OBJECTIVES["simpo"] = pair_objective("simpo", simpo, options=SimPOConfig, reference=False)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from solarjax import loss as loss_lib
+from solarjax.errors import ConfigError
 from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
 
@@ -47,14 +50,28 @@ class Context:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (objective: dpo): the YAML's `dpo:` section."""
+    beta: float = 0.1  # reward = beta * (log p_policy - log p_reference) of a response
+    reference: str | None = None  # HF dir or solarjax checkpoint (in a recipe: a stage); None: the initial policy
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Objective:
     name: str
     layout: str  # data layout: "text" (documents cut into windows), "sft" (examples), "pairs" (chosen/rejected)
     units: Callable  # batch -> how many units (target tokens, pairs) it has, from the batch alone
     sums: Callable  # (ctx, params, batch, reference) -> {"loss": sum over the units, metric: sum, ...}
     count: str = "tokens"  # the units' name in the metrics
-    reference: bool = False  # the step gets a frozen reference model's parameters as a third argument
+    # The step gets a frozen reference model's parameters as a third argument; the options then
+    # have a `reference` field: where they come from (None: the initial policy).
+    reference: bool = False
     per_token: bool = True  # the loss is a mean token cross entropy, so eval reports a perplexity too
+    options: type | None = None  # the class of its config section, named after the objective (DPOConfig)
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -154,7 +171,7 @@ def dpo(policy: SequenceLogps, reference: SequenceLogps, options):
         "chosen_reward": chosen, "rejected_reward": rejected}
 
 
-def pair_objective(name: str, pair_loss: Callable, reference: bool = True) -> Objective:
+def pair_objective(name: str, pair_loss: Callable, options: type | None = None, reference: bool = True) -> Objective:
     """An Objective from a per-pair loss: pair_loss(policy, reference or None, options) ->
     (loss per pair slot [B, P], {metric: per pair slot}); summed here over the real pairs."""
     def sums(ctx: Context, params, batch, reference_params=None):
@@ -167,13 +184,13 @@ def pair_objective(name: str, pair_loss: Callable, reference: bool = True) -> Ob
         total = lambda v_BP: jnp.where(real_BP, v_BP, 0).astype(jnp.float32).sum()
         return {"loss": total(losses_BP), **{k: total(v) for k, v in metrics.items()}}
     return Objective(name, "pairs", units=lambda batch: real_pairs_BP(batch).sum(), sums=sums, count="pairs",
-                     reference=reference, per_token=False)
+                     reference=reference, per_token=False, options=options)
 
 
 OBJECTIVES: dict[str, Objective] = {
     "lm": token_objective("lm", "text", same_document_BT),
     "sft": token_objective("sft", "sft", marked_BT),
-    "dpo": pair_objective("dpo", dpo),
+    "dpo": pair_objective("dpo", dpo, options=DPOConfig),
 }
 
 

@@ -67,10 +67,8 @@ class RunPlan:
                 raise ConfigError(f"global_batch {cfg.global_batch} must be a multiple of mesh data x fsdp = {rows}"
                                   + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
             chunk = loss_chunk(cfg, mesh, platform)
-        section = getattr(cfg, cfg.objective, None)  # the section named after the objective, if any
         return cls(cfg, model_config, model_config.replace(attention=chosen), objectives_lib.get(cfg.objective),
-                   section if dataclasses.is_dataclass(section) else None, platform, seq_len, chunk,
-                   model_flops_per_token(model_config, seq_len))
+                   cfg.objective_options, platform, seq_len, chunk, model_flops_per_token(model_config, seq_len))
 
 
 def planned_model_config(cfg: TrainConfig, saved: ModelConfig | None = None) -> ModelConfig:

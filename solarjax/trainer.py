@@ -111,7 +111,7 @@ class Trainer:
             if config != self.model_config:  # the plan read it from the configs alone: a bug if they differ
                 raise AssertionError(f"the planned model {self.model_config} is not the one made {config}")
             shardings = step_lib.state_shardings(self.model_config, self.optimizer, self.mesh)
-            if self.objective.reference and cfg.dpo.reference is None:  # a copy: new_state donates params
+            if self.objective.reference and plan.options.reference is None:  # a copy: new_state donates params
                 initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])(params)
             self.state = jax.jit(lambda p: step_lib.new_state(self.optimizer, p), donate_argnums=0,
                                  out_shardings=shardings)(params)
@@ -269,8 +269,8 @@ class Trainer:
         given = [p for s in named for p in s.path] + [v for v in data.validation if isinstance(v, str)]
         sources = [s for s in given if Path(os.path.expanduser(s)).exists()]
         paths = [self.cfg.init.source, data.tokenizer, data.cache_dir, data.chat_template, *sources]  # not hub names or globs
-        if self.objective.reference:
-            paths.append(self.cfg.dpo.reference)
+        if self.objective.reference:  # before the plan is resolved: the config's section
+            paths.append(self.cfg.objective_options.reference)
         return [os.path.expanduser(p) for p in paths if p is not None]
 
     # -- state --------------------------------------------------------------------------------
@@ -290,11 +290,11 @@ class Trainer:
         return grow(cfg.model, params, spec, self.mesh)
 
     def _reference_params(self, initial):
-        """The frozen reference of an objective that has one: dpo.reference, or the initial policy
-        (`initial`, or on resume rebuilt from init as at the start: the same values)."""
+        """The frozen reference of an objective that has one: its options' reference (dpo.reference),
+        or the initial policy (`initial`, or on resume rebuilt from init as at the start: the same values)."""
         if not self.objective.reference:
             return None
-        source = self.cfg.dpo.reference
+        source = self.plan.options.reference
         if source is None:
             return initial if initial is not None else self._initial_params()[1]
         config, params = ckpt_lib.load_model(source, self.mesh)
@@ -302,8 +302,8 @@ class Trainer:
         for f in dataclasses.fields(config):
             ours, theirs = getattr(self.model_config, f.name), getattr(config, f.name)
             if f.name not in runtime and ours != theirs:
-                raise ConfigError(f"dpo.reference {source} has {f.name}={theirs!r}, but the policy has {ours!r}; "
-                                  f"the reference must be the same architecture")
+                raise ConfigError(f"{self.objective.name}.reference {source} has {f.name}={theirs!r}, but the "
+                                  f"policy has {ours!r}; the reference must be the same architecture")
         if config.param_dtype != self.model_config.param_dtype:
             params = jax.tree.map(lambda a: a.astype(self.model_config.param_dtype), params)
         return params

@@ -355,13 +355,29 @@ def test_a_recipe_stage_sets_its_own_objective_and_reference():
         train_config_from_dict({"model": {"preset": "tiny"}, "dpo": {"beta": -1}})
 
 
+def test_each_objective_with_options_has_its_section():
+    """The section named after the objective is of its options class: what `cfg.objective_options`
+    and the YAML's sections rely on."""
+    import dataclasses
+    from solarjax.config import TrainConfig
+    from solarjax.objectives import OBJECTIVES
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, objective in OBJECTIVES.items():
+        if objective.options is not None:
+            assert isinstance(fields[name].default, objective.options), name
+            assert not objective.reference or hasattr(objective.options(), "reference"), name
+    cfg = train_config_from_dict({"model": {"preset": "tiny"}, "objective": "dpo", "dpo": {"beta": 0.3}})
+    assert cfg.objective_options == OBJECTIVES["dpo"].options(beta=0.3)
+    assert train_config_from_dict({"model": {"preset": "tiny"}}).objective_options is None
+
+
 @pytest.mark.slow
 def test_dpo_microbatches_give_the_whole_batch_mean(models):
     """Pairs averaged over the whole batch, not per group: 4 rows holding unequal numbers of pairs
     in 2 groups on 2 devices give the loss, rewards and step of the batch at once."""
     import jax.numpy as jnp
-    from solarjax.config import DPOConfig, OptimConfig
-    from solarjax.objectives import OBJECTIVES, real_pairs_BP
+    from solarjax.config import OptimConfig
+    from solarjax.objectives import OBJECTIVES, DPOConfig, real_pairs_BP
     from solarjax.optim import make_optimizer, schedule
     from solarjax.step import jit_train_step, new_state
     d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,

@@ -32,9 +32,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
-from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
+from solarjax import scoring as scoring_lib
 from solarjax import step as step_lib
+from solarjax import tasks as tasks_lib
 from solarjax.config import ConfigError, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import objectives as objectives_lib
@@ -118,8 +119,8 @@ class Trainer:
         self.reference = self._reference_params(initial)
         self.data.tokenizer.check_fits(self.model_config.vocab_size)
         try:  # bad names and files fail now, not at the first eval
-            self.tasks = [t for arg in cfg.eval_tasks for t in evaluate_lib.load_task(arg)]
-        except evaluate_lib.TaskError as e:
+            self.tasks = [t for arg in cfg.eval_tasks for t in tasks_lib.load_task(arg)]
+        except tasks_lib.TaskError as e:
             raise ConfigError(f"eval_tasks: {e}") from None
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
@@ -335,8 +336,8 @@ class Trainer:
         """eval_tasks scored as `python -m solarjax.evaluate` scores them: {TASK_METRIC: value}."""
         if not self.tasks:
             return {}
-        out = evaluate_lib.evaluate(self.model_config, self.state["params"], self.data.tokenizer, self.tasks,
-                                    self.mesh, batch_size=self.cfg.global_batch, limit=self.cfg.eval_tasks_limit)
+        out = scoring_lib.evaluate(self.model_config, self.state["params"], self.data.tokenizer, self.tasks,
+                                   self.mesh, batch_size=self.cfg.global_batch, limit=self.cfg.eval_tasks_limit)
         return {f"task/{task}/{metric}": value for task, metrics in out["results"].items()
                 for metric, value in metrics.items() if metric != "n" and isinstance(value, (int, float))}
 

@@ -1,6 +1,7 @@
-"""solarjax.evaluate: per-item log-likelihoods, predictions and metrics equal a reference computed
-with transformers by lm-evaluation-harness's rules (few-shot draws, _encode_pair, acc/acc_norm, mc2,
-Winogrande's partial scoring); GSM8K extraction; the CLI over every task layout; bad task files.
+"""solarjax.evaluate, scoring and tasks: per-item log-likelihoods, predictions and metrics equal a
+reference computed with transformers by lm-evaluation-harness's rules (few-shot draws, _encode_pair,
+acc/acc_norm, mc2, Winogrande's partial scoring); GSM8K extraction; the CLI over every task layout;
+bad task files.
 
 The reference below is written from the harness's task yamls and code, independently of
 solarjax.evaluate. tests/lm_eval_crosscheck.py compares solarjax.evaluate with lm-eval itself
@@ -17,6 +18,7 @@ import transformers
 
 import solarjax
 from solarjax import evaluate as ev
+from solarjax import scoring, tasks
 from solarjax.sharding import make_mesh
 from solarjax.tokenizer import load_tokenizer
 import eval_tasks
@@ -66,7 +68,7 @@ def _ref_loglik(m, context: str, continuation: str) -> float:
 
 def _ours(m, task_arg: str, k: int):
     items = []
-    result = ev.evaluate(m["config"], m["params"], m["tok"], ev.load_task(task_arg, k), m["mesh"], batch_size=8,
+    result = scoring.evaluate(m["config"], m["params"], m["tok"], tasks.load_task(task_arg, k), m["mesh"], batch_size=8,
                          items=items)
     return result["results"], items
 
@@ -169,13 +171,13 @@ def test_encode_pair_with_the_mistral_tokenizer(dirs, tmp_path):
     ours, theirs = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
     n = 0
     for name in ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande"):
-        for task in ev.load_task(f"{name}={dirs[name]}", 0 if name == "truthfulqa_mc2" else 2):
-            for doc, prefix in zip(task.docs, ev.fewshot_prefixes(task)):
+        for task in tasks.load_task(f"{name}={dirs[name]}", 0 if name == "truthfulqa_mc2" else 2):
+            for doc, prefix in zip(task.docs, scoring.fewshot_prefixes(task)):
                 for context, continuation in doc.requests(prefix, " "):
-                    assert ev.encode_pair(ours, context, continuation) == _ref_split(theirs, context, continuation)
+                    assert scoring.encode_pair(ours, context, continuation) == _ref_split(theirs, context, continuation)
                     n += 1
     assert n > 60
-    assert ev.encode_pair(ours, "Answer: ", "B") == ([1, 26307, 28747], [365])  # " B": the space moved, one token
+    assert scoring.encode_pair(ours, "Answer: ", "B") == ([1, 26307, 28747], [365])  # " B": the space moved, one token
 
 
 def test_acc_norm_divides_by_the_choice_characters(model, tmp_path):
@@ -191,31 +193,31 @@ def test_acc_norm_divides_by_the_choice_characters(model, tmp_path):
             return [(-2.0, False), (-3.9, False)]
 
     items = []
-    result = ev.run_task(ev.load_task(str(path))[0], Fixed(), model["tok"], items)
+    result = scoring.run_task(tasks.load_task(str(path))[0], Fixed(), model["tok"], items)
     assert (items[0]["pred"], items[0]["pred_norm"]) == (0, 1) and result == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
 
 
 def test_empty_context_is_the_bos_token(model):
     """The harness scores a continuation with an empty context after the BOS token alone."""
-    ctx, cont = ev.encode_pair(model["tok"], "", "hello world")
+    ctx, cont = scoring.encode_pair(model["tok"], "", "hello world")
     assert ctx == [model["tok"].bos_id] and cont == model["hf_tok"]("hello world", add_special_tokens=False).input_ids
 
 
 def test_hellaswag_preprocessing_and_mmlu_prompt():
     """hellaswag/utils.py: "label: ctx_a Ctx_b" with [title] -> ". ", other [...] dropped, double spaces
     single; mmlu: stripped question, A-D lines, "Answer:", letters as choices."""
-    doc = ev._hellaswag(ev._Fields({"activity_label": "Baking", "ctx_a": "A man [title] mixes flour.",
+    doc = tasks._hellaswag(tasks._Fields({"activity_label": "Baking", "ctx_a": "A man [title] mixes flour.",
                                     "ctx_b": "he then", "endings": [" pours [step] water  in. ", "sleeps."],
                                     "label": "1"}, "x"))
     assert doc.query == "Baking: A man. mixes flour. He then"
     assert doc.choices == ("pours water in.", "sleeps.") and doc.gold == 1
-    doc = ev._mmlu(ev._Fields({"question": " Why? ", "choices": ["a", "b", "c", "d"], "answer": 2}, "x"))
+    doc = tasks._mmlu(tasks._Fields({"question": " Why? ", "choices": ["a", "b", "c", "d"], "answer": 2}, "x"))
     assert doc.query == "Why?\nA. a\nB. b\nC. c\nD. d\nAnswer:" and doc.choices == ("A", "B", "C", "D")
 
 
 def test_gsm8k_extraction_and_exact_match():
     """The harness's gsm8k filters and exact_match cleaning on made-up completions."""
-    gold = ev.gsm8k_clean("She pays 2 * 600 = <<2*600=1200>>1200 dollars.\n#### 1,200")
+    gold = scoring.gsm8k_clean("She pays 2 * 600 = <<2*600=1200>>1200 dollars.\n#### 1,200")
     assert gold == "1200"
     cases = [  # completion, strict extraction, flexible extraction, strict right, flexible right
         (" 600 + 600 = 1200.\n#### 1200", "1200", "1200", True, True),
@@ -227,12 +229,12 @@ def test_gsm8k_extraction_and_exact_match():
         (" no number here", "[invalid]", "[invalid]", False, False),
     ]
     for completion, strict, flexible, ok, ok_flexible in cases:
-        assert ev.extract_answer(completion) == strict, completion
-        assert ev.extract_answer(completion, flexible=True) == flexible, completion
-        assert (ev.gsm8k_clean(strict) == gold) == ok, completion
-        assert (ev.gsm8k_clean(flexible) == gold) == ok_flexible, completion
-    assert ev.gsm8k_clean("-5.") == "-5" and ev.gsm8k_clean("#### $1,000") == "1000"
-    assert ev.cut_at_stop(" 3 apples.\n#### 3\n\nQuestion: more</s>", ("Question:", "</s>")) == " 3 apples.\n#### 3\n\n"
+        assert scoring.extract_answer(completion) == strict, completion
+        assert scoring.extract_answer(completion, flexible=True) == flexible, completion
+        assert (scoring.gsm8k_clean(strict) == gold) == ok, completion
+        assert (scoring.gsm8k_clean(flexible) == gold) == ok_flexible, completion
+    assert scoring.gsm8k_clean("-5.") == "-5" and scoring.gsm8k_clean("#### $1,000") == "1000"
+    assert scoring.cut_at_stop(" 3 apples.\n#### 3\n\nQuestion: more</s>", ("Question:", "</s>")) == " 3 apples.\n#### 3\n\n"
 
 
 @pytest.mark.slow
@@ -250,17 +252,17 @@ def test_cli_over_every_task_layout(model, dirs, tmp_path, capsys):
     generic = tmp_path / "mine.jsonl"
     generic.write_text("".join(json.dumps({"context": f"{a} says", "choices": [" meow", " woof"], "gold": i % 2}) + "\n"
                                for i, a in enumerate(["cat", "dog", "cow"])))
-    tasks = [f"{n}={dirs[n]}" for n in ("arc_challenge", "hellaswag", "truthfulqa_mc2", "winogrande", "gsm8k")]
-    tasks += [f"mmlu={mmlu_parquet}", str(generic), "builtin_next_line"]
+    entries = [f"{n}={dirs[n]}" for n in ("arc_challenge", "hellaswag", "truthfulqa_mc2", "winogrande", "gsm8k")]
+    entries += [f"mmlu={mmlu_parquet}", str(generic), "builtin_next_line"]
     log = tmp_path / "items.jsonl"
     # Tasks with a few-shot split at k=2; the 0-shot-only ones (truthfulqa, generic, built-in) refuse
     # --num-fewshot > 0, so they run at their default in a second call.
-    few = [t for t in tasks if t.split("=")[0] in ("arc_challenge", "hellaswag", "winogrande", "gsm8k", "mmlu")]
+    few = [t for t in entries if t.split("=")[0] in ("arc_challenge", "hellaswag", "winogrande", "gsm8k", "mmlu")]
     rc = ev.main(["--hf", str(model["path"]), "--tasks", ",".join(few), "--num-fewshot", "2", "--limit", "3",
                   "--max-gen-tokens", "8", "--format", "json", "--log-items", str(log)])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
-    rc = ev.main(["--hf", str(model["path"]), "--tasks", ",".join(t for t in tasks if t not in few), "--limit", "3",
+    rc = ev.main(["--hf", str(model["path"]), "--tasks", ",".join(t for t in entries if t not in few), "--limit", "3",
                   "--format", "json"])
     out0 = json.loads(capsys.readouterr().out)
     assert rc == 0
@@ -316,7 +318,7 @@ def test_bad_task_file_is_one_line_naming_file_and_field(tmp_path, capsys, task,
 
 def test_the_readme_task_file_loads():
     """README's evaluate example names configs/tasks/python_basics.jsonl: it exists and is a valid task."""
-    from solarjax.evaluate import load_task
+    from solarjax.tasks import load_task
     ROOT = Path(__file__).resolve().parent.parent
     assert "configs/tasks/python_basics.jsonl" in (ROOT / "README.md").read_text()
     (task,) = load_task(str(ROOT / "configs" / "tasks" / "python_basics.jsonl"))

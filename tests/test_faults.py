@@ -43,9 +43,9 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys
 
 
 def test_every_error_class_meant_for_the_user_is_a_solarjax_error():
-    from solarjax import data, evaluate, hf, merge, records, tensorfile, tokenizer, trainer, upscale
+    from solarjax import data, hf, merge, records, tasks, tensorfile, tokenizer, trainer, upscale
     from solarjax.errors import DiskFullError, MissingInputError, OutputExistsError
-    classes = [data.DataError, evaluate.TaskError, hf.ConversionError, merge.MergeError, records.RecordError,
+    classes = [data.DataError, tasks.TaskError, hf.ConversionError, merge.MergeError, records.RecordError,
                sample.SamplingError, tensorfile.TensorFileError, tokenizer.TokenizerError, upscale.UpscaleError,
                trainer.CheckpointError, trainer.NonFiniteLossError, ConfigError, MissingInputError,
                OutputExistsError, DiskFullError, RunDirBusyError]

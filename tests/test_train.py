@@ -456,8 +456,9 @@ def test_an_attention_kernel_that_cannot_do_the_config_is_refused_before_trainin
 def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
     """eval_tasks: the first and last evals carry the task's metrics, and the last ones are what
     solarjax.evaluate gives for the final parameters."""
-    from solarjax import evaluate as evaluate_lib
     from solarjax.checkpoint import load_params
+    from solarjax.scoring import evaluate
+    from solarjax.tasks import load_task
 
     task = tmp_path / "pets.jsonl"
     task.write_text("".join(json.dumps({"context": f"the {a} says", "choices": [" meow", " woof", " moo"], "gold": i % 3})
@@ -472,7 +473,7 @@ def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
     assert sorted(scored) == [0, 4] and "eval_loss" in scored[4]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     config, params = load_params(tmp_path / "run" / "final")
-    expected = evaluate_lib.evaluate(config, params, trainer.data.tokenizer, evaluate_lib.load_task(str(task)), mesh)
+    expected = evaluate(config, params, trainer.data.tokenizer, load_task(str(task)), mesh)
     for metric in ("acc", "acc_norm"):
         assert scored[4][f"task/pets/{metric}"] == pytest.approx(expected["results"]["pets"][metric])
     with pytest.raises(ConfigError, match=r"eval_tasks_every must be null, 0 or a positive multiple of eval_every \(2\), got 3"):

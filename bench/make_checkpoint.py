@@ -7,14 +7,13 @@ so tensors differ from one another (and byte-identity checks mean something) wit
 """
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
 from solarjax import hf
 from solarjax.config import preset
-from solarjax.tensorfile import SafetensorsWriter, TensorInfo, atomic_output_dir, parse_size, plan_shards
+from solarjax.tensorfile import TensorInfo, parse_size
 
 
 def main(argv=None):
@@ -32,24 +31,18 @@ def main(argv=None):
     pool = (rng.standard_normal(128 << 20, dtype=np.float32) * 0.02).astype(dtype)
     pool = np.concatenate([pool, pool])  # any window of up to len/2 values is contiguous
     infos = [TensorInfo(s.hf_name, s.hf_shape, dtype) for s in hf.weight_specs(config)]
-    shards = plan_shards(infos, parse_size(args.shard_size))
-    names = hf.shard_file_names(len(shards))
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(config, "mistral", args.dtype), indent=2))
-        for name, shard in zip(names, shards):
-            with SafetensorsWriter(tmp / name, shard, {"format": "pt"}) as w:
-                for info in shard:
-                    size = int(np.prod(info.shape))
-                    parts, done = [], 0
-                    while done < size:
-                        n = min(size - done, len(pool) // 2)
-                        start = int(rng.integers(0, len(pool) // 2))
-                        parts.append(pool[start:start + n])
-                        done += n
-                    w.write_array(np.concatenate(parts).reshape(info.shape) if len(parts) > 1
-                                  else parts[0].reshape(info.shape))
-            print(f"wrote {name}", file=sys.stderr)
-        hf.write_index(tmp, shards, names)
+
+    def write(writer, info):
+        size = int(np.prod(info.shape))
+        parts, done = [], 0
+        while done < size:
+            n = min(size - done, len(pool) // 2)
+            start = int(rng.integers(0, len(pool) // 2))
+            parts.append(pool[start:start + n])
+            done += n
+        writer.write_array(np.concatenate(parts).reshape(info.shape) if len(parts) > 1 else parts[0].reshape(info.shape))
+    hf.write_hf_dir(args.out, infos, write, hf.config_to_hf(config, "mistral", args.dtype), None,
+                    shard_size=parse_size(args.shard_size), overwrite=args.overwrite, desc=f"writing {args.out}")
     print(f"{args.out}: {sum(i.nbytes for i in infos) / 1e9:.2f} GB", file=sys.stderr)
 
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -25,8 +26,8 @@ from solarjax import model as model_lib
 from solarjax.errors import ConfigError
 from solarjax.modelconfig import ROPE_SCALING_KEYS, ModelConfig
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import (SafetensorsFile, TensorFileError, TensorInfo, atomic_output_dir,
-                                 plan_shards, write_safetensors)
+from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorFileError, TensorInfo, atomic_output_dir,
+                                 plan_shards)
 from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
 from solarjax.errors import SolarjaxError
 
@@ -414,34 +415,42 @@ def save_hf(config: ModelConfig, params: dict, out: str | Path, arch: str | None
               f"{hf_config['max_position_embeddings']} so the model computes the same function", file=sys.stderr)
     np_dtype = SAVE_DTYPES[dtype]
     specs = weight_specs(config)
-    infos = [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs]
-    shards = plan_shards(infos, shard_size)
     spec_by_name = {s.hf_name: s for s in specs}
 
-    def leaf(spec):
+    def write(writer: SafetensorsWriter, info: TensorInfo) -> None:
+        spec = spec_by_name[info.name]
         node = params
         for key in spec.path:
             node = node[key]
-        return node
+        writer.write_array(spec.to_hf(_host_slice(node, spec)).astype(np_dtype))
+    return write_hf_dir(out, [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs], write, hf_config,
+                        tokenizer_dir, shard_size=shard_size, overwrite=overwrite, inputs=(*inputs, tokenizer_dir),
+                        desc=f"writing {Path(out).name}")
 
-    with atomic_output_dir(out, overwrite, (*inputs, tokenizer_dir)) as tmp:
+
+def write_hf_dir(out: str | Path, infos: list[TensorInfo], write: Callable[[SafetensorsWriter, TensorInfo], None],
+                 hf_config: dict, tokenizer_dir: str | Path | None, *, shard_size: int, overwrite: bool,
+                 inputs=(), desc: str = "", readme: str | None = None) -> Path:
+    """An HF model directory, written atomically (tensorfile.atomic_output_dir; `out` may not
+    overlap `inputs`): config.json, the tensors `infos` in safetensors shards of at most shard_size
+    bytes, each put into its shard's writer by write(writer, info) in order (so memory holds one
+    tensor), model.safetensors.index.json when sharded, tokenizer_dir's tokenizer files and
+    generation_config.json, and README.md when given. save_hf, upscale_hf and merge_hf write this way."""
+    shards = plan_shards(infos, shard_size)
+    names = shard_file_names(len(shards))
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        names = shard_file_names(len(shards))
-        bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"writing {Path(out).name}", unit="B",
-                   unit_scale=True, disable=None)
-
-        def arrays(shard):
-            for info in shard:
-                spec = spec_by_name[info.name]
-                array = spec.to_hf(_host_slice(leaf(spec), spec)).astype(np_dtype)
-                bar.update(info.nbytes)
-                yield array
-
+        bar = tqdm(total=sum(i.nbytes for i in infos), desc=desc, unit="B", unit_scale=True, disable=None)
         for name, shard in zip(names, shards):
-            write_safetensors(tmp / name, shard, arrays(shard), metadata={"format": "pt"})
+            with SafetensorsWriter(tmp / name, shard, metadata={"format": "pt"}) as writer:
+                for info in shard:
+                    write(writer, info)
+                    bar.update(info.nbytes)
         bar.close()
         write_index(tmp, shards, names)
         copy_tokenizer_files(tokenizer_dir, tmp)
+        if readme is not None:
+            (tmp / "README.md").write_text(readme)
     return Path(out)
 
 

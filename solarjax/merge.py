@@ -17,17 +17,15 @@ mergekit's output carries its base model's.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from solarjax import checkpoint, hf
 from solarjax.modelconfig import ModelConfig
-from solarjax.tensorfile import SafetensorsWriter, TensorInfo, atomic_output_dir, check_output, plan_shards
+from solarjax.tensorfile import SafetensorsWriter, TensorInfo, check_output
 from solarjax.errors import SolarjaxError
 
 DOT_THRESHOLD = 0.9995  # mergekit's: directions closer than this are treated as parallel
@@ -220,28 +218,16 @@ def merge_hf(paths: list[str | Path], out: str | Path, method: str, weights: lis
         order = {path: i for i, path in enumerate(dict.fromkeys(s.path for s in specs))}
         specs = sorted(specs, key=lambda s: (order[s.path], s.layer or 0))
     out_dtype = {s.hf_name: hf.SAVE_DTYPES[dtype] if dtype else first.dtype(s) for s in specs}
-    infos = [TensorInfo(s.hf_name, s.hf_shape, out_dtype[s.hf_name]) for s in specs]
-    shards = plan_shards(infos, shard_size)
-    names = hf.shard_file_names(len(shards))
     spec_by_name = {s.hf_name: s for s in specs}
 
-    with atomic_output_dir(out, overwrite, inputs=paths) as tmp:
-        (tmp / "config.json").write_text(json.dumps(_out_config(first, config, dtype), indent=2) + "\n")
-        bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"{method} merge of {len(models)} models", unit="B",
-                   unit_scale=True, disable=None)
-        for file_name, shard in zip(names, shards):
-            with SafetensorsWriter(tmp / file_name, shard, metadata={"format": "pt"}) as writer:
-                for info in shard:
-                    spec = spec_by_name[info.name]
-                    tensors = [m.get(spec) for m in models]
-                    merged = linear(tensors, weights) if method == "linear" else slerp(t, *tensors)
-                    writer.write_array(merged.astype(info.dtype, copy=False))
-                    bar.update(info.nbytes)
-        bar.close()
-        hf.write_index(tmp, shards, names)
-        hf.copy_tokenizer_files(first.path, tmp)
-        (tmp / "README.md").write_text(_model_card(paths, method, weights, t))
-    return Path(out)
+    def write(writer: SafetensorsWriter, info: TensorInfo) -> None:
+        tensors = [m.get(spec_by_name[info.name]) for m in models]
+        merged = linear(tensors, weights) if method == "linear" else slerp(t, *tensors)
+        writer.write_array(merged.astype(info.dtype, copy=False))
+    return hf.write_hf_dir(out, [TensorInfo(s.hf_name, s.hf_shape, out_dtype[s.hf_name]) for s in specs], write,
+                           _out_config(first, config, dtype), first.path, shard_size=shard_size,
+                           overwrite=overwrite, inputs=paths, desc=f"{method} merge of {len(models)} models",
+                           readme=_model_card(paths, method, weights, t))
 
 
 def _out_config(first, config: ModelConfig, dtype: str | None) -> dict:

@@ -184,14 +184,6 @@ class SafetensorsWriter:
             self._file.close()
 
 
-def write_safetensors(path: str | Path, infos: list[TensorInfo], arrays: Iterable[np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Streams `arrays` (in the order of `infos`) into a new safetensors file."""
-    with SafetensorsWriter(path, infos, metadata) as writer:
-        for array in arrays:
-            writer.write_array(array)
-
-
 def plan_shards(infos: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
     """Groups tensors in order into shards of at most max_bytes (a larger tensor gets its own)."""
     shards: list[list[TensorInfo]] = [[]]

@@ -13,22 +13,19 @@ embedding, final norm and lm_head are kept as they are.
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.modelconfig import ModelConfig
 from solarjax.errors import ConfigError
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorInfo, atomic_output_dir, check_output,
-                                 plan_shards)
+from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo, check_output
 
 
 class UpscaleError(ConfigError):
@@ -254,33 +251,23 @@ def upscale_hf(src: str | Path, out: str | Path, spec: UpscaleSpec, arch: str | 
     dtype_name = dtype or next(k for k, v in hf.SAVE_DTYPES.items() if v == src_dtype)
 
     specs = hf.weight_specs(config)
-    infos = [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs]
     sources = {s.hf_name: s.source_name(index) for s in specs}
     zeroed = {s.hf_name for s in specs if s.layer in growth.zeroed and s.path[1:] in ZEROED}
-    shards = plan_shards(infos, shard_size)
-    names = hf.shard_file_names(len(shards))
-    with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
-        hf_config = hf.config_to_hf(config, arch, dtype_name, hf.special_ids(src))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        bar = tqdm(total=sum(i.nbytes for i in infos), desc=f"up-scaling to {len(index)} layers", unit="B",
-                   unit_scale=True, disable=None)
-        for file_name, shard in zip(names, shards):
-            with SafetensorsWriter(tmp / file_name, shard, metadata={"format": "pt"}) as writer:
-                for info in shard:
-                    name = sources[info.name]
-                    file = base.file_of(name)
-                    if info.name in zeroed:  # one tensor's zeros: the bound of a dtype change
-                        writer.write_array(np.zeros(info.shape, np_dtype))
-                    elif isinstance(file, SafetensorsFile) and file.info(name).dtype == np_dtype:
-                        writer.copy_bytes(file, name)
-                    else:
-                        writer.write_array(np.asarray(base.get(name), np_dtype))
-                    bar.update(info.nbytes)
-        bar.close()
-        hf.write_index(tmp, shards, names)
-        hf.copy_tokenizer_files(src, tmp)
-        (tmp / "README.md").write_text(model_card(src, base_config, config, spec, arch, dtype_name))
-    return Path(out)
+
+    def write(writer: SafetensorsWriter, info: TensorInfo) -> None:
+        name = sources[info.name]
+        file = base.file_of(name)
+        if info.name in zeroed:  # one tensor's zeros: the bound of a dtype change
+            writer.write_array(np.zeros(info.shape, np_dtype))
+        elif isinstance(file, SafetensorsFile) and file.info(name).dtype == np_dtype:
+            writer.copy_bytes(file, name)
+        else:
+            writer.write_array(np.asarray(base.get(name), np_dtype))
+    return hf.write_hf_dir(out, [TensorInfo(s.hf_name, s.hf_shape, np_dtype) for s in specs], write,
+                           hf.config_to_hf(config, arch, dtype_name, hf.special_ids(src)), src,
+                           shard_size=shard_size, overwrite=overwrite, inputs=(src,),
+                           desc=f"up-scaling to {len(index)} layers",
+                           readme=model_card(src, base_config, config, spec, arch, dtype_name))
 
 
 def model_card(src, base_config: ModelConfig, config: ModelConfig, spec: UpscaleSpec, arch: str, dtype: str) -> str:

@@ -256,7 +256,7 @@ def test_error_bad_shard_size_and_existing_output(tiny_hf, tmp_path, capsys):
 def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     config, params = solarjax.load_hf(tiny_hf)
     calls = {"n": 0}
-    real = hf.write_safetensors
+    real = hf.SafetensorsWriter
 
     def failing(path, *args, **kwargs):
         calls["n"] += 1
@@ -264,7 +264,7 @@ def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "write_safetensors", failing)
+    monkeypatch.setattr(hf, "SafetensorsWriter", failing)
     with pytest.raises(OSError, match="disk full"):
         hf.save_hf(config, params, tmp_path / "out", shard_size=20_000)
     assert calls["n"] == 2

@@ -2,6 +2,9 @@
 
 The model's own configuration (ModelConfig, presets) is in solarjax.modelconfig, at the bottom of
 the package; this module sits above the objectives, whose names it checks.
+
+It is one module because the YAML schema is one place: every section, its checks and how a
+recipe's stages merge them read together, and a new option is a field here and nothing else.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ reading and writing of (sharded) safetensors.
 HF stores q_proj/k_proj already permuted for rotate-half RoPE, which is the convention model.py
 implements, so every weight converts by a rename, a transpose and a reshape. No torch at run time;
 torch is used only to read legacy pytorch_model.bin files when it is installed.
+
+It is one module because config.json, the name map and both directions of the conversion must
+agree: a new architecture or tensor changes all of them, and tests/test_hf.py's round trips check
+them together; every HF directory solarjax writes goes through write_hf_dir here.
 """
 
 from __future__ import annotations

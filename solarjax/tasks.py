@@ -2,6 +2,9 @@
 each record turned into a document as lm-evaluation-harness does it, a generic multiple-choice
 jsonl, and a built-in task that runs offline; and their data, from local copies in the hub layout,
 the hub, or files. `load_task` makes the Tasks that solarjax.scoring scores.
+
+It is one module because a task is its record parser, its TaskSpec and how its splits are found,
+which change together when a task is added.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ checkpoints/<step>/ (orbax: params, optimizer state, step), metrics.jsonl, and f
 parameter checkpoint with the tokenizer, for sampling and jax-to-hf). Running the same command
 again continues from the latest checkpoint: batch k is a pure function of (seed, k), so nothing is
 replayed. SIGTERM or Ctrl-C saves a checkpoint at the next step boundary before exiting.
+
+It is one module because its hooks share that run directory, and resume depends on all of them
+agreeing on it (checkpoints, metrics.jsonl, schedule.json, trainable.json, streams.json,
+TensorBoard's purge step); the step itself, which needs none of it, is solarjax.step.
 """
 
 from __future__ import annotations

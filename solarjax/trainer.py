@@ -34,7 +34,7 @@ from solarjax import checkpoint as ckpt_lib
 from solarjax import data as data_lib
 from solarjax import evaluate as evaluate_lib
 from solarjax import sample as sample_lib
-from solarjax.config import ConfigError, ModelConfig, TrainConfig
+from solarjax.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
@@ -209,6 +209,9 @@ class Trainer:
         resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
                                                                          trainable=self.trainable))
         self.schedule_plan = self._schedule_plan(resume_step)
+        if resume_step and (self.run_dir / "config.json").is_file():  # the config of the steps already taken
+            previous = json.loads((self.run_dir / "config.json").read_text())["data"]
+            data_lib.check_mixture_resume(DataConfig(**previous), cfg.data, resume_step, self.run_dir)
         first_total, *extensions = self.schedule_plan
         self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions), trainable=self.trainable)
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))

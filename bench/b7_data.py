@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import solarjax
-from solarjax import data
+from solarjax import corpus, data
 from solarjax.config import DataConfig
 from solarjax.model import Decoder
 
@@ -73,7 +73,7 @@ def main(argv=None):
     print(f"| pipeline tokens/s, median of {args.runs} (min-max) | training consumes tokens/s | ratio |")
     print("|---|---|---|")
     print(f"| {rate:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {train:,.0f} | {rate / train:.0f}x |")
-    print(f"\ncorpus: {runs[0][3]:,} tokens (built-in, {len(data.default_corpus_files())} files), "
+    print(f"\ncorpus: {runs[0][3]:,} tokens (built-in, {len(corpus.default_corpus_files())} files), "
           f"num_proc {args.num_proc}; tokenize {statistics.median(r[0] for r in runs):.1f} s, "
           f"pack one epoch {statistics.median(r[1] for r in runs):.1f} s")
 

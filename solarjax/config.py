@@ -13,6 +13,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from solarjax.corpus import builtin_domain
 from solarjax.errors import ConfigError  # noqa: F401  (solarjax.config.ConfigError, as before)
 from solarjax.modelconfig import PRESETS, ModelConfig, build, preset  # noqa: F401  (PRESETS, preset: as before)
 from solarjax.objectives import OBJECTIVES, DPOConfig
@@ -133,6 +134,10 @@ class DataConfig:
                      and any(isinstance(s, str) for s in self.sources) else "")
             raise ConfigError(f"data.sources: two sources are named {twice[0]!r}{extra}")
         object.__setattr__(self, "validation", self._held_out(self.validation))
+        for where, sets in (("data.sources", self.named_sources()), ("data.validation", self.validation)):
+            for s in sets:
+                for path in s.path if isinstance(s, SourceConfig) else (s,):
+                    builtin_domain(path, where + (f" ({s.name})" if isinstance(s, SourceConfig) and s.name else ""))
         object.__setattr__(self, "mixture_schedule", self._schedule(self.mixture_schedule, names))
         for step, weights in self.weights_by_step():
             if not any(w > 0 for w in weights.values()):

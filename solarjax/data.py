@@ -23,10 +23,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import socket
 import sys
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from solarjax.config import IMPLICIT_SOURCE, DataConfig, SourceConfig
-from solarjax.corpus import default_corpus_files, write_builtin
+from solarjax.config import IMPLICIT_SOURCE, ConfigError, DataConfig, SourceConfig
+from solarjax.corpus import BUILTIN, builtin_domain, builtin_paths, write_builtin
 from solarjax.records import Render
+from solarjax.files import publish_once
 from solarjax.tokenizer import Tokenizer, resolve_tokenizer
 from solarjax.errors import SolarjaxError
 
@@ -60,10 +58,10 @@ class Source:
     paths: tuple[str, ...]
 
 
-def resolve_sources(sources: tuple[str, ...]) -> list[Source]:
-    """Expands globs and directories and groups files by format. () means the built-in corpus."""
-    if not sources:
-        return [Source("files", "text", tuple(str(p) for p in default_corpus_files()))]
+def resolve_sources(sources: tuple[str, ...], cache_dir: str | Path = DataConfig.cache_dir) -> list[Source]:
+    """Expands globs and directories and groups files by format. () or `builtin` means the built-in
+    corpus, `builtin:code` and `builtin:prose` its domains (written into cache_dir once)."""
+    sources = sources or (BUILTIN,)
     by_format: dict[str, list[str]] = {}
     out: list[Source] = []
 
@@ -75,7 +73,10 @@ def resolve_sources(sources: tuple[str, ...]) -> list[Source]:
 
     for s in sources:
         p = Path(os.path.expanduser(s))
-        if any(c in s for c in "*?["):
+        if builtin_domain(s, s) is not None:
+            for f in builtin_paths(s, cache_dir):
+                add_file(f)
+        elif any(c in s for c in "*?["):
             matches = sorted(globlib.glob(os.path.expanduser(s), recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
             if not files:
@@ -256,7 +257,7 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
     """Tokenizes `sources` into the cache, or returns the existing cache for the same inputs.
     layout "text": documents of cfg.text_field; "sft" / "pairs": records rendered by the chat
     template with their loss masks (solarjax.records; a pair is two documents, chosen then rejected)."""
-    resolved = resolve_sources(sources)
+    resolved = resolve_sources(sources, cfg.cache_dir)
     if layout != "text":  # file by file: files of one format may hold different record layouts (columns)
         resolved = [Source(s.kind, s.format, (p,)) for s in resolved for p in s.paths]
     root = Path(os.path.expanduser(cfg.cache_dir))
@@ -295,11 +296,9 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
         if len(mapped) == 0:
             raise DataError(f"{what}: the dataset is empty")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    # Every host of a pod may build the same cache at once in a shared cache_dir, and pids repeat
-    # across hosts: the temporary name is unique, and only its owner ever deletes it.
-    tmp = root / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    # Every host of a pod may build the same cache at once in a shared cache_dir: publish_once.
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         offsets = [0]
         masks = open(tmp / "mask.bin", "wb") if layout != "text" else None
         with open(tmp / "tokens.bin", "wb") as f:
@@ -329,15 +328,8 @@ def build_cache(sources: tuple[str, ...], cfg: DataConfig, tokenizer: Tokenizer,
                 "layout": layout,
                 "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            tmp.rename(path)  # atomic; fails if another process published first (a non-empty dir)
-        except OSError:
-            if not (path / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # theirs has the same inputs, so the same bytes
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    publish_once(path, write)
     return TokenCache(path)
 
 
@@ -523,12 +515,27 @@ class PackedExamples:
 # Streaming sources: tokenized on the fly
 
 
+_NOT_UTF8: set[str] = set()  # text files a stream skipped, each warned about once per process
+
+
 def _stream_documents(paths: tuple[str, ...], text_field: str, hf_cache: Path):
-    """The documents of a streaming source, in order: each part opened by datasets in streaming mode
-    (files of one format, a save_to_disk directory, a hub dataset), nothing written to disk."""
+    """The documents of a streaming source, in order: text files read one by one (None for one that
+    is not UTF-8, skipped as the cache skips it), the other parts opened by datasets in streaming
+    mode (files of one format, a save_to_disk directory, a hub dataset); nothing written to disk."""
     import datasets
-    for src in resolve_sources(paths):
+    for src in resolve_sources(paths, hf_cache.parent):
         what = ", ".join(src.paths[:3])
+        if src.kind == "files" and src.format == "text":  # one document per file, as the cache reads them
+            for path in src.paths:
+                try:
+                    with open(path, encoding="utf-8") as f:  # text mode: newlines as datasets' text loader reads
+                        yield f.read()
+                except UnicodeDecodeError as e:
+                    if path not in _NOT_UTF8:
+                        _NOT_UTF8.add(path)
+                        print(f"warning: skipped {path} (byte {e.start}): not UTF-8", file=sys.stderr)
+                    yield None  # keeps the documents' numbers, which the stream's recorded positions use
+            continue
         try:
             if src.kind == "files":
                 kwargs = {"sample_by": "document"} if src.format == "text" else {}
@@ -820,6 +827,27 @@ class Mixture(_Steps):
         for packed in self.packed:
             if getattr(packed, "streaming", False):
                 packed.close()
+
+
+def check_mixture_resume(previous: DataConfig, cfg: DataConfig, resume_step: int, run_dir) -> None:
+    """The batches of steps before resume_step were dealt with `previous`'s weights (the run's
+    config.json), and the dealing carries its rounding forward, so other weights there would deal the
+    steps after differently from a straight run. Refuses that, naming the first step that differs;
+    weights from resume_step on may change freely (a source missing on one side weighs 0)."""
+    def at(c: DataConfig, step: int) -> dict[str, float]:
+        weights = [w for s, w in c.weights_by_step() if s <= step][-1]
+        total = sum(weights.values())
+        return {n: w / total for n, w in weights.items() if w}
+
+    changes = sorted({s for s, _ in previous.weights_by_step()} | {s for s, _ in cfg.weights_by_step()})
+    for step in (s for s in changes if s < resume_step):
+        old, new = at(previous, step), at(cfg, step)
+        if old.keys() != new.keys() or any(not math.isclose(old[n], new[n], rel_tol=1e-9) for n in old):
+            show = lambda w: ", ".join(f"{n} {v:.4g}" for n, v in w.items())
+            raise ConfigError(f"data: {run_dir} trained step {step} on the mixture {show(old)}, and this config "
+                              f"gives {show(new)} there, which would change the batches of every step after. Keep "
+                              f"the weights before step {resume_step} and add a data.mixture_schedule entry "
+                              f"{{step: {resume_step}, weights: ...}} for the new ones")
 
 
 @dataclass

@@ -248,3 +248,4 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
+

@@ -40,7 +40,7 @@ from solarjax import sample as sample_lib
 from solarjax import scoring as scoring_lib
 from solarjax import step as step_lib
 from solarjax import tasks as tasks_lib
-from solarjax.config import ConfigError, TrainConfig
+from solarjax.config import ConfigError, DataConfig, TrainConfig
 from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
@@ -52,11 +52,6 @@ from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.tensorfile import check_output
 from solarjax.topology import peak_tflops_per_device
 from solarjax.upscale import UpscaleSpec, grow
-
-
-# tests/test_mixture.py, which is being edited elsewhere, imports it from here; it goes when that file
-# imports it from solarjax.step.
-loss_and_count = step_lib.loss_and_count
 
 
 class NonFiniteLossError(SolarjaxError, FloatingPointError):
@@ -105,6 +100,9 @@ class Trainer:
         resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
                                                                          trainable=self.trainable))
         self.schedule_plan = self._schedule_plan(resume_step)
+        if resume_step and (self.run_dir / "config.json").is_file():  # the config of the steps already taken
+            previous = json.loads((self.run_dir / "config.json").read_text())["data"]
+            data_lib.check_mixture_resume(DataConfig(**previous), cfg.data, resume_step, self.run_dir)
         first_total, *extensions = self.schedule_plan
         self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions), trainable=self.trainable)
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))

@@ -111,7 +111,7 @@ def make_bpe_tokenizer(path: Path, vocab_size: int = 300, files: int = 3) -> Pat
     <|end_of_text|> and <|eot_id|> (generation_config.json), pad in special_tokens_map.json."""
     import json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from solarjax.data import default_corpus_files
+    from solarjax.corpus import default_corpus_files
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from solarjax import data
+from solarjax.corpus import default_corpus_files
 from solarjax.config import ConfigError, DataConfig
 from solarjax.data import Batches, DataError, PackedSequences
 from solarjax.tokenizer import TokenizerError, load_tokenizer
@@ -241,7 +242,7 @@ def test_replacement_character_is_text_not_an_encoding_error(tmp_path, capsys):
 
 
 def test_builtin_corpus_is_several_megabytes():
-    files = data.default_corpus_files()
+    files = default_corpus_files()
     assert len(files) > 100 and sum(f.stat().st_size for f in files) > 3_000_000
     assert data.resolve_sources(()) == [data.Source("files", "text", tuple(str(f) for f in files))]
 

@@ -19,7 +19,8 @@ from solarjax import data
 from solarjax.config import ConfigError, DataConfig, load_train_config, recipe_config_from_dict, train_config_from_dict
 from solarjax.data import Mixture, seats
 from solarjax.errors import SolarjaxError
-from solarjax.trainer import Trainer, _TensorBoard, loss_and_count, read_metrics
+from solarjax.step import loss_and_count
+from solarjax.trainer import Trainer, _TensorBoard, read_metrics
 from killing import sigkill_after_checkpoint
 from test_train import TINY
 
@@ -314,6 +315,13 @@ def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(t
     straight.run()
     first = Trainer(_config(tmp_path / "b", domains, data=scheduled), _mesh())
     first.run(until=5)  # past the switch: the resumed run must know what steps 0-4 drew from each source
+    if not streaming:  # weights edited for steps already taken: refused, naming the step; from step 5 on: fine
+        edited = {**scheduled, "mixture_schedule": [{"step": 3, "weights": {"alpha": 0, "digits": 1}}]}
+        with pytest.raises(ConfigError, match=r"trained step 3 on the mixture alpha 0\.7, digits 0\.3, and this "
+                                              r"config gives digits 1 there.*entry \{step: 5, weights"):
+            Trainer(_config(tmp_path / "b", domains, data=edited), _mesh())
+        later = SCHEDULED["mixture_schedule"] + [{"step": 6, "weights": {"alpha": 1, "digits": 1}}]
+        Trainer(_config(tmp_path / "b", domains, data={**scheduled, "mixture_schedule": later}), _mesh())._lock.release()
     resumed = Trainer(_config(tmp_path / "b", domains, data=scheduled), _mesh())
     assert int(resumed.state["step"]) == 5
     resumed.run()
@@ -361,6 +369,23 @@ def test_a_streaming_source_gives_the_windows_of_its_cache(tmp_path, domains):
         np.testing.assert_array_equal(stream.sequence(2 * n + 3)[0], cached.sequence((2 * n + 3) % n)[0])
         assert stream.started_at == 2 * n + 3
         stream.close()
+
+
+def test_a_streaming_text_file_that_is_not_utf8_is_skipped_as_the_cache_skips_it(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one two three four five six seven eight nine ten " * 3)
+    (folder / "b.txt").write_bytes(b"caf\xe9 au lait " * 10)
+    (folder / "c.txt").write_bytes(b"windows\r\nline endings\r\n" * 6)
+    src = {"name": "texts", "path": str(folder)}
+    cfg = lambda streaming: _config(tmp_path, tmp_path, data={"sources": [{**src, "streaming": streaming}]}).data
+    cached = data.load_data(cfg(False)).train
+    stream = data.load_data(cfg(True)).sources["texts"]
+    for u in range(2 * len(cached) + 1):
+        for got, want in zip(stream.sequence(u), cached.sequence(u % len(cached))):
+            np.testing.assert_array_equal(got, want)
+    stream.close()
+    assert capsys.readouterr().err.count(f"warning: skipped {folder / 'b.txt'} (byte 3): not UTF-8") == 1
 
 
 def test_a_streaming_source_resumes_from_its_recorded_position(tmp_path, domains):

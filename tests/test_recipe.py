@@ -266,3 +266,7 @@ def test_demo_config_is_solars_recipe():
     control = job.stage("control").train
     # Honest arms: same data (order and held-out set), same schedule shape, same token count.
     assert control.data == up.data and control.optim == up.optim and control.steps == up.steps
+    # Two domains of the built-in corpus, each with its own held-out set, so the table shows forgetting.
+    assert [(s.name, s.path) for s in up.data.named_sources()] == [("code", ("builtin:code",)),
+                                                                   ("prose", ("builtin:prose",))]
+    assert up.data.named_validation and up.data.validation_fraction > 0

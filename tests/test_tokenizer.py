@@ -15,7 +15,7 @@ import transformers
 
 from solarjax import data
 from solarjax.config import DataConfig
-from solarjax.data import default_corpus_files
+from solarjax.corpus import default_corpus_files
 from solarjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer
 from hf_models import (MISTRAL_TEMPLATE, make_bpe_tokenizer, make_mistral_sentencepiece,
                        make_mistral_tokenizer_json)

@@ -27,7 +27,7 @@ from solarjax import hf
 from solarjax import model as model_lib
 from solarjax.modelconfig import ModelConfig
 from solarjax.sharding import mesh_from_flag, param_shardings
-from solarjax.tensorfile import atomic_output_dir, check_output
+from solarjax.files import atomic_output_dir, check_output
 from solarjax.upscale import UpscaleSpec, grow, zero_layers
 from solarjax.errors import MissingInputError, debugging, is_disk_full
 from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer

@@ -22,7 +22,8 @@ import sys
 from solarjax import checkpoint, hf, merge, upscale
 from solarjax.errors import cli
 from solarjax.sharding import mesh_from_flag
-from solarjax.tensorfile import check_output, parse_size
+from solarjax.files import check_output
+from solarjax.tensorfile import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ from solarjax import model as model_lib
 from solarjax.errors import ConfigError
 from solarjax.modelconfig import ROPE_SCALING_KEYS, ModelConfig
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import (SafetensorsFile, SafetensorsWriter, TensorFileError, TensorInfo, atomic_output_dir,
-                                 plan_shards)
+from solarjax.files import atomic_output_dir
+from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorFileError, TensorInfo, plan_shards
 from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
 from solarjax.errors import SolarjaxError
 

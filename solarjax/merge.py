@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 
 from solarjax import checkpoint, hf
 from solarjax.modelconfig import ModelConfig
-from solarjax.tensorfile import SafetensorsWriter, TensorInfo, check_output
+from solarjax.files import check_output
+from solarjax.tensorfile import SafetensorsWriter, TensorInfo
 from solarjax.errors import SolarjaxError
 
 DOT_THRESHOLD = 0.9995  # mergekit's: directions closer than this are treated as parallel

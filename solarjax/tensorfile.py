@@ -7,19 +7,16 @@ module memory-maps files for reading and streams tensors into a file whose heade
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-from solarjax.errors import ConfigError, OutputExistsError, SolarjaxError
+from solarjax.errors import ConfigError, SolarjaxError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -210,42 +207,3 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise ConfigError(f"shard size {text!r} is not a size like 5GB, 500MB or 2GiB")
     return int(value * units[unit])
-
-
-def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
-    """Refuses an output that is, contains or lies inside one of `inputs` (symlinks resolved):
-    writing there, let alone replacing it with --overwrite, would change or delete what is read."""
-    where = Path(out).resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        source = Path(given).resolve()
-        relation = ("is" if where == source else "lies inside" if source in where.parents
-                    else "contains" if where in source.parents else None)
-        if relation:
-            raise ConfigError(f"output {out} {relation} the input {given}; writing there would destroy the "
-                             f"input, so choose an output outside it")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
-    """Yields a temporary directory beside `out`; renames it to `out` only if the block succeeds,
-    so a crash or an error never leaves a half-written output behind. `out` may not overlap
-    `inputs` (check_output), even with overwrite."""
-    check_output(out, inputs)
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
-

@@ -49,7 +49,7 @@ from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
 from solarjax.rundir import lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh
-from solarjax.tensorfile import check_output
+from solarjax.files import check_output
 from solarjax.topology import peak_tflops_per_device
 from solarjax.upscale import UpscaleSpec, grow
 

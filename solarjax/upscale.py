@@ -25,7 +25,8 @@ from solarjax import model as model_lib
 from solarjax.modelconfig import ModelConfig
 from solarjax.errors import ConfigError
 from solarjax.sharding import param_shardings
-from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo, check_output
+from solarjax.files import check_output
+from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo
 
 
 class UpscaleError(ConfigError):

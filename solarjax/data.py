@@ -13,6 +13,12 @@ on disk -> packed sequences -> deterministic per-process batches.
 - Batches: step k's global batch is a pure function of (seed, k): window rows
   perm_e[j*G:(j+1)*G] with e, j = divmod(k, steps_per_epoch) and perm_e a seeded permutation per
   epoch. Each process takes its contiguous block of rows. Resuming at step k replays nothing.
+- Mixtures: named sources, each cached and packed on its own, dealt into each step's rows by
+  `seats` (Sainte-Laguë, a closed form of the step); streaming sources tokenized on the fly.
+
+One module, although long: every part meets at the window (tokens, segment ids, positions of one
+row), which the cache, the packers, the dealing and the stream must cut identically (the streaming
+tests compare a stream with a cache window by window), and load_data is the one entry point.
 """
 
 from __future__ import annotations

@@ -18,23 +18,27 @@ from solarjax.recipe import stage_train_config
 def main(path: str) -> None:
     recipe = load_job(path)
     data = load_data(stage_train_config(recipe, recipe.stages[0]).data)
-    train, val = ([packed.cache.doc(int(i)) for i in packed.doc_ids] for packed in (data.train, data.validation))
+    docs = lambda packed: [packed.cache.doc(int(i)) for i in packed.doc_ids]
+    train = [d for packed in data.sources.values() for d in docs(packed)]  # every source's, unweighted
     V = data.tokenizer.vocab_size
     pairs = np.concatenate([np.stack([d[:-1], d[1:]], 1) for d in train if len(d) > 1]).astype(np.int64)
-    held_out = np.concatenate([np.stack([d[:-1], d[1:]], 1) for d in val if len(d) > 1]).astype(np.int64)
     unigram = np.bincount(np.concatenate(train), minlength=V).astype(np.float64)
     p_unigram = (unigram + 0.01) / (unigram.sum() + 0.01 * V)  # add-0.01: unseen ids stay possible
     keys, counts = np.unique(pairs[:, 0] * V + pairs[:, 1], return_counts=True)
-    found = np.searchsorted(keys, held_out[:, 0] * V + held_out[:, 1])
-    found = np.minimum(found, len(keys) - 1)
-    pair_counts = np.where(keys[found] == held_out[:, 0] * V + held_out[:, 1], counts[found], 0)
-    context_counts = np.bincount(pairs[:, 0], minlength=V)[held_out[:, 0]]
-    p_bigram = np.where(context_counts > 0, pair_counts / np.maximum(context_counts, 1), 0.0)
-    print(f"{int(unigram.sum()):,} training tokens, {len(held_out):,} held-out targets")
-    print(f"unigram: {-np.log(p_unigram[held_out[:, 1]]).mean():.4f} nats")
-    for lam in (0.5, 0.7, 0.8, 0.9):
-        p = lam * p_bigram + (1 - lam) * p_unigram[held_out[:, 1]]
-        print(f"bigram, interpolated with the unigram at {lam}: {-np.log(p).mean():.4f} nats")
+    print(f"{int(unigram.sum()):,} training tokens")
+    sets = {name or "held-out": docs(packed) for name, packed in data.held_out.items()}
+    if len(sets) > 1:
+        sets["all held-out sets"] = [d for held in list(sets.values()) for d in held]
+    for name, held in sets.items():
+        held_out = np.concatenate([np.stack([d[:-1], d[1:]], 1) for d in held if len(d) > 1]).astype(np.int64)
+        found = np.minimum(np.searchsorted(keys, held_out[:, 0] * V + held_out[:, 1]), len(keys) - 1)
+        pair_counts = np.where(keys[found] == held_out[:, 0] * V + held_out[:, 1], counts[found], 0)
+        context_counts = np.bincount(pairs[:, 0], minlength=V)[held_out[:, 0]]
+        p_bigram = np.where(context_counts > 0, pair_counts / np.maximum(context_counts, 1), 0.0)
+        print(f"{name}: {len(held_out):,} targets; unigram {-np.log(p_unigram[held_out[:, 1]]).mean():.4f} nats; "
+              "bigram interpolated with the unigram at " + ", ".join(
+                  f"{lam}: {-np.log(lam * p_bigram + (1 - lam) * p_unigram[held_out[:, 1]]).mean():.4f}"
+                  for lam in (0.5, 0.7, 0.8, 0.9)))
 
 
 if __name__ == "__main__":

@@ -57,8 +57,11 @@ class _NoDocstrings(ast.NodeTransformer):
 
 def test_the_code_domain_is_every_module_less_its_docstrings():
     """Independently of the splitter's line handling: each module's code parses to the original's
-    syntax tree without docstrings (comments are not in the tree), and no comment is left in it."""
-    for path in corpus.default_corpus_files():
+    syntax tree without docstrings (comments are not in the tree), and no comment is left in it.
+    Every 4th module (all of them take ~30 s), and two that once broke it: blank lines inside a
+    string (cgitb) and "#" at the start of a string's line (_pydecimal)."""
+    files = corpus.default_corpus_files()
+    for path in files[::4] + [f for f in files if f.stem in ("cgitb", "_pydecimal")]:
         text = path.read_text(encoding="utf-8")
         code, prose = corpus.split_module(text)
         want = ast.dump(_NoDocstrings().visit(ast.parse(text)))

@@ -114,9 +114,11 @@ def builtin_paths(path: str, folder: str | Path) -> list[Path]:
     (one per module that has any) are written once into `folder`, under a name that depends on this
     Python's standard library, so another Python never reads a stale split."""
     domain = builtin_domain(path, path)
-    if not domain:
-        return default_corpus_files()
+    if domain is None:
+        raise ValueError(f"{path} is not a built-in corpus path")  # a caller's bug: it checks builtin_domain first
     files = default_corpus_files()
+    if not domain:
+        return files
     key = hashlib.sha256(json.dumps([sys.version, str(files[0].parent), len(files), 2]).encode()).hexdigest()[:12]
 
     def write(tmp: Path) -> None:

@@ -10,11 +10,13 @@ on disk -> packed sequences -> deterministic per-process batches.
   document in a window gets its own segment id and positions restarting at 0, so attention never
   crosses documents, and a long document is split, never dropped. The last window is padded with
   segment 0.
-- Batches: step k's global batch is a pure function of (seed, k): window rows
-  perm_e[j*G:(j+1)*G] with e, j = divmod(k, steps_per_epoch) and perm_e a seeded permutation per
-  epoch. Each process takes its contiguous block of rows. Resuming at step k replays nothing.
-- Mixtures: named sources, each cached and packed on its own, dealt into each step's rows by
-  `seats` (Sainte-Laguë, a closed form of the step); streaming sources tokenized on the fly.
+- Batches (`Mixture`): named sources, each cached and packed on its own, dealt into each step's
+  rows by `seats` (Sainte-Laguë in exact arithmetic, a closed form of the step); source s's u-th
+  row is window perm_{s,e}[i] with (e, i) = divmod(u, its windows) and perm_{s,e} a seeded
+  permutation per epoch. Step k's global batch is a pure function of (seed, weights, k); each
+  process takes its contiguous block of rows, so resuming at step k replays nothing. One source
+  is a mixture of one, so adding a source later (at weight 0 until some step) leaves its windows
+  as they were. Streaming sources are tokenized on the fly.
 
 One module, although long: every part meets at the window (tokens, segment ids, positions of one
 row), which the cache, the packers, the dealing and the stream must cut identically (the streaming
@@ -32,6 +34,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -379,51 +382,6 @@ class PackedSequences:
         return tokens, segments, positions
 
 
-class _Steps:
-    """Iteration over global batches from a step on; `batch(step)` is a pure function of the step."""
-
-    def __iter__(self):
-        return self.iterate(0)
-
-    def iterate(self, start_step: int = 0):
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
-
-
-class Batches(_Steps):
-    """Global batch k = rows perm_e[j*G:(j+1)*G], (e, j) = divmod(k, steps_per_epoch); this process
-    builds rows [p*G/P, (p+1)*G/P) of it. The n % G windows left over by an epoch's permutation
-    are skipped in that epoch only (each epoch skips others)."""
-
-    def __init__(self, packed: PackedSequences, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
-        if global_batch < 1 or global_batch % process_count:
-            raise DataError(f"global batch {global_batch} must be a positive multiple of the process count "
-                            f"{process_count}")
-        if len(packed) < global_batch:
-            raise DataError(f"the data has {len(packed)} sequences of {packed.seq_len} tokens, fewer than one "
-                            f"global batch of {global_batch}")
-        self.packed, self.global_batch, self.seed = packed, global_batch, seed
-        self.process_index, self.process_count = process_index, process_count
-        self.steps_per_epoch = len(packed) // global_batch
-        self._perm_epoch, self._perm = -1, None
-
-    def rows(self, step: int) -> np.ndarray:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.packed))
-            self._perm_epoch = epoch
-        G, local = self.global_batch, self.global_batch // self.process_count
-        rows = self._perm[j * G:(j + 1) * G]
-        return rows[self.process_index * local:(self.process_index + 1) * local]
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of global batch `step`: tokens, segment_ids, positions, [G/P, T] int32."""
-        return stack_sequences([self.packed.sequence(int(r)) for r in self.rows(step)])
-
-
 def stack_sequences(seqs) -> dict[str, np.ndarray]:
     """(tokens, segment_ids, positions) per row, or a dict per row (PackedExamples) -> the batch
     dict, each [rows, seq_len] int32."""
@@ -572,7 +530,8 @@ class StreamedWindows:
     again after its end, and the last window of each pass is padded). Window u is the u-th of that
     sequence, so it is deterministic; `sequence(u)` is asked for increasing u. Memory is bounded:
     at most `ahead` windows wait in a queue, and the start positions (pass, document, token) of the
-    last `HISTORY` windows are kept, for the checkpoint (`position`). A resume seeks to a recorded
+    last `HISTORY` windows are kept (`position`: the Mixture asks for each step's first window as
+    it reads it, for the checkpoint, so a step may read any number of windows). A resume seeks to a recorded
     position (`seek`) and reads on from there (documents before it are read, not tokenized); with
     no record it tokenizes its way from the start: slower, as exact."""
 
@@ -687,55 +646,71 @@ class StreamedWindows:
 # Mixtures: named sources at weights, dealt rows step by step
 
 
-def _float_bits(x: float) -> int:
-    return int(np.float64(x).view(np.int64))
-
-
-def _bits_float(b: int) -> float:
-    return float(np.int64(b).view(np.float64))
+def exact_weights(weights) -> list[int]:
+    """Integer weights in the exact ratio of `weights` as written: each float is read as the
+    decimal it prints as (0.1 is 1/10, not the binary double nearest it), so 0.6/0.3/0.1 and 6/3/1
+    are the same mixture [6, 3, 1] and deal the same rows. A non-finite or negative weight, or all
+    zero, is refused."""
+    fractions = []
+    for w in weights:
+        w = float(w)
+        if not math.isfinite(w) or w < 0:
+            raise DataError(f"mixture weight {w!r} must be a finite number >= 0")
+        fractions.append(Fraction(repr(w)))
+    if not any(fractions):
+        raise DataError(f"mixture weights {list(weights)} are all 0: some source must have a weight")
+    scale = math.lcm(*(f.denominator for f in fractions))
+    ints = [int(f * scale) for f in fractions]
+    g = math.gcd(*ints)
+    return [i // g for i in ints]
 
 
 def seats(weights, rows: int) -> np.ndarray:
-    """How many of the first `rows` rows of a mixture each source gets: Sainte-Lague's divisor
-    method in closed form. Row seats are ordered by (2j+1)/w_s ascending (source s's (j+1)-th row),
-    ties to the lower source index, and the first `rows` of that one fixed order are taken, so the
-    count per source never falls as `rows` grows (no Alabama paradox: per-step differences are
-    >= 0) and stays within about one row of rows * w_s / sum(w). int64 [S]."""
-    w = np.asarray(weights, np.float64)
-    w = w / w.sum()
+    """How many of the first `rows` rows of a mixture each source gets: Sainte-Laguë's divisor
+    method in closed form, in exact integer arithmetic (no float noise breaks a tie, and any ratio
+    of weights is dealt exactly). Row seats are ordered by the key (2j+1)/w_s ascending (source s's
+    (j+1)-th row), ties to the lower source index, and the first `rows` of that one fixed order are
+    taken, so the count per source never falls as `rows` grows (no Alabama paradox: per-step
+    differences are >= 0) and stays within about one row of rows * w_s / sum(w). int64 [S]."""
+    w = exact_weights(weights)
     out = np.zeros(len(w), np.int64)
     if rows <= 0:
         return out
-    active = [s for s in range(len(w)) if w[s] > 0]
+    active = [s for s in range(len(w)) if w[s]]
 
-    def count(x: float) -> dict[int, int]:  # per source: its seats whose key (2j+1)/w_s <= x
-        got = {}
-        for s in active:
-            j = max(-1, int((x * w[s] - 1) // 2))  # a guess, then exact against the keys as computed
-            while (2 * (j + 1) + 1) / w[s] <= x:
-                j += 1
-            while j >= 0 and (2 * j + 1) / w[s] > x:
-                j -= 1
-            got[s] = j + 1
-        return got
-    lo, hi = 0, _float_bits((2 * rows + 1) / min(w[s] for s in active))  # count(lo) < rows <= count(hi)
-    while hi - lo > 1:  # positive doubles order like their bit patterns: bisect those
-        mid = (lo + hi) // 2
-        if sum(count(_bits_float(mid)).values()) >= rows:
-            hi = mid
-        else:
-            lo = mid
-    below, at = count(_bits_float(lo)), count(_bits_float(hi))
-    need = rows - sum(below.values())
-    for s in active:  # seats tied at the threshold key: lower source index first
-        take = min(at[s] - below[s], need)
-        out[s] = below[s] + take
+    # Seats of source s whose key is <= a/b (or < a/b): the j >= 0 with (2j+1) * b <= a * w_s.
+    def at_most(a: int, b: int) -> list[int]:
+        return [(a * w[s] + b) // (2 * b) for s in range(len(w))]
+
+    def below(a: int, b: int) -> list[int]:
+        return [(a * w[s] + b - 1) // (2 * b) for s in range(len(w))]
+
+    # The threshold key: the smallest key with `rows` seats at or below it. For each source, the
+    # first of its own keys that gets there (its rows-th key always does), then the least of those.
+    threshold = None
+    for s in active:
+        lo, hi = 0, rows - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(at_most(2 * mid + 1, w[s])) >= rows:
+                hi = mid
+            else:
+                lo = mid + 1
+        key = Fraction(2 * lo + 1, w[s])
+        threshold = key if threshold is None else min(threshold, key)
+    a, b = threshold.numerator, threshold.denominator
+    strictly, upto = below(a, b), at_most(a, b)
+    need = rows - sum(strictly)
+    for s in range(len(w)):  # seats tied at the threshold key: lower source index first
+        take = min(upto[s] - strictly[s], need)
+        out[s] = strictly[s] + take
         need -= take
     return out
 
 
-class Mixture(_Steps):
-    """Global batch k of a mixture of sources, each packed into windows on its own.
+class Mixture:
+    """Global batch k of a mixture of sources (one source is a mixture of one), each packed into
+    windows on its own.
 
     The schedule is [(start step, weights), ...]. Within the segment that holds step k, the first
     G * (k - start + 1) rows are dealt to the sources by `seats` (a closed form of the step), and
@@ -752,10 +727,28 @@ class Mixture(_Steps):
             raise DataError(f"global batch {global_batch} must be a positive multiple of the process count "
                             f"{process_count}")
         self.names, self.packed, self.schedule = list(names), list(packed), [(int(a), list(w)) for a, w in schedule]
+        cached = [(name, len(p)) for name, p in zip(self.names, self.packed) if not getattr(p, "streaming", False)]
+        for name, n in cached:
+            if n == 0 and any(w[self.names.index(name)] for _, w in self.schedule):
+                raise DataError(f"source {name} has no windows to train on (no document or record left in it), "
+                                f"but a mixture weight for it is > 0")
+        if len(cached) == len(self.names) and sum(n for _, n in cached) < global_batch:
+            raise DataError(f"the data has {sum(n for _, n in cached)} sequences of {self.packed[0].seq_len} "
+                            f"tokens, fewer than one global batch of {global_batch}")
         self.global_batch, self.seed = global_batch, seed
         self.process_index, self.process_count = process_index, process_count
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._drawn_cache: tuple[int, np.ndarray] | None = None
+        self._marks: dict[int, dict[str, list[int]]] = {}  # step -> its streams' positions (positions())
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0):
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
 
     def _segment(self, step: int) -> int:
         return max(i for i, (a, _) in enumerate(self.schedule) if a <= step)
@@ -802,26 +795,43 @@ class Mixture(_Steps):
         return self.global_rows(step)[self.process_index * local:(self.process_index + 1) * local]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of global batch `step`, as Batches.batch gives them. A streaming
-        source's windows are read in order by every process (each keeps only its own rows)."""
+        """This process's rows of global batch `step`: tokens, segment_ids, positions (and an
+        objective's masks), [G/P, T] int32. A streaming source's windows are read in order by every
+        process (each keeps only its own rows)."""
         local = self.global_batch // self.process_count
-        lo, seqs = self.process_index * local, []
+        lo, seqs, first = self.process_index * local, [], self.drawn(step)
+        marks = {}  # streaming source -> where its first window of this step starts
         for i, (s, w) in enumerate(self.global_rows(step)):  # in order: a stream is read forwards
+            streaming = getattr(self.packed[s], "streaming", False)
             if lo <= i < lo + local:
                 seqs.append(self.packed[s].sequence(w))
-            elif getattr(self.packed[s], "streaming", False):
+            elif streaming:
                 self.packed[s].sequence(w)  # another process's row: read past it
+            if streaming and s not in marks:  # now, while the stream still knows it
+                marks[s] = self.packed[s].position(w)
+        self._marks[step] = self._mark(first, marks)
+        for old in [k for k in self._marks if k < step - 8]:  # a checkpoint asks for a step just built
+            del self._marks[old]
         return stack_sequences(seqs)
+
+    def _mark(self, first: np.ndarray, marks: dict[int, list[int] | None]) -> dict[str, list[int]]:
+        """{name: [window, pass, document, token]} where each streaming source's window first[s]
+        starts: from `marks`, else (no row of it yet in this step) as the stream knows it."""
+        out = {}
+        for s, (name, packed) in enumerate(zip(self.names, self.packed)):
+            if getattr(packed, "streaming", False):
+                pos = marks[s] if s in marks else packed.position(int(first[s]))
+                if pos is not None:
+                    out[name] = [int(first[s]), *pos]
+        return out
 
     def positions(self, step: int) -> dict[str, list[int]]:
         """For the checkpoint of `step`: where each streaming source's next window (the first that
-        step `step` draws) starts, [window, pass, document, token]; a source not read that far is left out."""
-        drawn, out = self.drawn(step), {}
-        for s, (name, packed) in enumerate(zip(self.names, self.packed)):
-            pos = packed.position(int(drawn[s])) if getattr(packed, "streaming", False) else None
-            if pos is not None:
-                out[name] = [int(drawn[s]), *pos]
-        return out
+        step `step` draws) starts, [window, pass, document, token], recorded when that step's batch
+        was built (however many windows it read); a source not read that far is left out."""
+        if step in self._marks:
+            return self._marks[step]
+        return self._mark(self.drawn(step), {})  # the last step: no batch after it was built
 
     def seek(self, positions: dict[str, list[int]]) -> None:
         for name, packed in zip(self.names, self.packed):
@@ -840,16 +850,16 @@ def check_mixture_resume(previous: DataConfig, cfg: DataConfig, resume_step: int
     config.json), and the dealing carries its rounding forward, so other weights there would deal the
     steps after differently from a straight run. Refuses that, naming the first step that differs;
     weights from resume_step on may change freely (a source missing on one side weighs 0)."""
-    def at(c: DataConfig, step: int) -> dict[str, float]:
+    def at(c: DataConfig, step: int) -> dict[str, Fraction]:  # exactly as seats() deals them
         weights = [w for s, w in c.weights_by_step() if s <= step][-1]
-        total = sum(weights.values())
-        return {n: w / total for n, w in weights.items() if w}
+        exact = exact_weights(list(weights.values()))
+        return {n: Fraction(w, sum(exact)) for n, w in zip(weights, exact) if w}
 
     changes = sorted({s for s, _ in previous.weights_by_step()} | {s for s, _ in cfg.weights_by_step()})
     for step in (s for s in changes if s < resume_step):
         old, new = at(previous, step), at(cfg, step)
-        if old.keys() != new.keys() or any(not math.isclose(old[n], new[n], rel_tol=1e-9) for n in old):
-            show = lambda w: ", ".join(f"{n} {v:.4g}" for n, v in w.items())
+        if old != new:
+            show = lambda w: ", ".join(f"{n} {float(v):.4g}" for n, v in w.items())
             raise ConfigError(f"data: {run_dir} trained step {step} on the mixture {show(old)}, and this config "
                               f"gives {show(new)} there, which would change the batches of every step after. Keep "
                               f"the weights before step {resume_step} and add a data.mixture_schedule entry "
@@ -877,11 +887,7 @@ class Data:
         return next(iter(self.held_out.values())) if len(self.held_out) == 1 else None
 
     def batches(self, global_batch: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> "Batches | Mixture":
-        """One source: Batches (as solarjax has always drawn one stream). Several, or a streaming
-        one: a Mixture."""
-        if len(self.sources) == 1 and not getattr(self.train, "streaming", False):
-            return Batches(self.train, global_batch, seed, process_index, process_count)
+                process_count: int = 1) -> "Mixture":
         return Mixture(list(self.sources), list(self.sources.values()), self.schedule, global_batch, seed,
                        process_index, process_count)
 

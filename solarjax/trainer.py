@@ -371,8 +371,9 @@ class Trainer:
         G = self.cfg.global_batch
         P, p = jax.process_count(), jax.process_index()
         if len(val) >= G and not whole:
-            batches = data_lib.Batches(val, G, seed=0, process_index=p, process_count=P)
-            local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, batches.steps_per_epoch))]
+            batches = data_lib.Mixture([data_lib.IMPLICIT_SOURCE], [val], [(0, [1.0])], G, seed=0,
+                                       process_index=p, process_count=P)
+            local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, len(val) // G))]
         else:  # every window in order; the last batch's missing rows are padding (segment 0, no loss)
             pad = jax.tree.map(np.zeros_like, val.sequence(0))
             local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad

@@ -7,8 +7,8 @@ import pytest
 
 from solarjax import data
 from solarjax.corpus import default_corpus_files
-from solarjax.config import ConfigError, DataConfig
-from solarjax.data import Batches, DataError, PackedSequences
+from solarjax.config import ConfigError, DataConfig, SourceConfig
+from solarjax.data import DataError, PackedSequences
 from solarjax.tokenizer import TokenizerError, load_tokenizer
 
 SENTENCE = "Depth up-scaling grows a model."
@@ -80,10 +80,10 @@ def test_segments_and_positions_restart_at_document_boundaries(tmp_path):
 
 def test_two_processes_split_the_global_batch(corpus, tmp_path):
     folder, _ = corpus
-    packed = data.load_data(_cfg(tmp_path, [folder], seq_len=8)).train
-    whole = Batches(packed, global_batch=4, seed=7)
-    parts = [Batches(packed, global_batch=4, seed=7, process_index=p, process_count=2) for p in (0, 1)]
-    for step in (0, 1, whole.steps_per_epoch + 3):
+    loaded = data.load_data(_cfg(tmp_path, [folder], seq_len=8))
+    whole = loaded.batches(global_batch=4, seed=7)
+    parts = [loaded.batches(global_batch=4, seed=7, process_index=p, process_count=2) for p in (0, 1)]
+    for step in (0, 1, len(loaded.train) // 4 + 3):
         a, b = (part.batch(step) for part in parts)
         assert set(parts[0].rows(step)).isdisjoint(parts[1].rows(step))
         for key in ("tokens", "segment_ids", "positions"):
@@ -93,17 +93,34 @@ def test_two_processes_split_the_global_batch(corpus, tmp_path):
 
 def test_resuming_at_step_k_gives_the_same_batches(corpus, tmp_path):
     folder, _ = corpus
-    packed = data.load_data(_cfg(tmp_path, [folder], seq_len=8)).train
-    batches = Batches(packed, global_batch=3, seed=1)
-    k = batches.steps_per_epoch - 2  # the resumed stretch crosses an epoch boundary
+    loaded = data.load_data(_cfg(tmp_path, [folder], seq_len=8))
+    n = len(loaded.train)
+    batches = loaded.batches(global_batch=3, seed=1)
+    k = n // 3 - 2  # the resumed stretch crosses an epoch boundary
     it = iter(batches)
     run = [next(it) for _ in range(k + 5)]
-    resumed = Batches(packed, global_batch=3, seed=1).iterate(k)
+    resumed = loaded.batches(global_batch=3, seed=1).iterate(k)
     for want in run[k:]:
         got = next(resumed)
         np.testing.assert_array_equal(got["tokens"], want["tokens"])
-    # Each epoch is a different permutation.
-    assert not np.array_equal(batches.rows(0), batches.rows(batches.steps_per_epoch))
+    # Each epoch draws every window once, in a new order.
+    windows = [w for step in range(-(-2 * n // 3)) for _, w in batches.global_rows(step)]
+    assert sorted(windows[:n]) == list(range(n)) and sorted(windows[n:2 * n]) == list(range(n))
+    assert windows[:n] != windows[n:2 * n]
+
+
+def test_one_source_deals_as_a_mixture_that_adds_a_source_at_weight_zero(corpus, tmp_path):
+    """Adding a second source at weight 0 (switched on at a later step, as the resume check
+    suggests) leaves the first source's windows as they were, past its first epochs."""
+    folder, _ = corpus
+    one = data.load_data(_cfg(tmp_path, [folder], seq_len=8))
+    extra = SourceConfig("extra", (str(folder),), weight=0.0)
+    two = data.load_data(DataConfig(sources=(str(folder), extra), cache_dir=str(tmp_path / "cache"), num_proc=1,
+                                    seq_len=8))
+    a, b = one.batches(global_batch=3, seed=5), two.batches(global_batch=3, seed=5)
+    steps = 3 * len(one.train) // 3 + 2  # three epochs and a bit
+    for step in range(steps):
+        assert a.global_rows(step) == b.global_rows(step), step
 
 
 def test_cache_is_reused_without_tokenizing(corpus, tmp_path, monkeypatch):
@@ -282,11 +299,11 @@ def test_bad_data_config(kw, message):
 
 def test_batches_reject_too_little_data(corpus, tmp_path):
     folder, _ = corpus
-    packed = data.load_data(_cfg(tmp_path, [folder], seq_len=512)).train
+    loaded = data.load_data(_cfg(tmp_path, [folder], seq_len=512))
     with pytest.raises(DataError, match=r"has \d sequences of 512 tokens, fewer than one global batch of 4"):
-        Batches(packed, global_batch=4, seed=0)
+        loaded.batches(global_batch=4, seed=0)
     with pytest.raises(DataError, match="global batch 3 must be a positive multiple of the process count 2"):
-        Batches(packed, global_batch=3, seed=0, process_count=2)
+        loaded.batches(global_batch=3, seed=0, process_count=2)
 
 
 def test_tokenizer_from_a_model_directory(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 import solarjax
 from solarjax import data
-from solarjax.config import ConfigError, DataConfig, load_train_config, recipe_config_from_dict, train_config_from_dict
+from solarjax.config import ConfigError, DataConfig, SourceConfig, load_train_config, recipe_config_from_dict, train_config_from_dict
 from solarjax.data import Mixture, seats
 from solarjax.errors import SolarjaxError
 from solarjax.step import loss_and_count
@@ -418,6 +418,55 @@ def test_a_streaming_source_resumes_from_its_recorded_position(tmp_path, domains
             np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[step][key])
     for part in parts:
         part.close()
+
+
+def test_stream_positions_survive_a_step_that_reads_more_windows_than_the_stream_remembers(
+        tmp_path, domains, monkeypatch):
+    """The position a checkpoint records is taken when the step's batch is built: a stream that
+    gives a step more rows than it keeps window starts for (HISTORY) still has one, and a resume
+    from it gives the straight run's batches."""
+    monkeypatch.setattr(data.StreamedWindows, "HISTORY", 2)
+    cfg = _config(tmp_path, domains, data={"sources": [
+        {"name": "alpha", "path": str(domains / "train" / "alpha"), "weight": 0.25},
+        {"name": "digits", "path": str(domains / "train" / "digits"), "weight": 0.75, "streaming": True}]}).data
+    straight = data.load_data(cfg).batches(8, seed=0)  # 6 digits rows a step, 3x HISTORY
+    want = [straight.batch(step) for step in range(9)]
+    record = straight.positions(5)
+    assert record["digits"][0] == straight.drawn(5)[1] == 30
+    resumed = data.load_data(cfg).batches(8, seed=0)
+    resumed.seek(json.loads(json.dumps(record)))
+    for step in range(5, 9):
+        for key, value in resumed.batch(step).items():
+            np.testing.assert_array_equal(value, want[step][key])
+    assert resumed.packed[1].started_at == 30
+    for m in (straight, resumed):
+        m.close()
+
+
+def test_equal_mixtures_deal_equally_and_any_ratio_is_dealt_exactly():
+    """0.6/0.3/0.1 and 6/3/1 are one mixture: the same rows at every step (float noise once broke
+    their ties differently), and the resume check sees them as equal. Weights a hundred orders of
+    magnitude apart are dealt (the float bisection never returned)."""
+    a, b = _mixture((0.6, 0.3, 0.1)), _mixture((6, 3, 1))
+    assert all(a.global_rows(step) == b.global_rows(step) for step in range(60))
+    assert seats([0.7, 0.3], 15).tolist() == [11, 4]  # the 11th seat of 0.7 and the 5th of 0.3 tie at 30
+    assert seats([1, 1e-300], 10).tolist() == [10, 0]
+    assert seats([1e-300, 1], 10).tolist() == [0, 10]
+    old = DataConfig(sources=(SourceConfig("a", ("x",), 0.6), SourceConfig("b", ("y",), 0.3),
+                              SourceConfig("c", ("z",), 0.1)))
+    same = DataConfig(sources=(SourceConfig("a", ("x",), 6), SourceConfig("b", ("y",), 3),
+                               SourceConfig("c", ("z",), 1)))
+    other = DataConfig(sources=(SourceConfig("a", ("x",), 0.6), SourceConfig("b", ("y",), 0.3),
+                                SourceConfig("c", ("z",), 0.1000001)))
+    data.check_mixture_resume(old, same, 10, "run")
+    with pytest.raises(ConfigError, match="trained step 0 on the mixture"):
+        data.check_mixture_resume(old, other, 10, "run")
+
+
+def test_a_mixture_source_with_no_windows_is_a_data_error():
+    with pytest.raises(data.DataError, match="source s1 has no windows to train on"):
+        _mixture((0.5, 0.5), sizes=[50, 0])
+    _mixture((1.0, 0.0), sizes=[50, 0])  # never drawn: no error
 
 
 @pytest.mark.slow

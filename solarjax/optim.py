@@ -15,17 +15,24 @@ from solarjax.config import OptimConfig
 from solarjax.errors import ConfigError
 
 
-def schedule(cfg: OptimConfig, total_steps: int, extensions: tuple[tuple[int, int], ...] = ()) -> optax.Schedule:
-    """Warmup, then decay to min_lr_ratio * peak at total_steps. Each extension (start, new_total),
-    recorded when a run was resumed at `start` with more steps, continues from the rate reached
-    at `start` and decays with the same shape to the same floor at new_total: the curve stays
-    continuous instead of jumping to where a longer schedule would have been."""
+def schedule(cfg: OptimConfig, total_steps: int, extensions: tuple[tuple, ...] = ()) -> optax.Schedule:
+    """Warmup, then decay to min_lr_ratio * peak at total_steps. Each extension (start, new_total,
+    mode), recorded when a run was resumed at `start` with other steps (schedule.json):
+    - "continue" (a run resumed before its schedule ended): from the rate reached at `start`, the
+      same shape of decay to the same floor at new_total, so the curve stays continuous instead of
+      jumping to where a longer schedule would have been;
+    - "restart" (a finished schedule extended: its rate is at the floor, 0 with min_lr_ratio 0): a
+      new segment with its own warmup to the peak and decay to the floor at new_total.
+    A (start, new_total) pair, as runs before the modes recorded it, continues."""
     lr = _schedule(cfg, total_steps)
-    for start, new_total in extensions:
-        floor, at = cfg.learning_rate * cfg.min_lr_ratio, float(lr(start))
+    for start, new_total, *mode in extensions:
         n = max(new_total - start, 1)
+        if mode == ["restart"]:
+            lr = optax.join_schedules([lr, _schedule(cfg, n)], [start])
+            continue
+        floor, at = cfg.learning_rate * cfg.min_lr_ratio, float(lr(start))
         if cfg.schedule == "cosine":
-            decay = optax.cosine_decay_schedule(at, n, alpha=min(floor / at, 1.0))
+            decay = optax.cosine_decay_schedule(at, n, alpha=min(floor / at, 1.0) if at > 0 else 0.0)
         elif cfg.schedule == "linear":
             decay = optax.linear_schedule(at, min(floor, at), n)
         else:

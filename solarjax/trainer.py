@@ -243,9 +243,10 @@ class Trainer:
             multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
         self.checkpoints.reload()  # forget the step that moved
 
-    def _schedule_plan(self, resume_step: int) -> list[tuple[int, int]]:
-        """[(0, steps), (start, new steps), ...]: the first run's length and every extension of it.
-        A resume with other `steps` extends the learning-rate curve from where it is (optim.schedule)."""
+    def _schedule_plan(self, resume_step: int) -> list[tuple]:
+        """[(0, steps), (start, new steps, mode), ...]: the first run's length and every extension
+        of it (optim.schedule). A resume with other `steps` continues the learning-rate curve from
+        where it is, or, when the schedule had ended, restarts it (its own warmup and decay)."""
         path = self.run_dir / SCHEDULE_FILE
         if not resume_step or not path.is_file():
             return [(0, self.cfg.steps)]
@@ -259,10 +260,17 @@ class Trainer:
             plan.pop()
             if self.cfg.steps == plan[-1][1]:
                 return plan
-        print(f"note: steps {plan[-1][1]} -> {self.cfg.steps} at step {resume_step}: the learning rate "
-              f"continues from its value there and decays to the same floor at step {self.cfg.steps}",
-              file=sys.stderr)
-        return plan + [(resume_step, self.cfg.steps)]
+        optim = self.cfg.optim
+        if resume_step >= plan[-1][1]:
+            mode = "restart"
+            what = (f"the schedule had ended there, so a new segment warms up over {optim.warmup_steps} steps to "
+                    f"the peak {optim.learning_rate:g} and decays to {optim.learning_rate * optim.min_lr_ratio:g} "
+                    f"at step {self.cfg.steps}")
+        else:
+            mode = "continue"
+            what = f"the learning rate continues from its value there and decays to the same floor at step {self.cfg.steps}"
+        print(f"note: steps {plan[-1][1]} -> {self.cfg.steps} at step {resume_step}: {what}", file=sys.stderr)
+        return plan + [(resume_step, self.cfg.steps, mode)]
 
     def _inputs(self) -> list[str]:
         """What the run reads, which final/ must not overlap: the initial weights, the tokenizer,

@@ -28,6 +28,25 @@ def test_schedule_corners():
     np.testing.assert_allclose([float(constant(10)), float(constant(100))], [1e-3, 1e-3], rtol=1e-6)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_every_min_lr_ratio_extends_a_schedule(kind, ratio):
+    """A 20-step schedule extended at step 10 (continue) and at step 20 (restart, it had ended):
+    finite, continuous where it continues, and from the peak again where it restarts."""
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=4, min_lr_ratio=ratio, schedule=kind)
+    base = schedule(cfg, 20)
+    floor = 1e-3 * ratio if kind != "constant" else 1e-3
+    go_on = schedule(cfg, 20, ((10, 30, "continue"),))
+    np.testing.assert_allclose(float(go_on(10)), float(base(10)), rtol=1e-6)
+    np.testing.assert_allclose(float(go_on(30)), floor, rtol=1e-5, atol=1e-12)
+    again = schedule(cfg, 20, ((20, 40, "restart"),))
+    fresh = schedule(cfg, 20)  # the new segment is a fresh 20-step schedule, shifted by 20
+    got = [float(again(t)) for t in range(20, 41)]
+    want = [float(fresh(t)) for t in range(0, 21)]
+    assert all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
 def test_weight_decay_skips_exactly_the_norm_scales():
     """With zero gradients AdamW's step is -lr * wd * w on decayed weights and nothing elsewhere."""
     config = solarjax.preset("tiny")

@@ -293,6 +293,30 @@ def test_more_steps_on_resume_continue_the_learning_rate_curve(tmp_path, corpus)
         Trainer(_config(tmp_path, corpus, **{**over, "steps": 15}), _one_device_mesh())
 
 
+def test_extending_a_finished_schedule_starts_a_new_segment(tmp_path, corpus, capsys):
+    """A finished cosine run with min_lr_ratio 0 (its rate is 0 at the end) extended from 6 to 12
+    steps trains on a new segment: its own warmup to the peak and a cosine to 0 at step 12, said
+    in the start-up line and recorded in schedule.json (it crashed dividing by the rate 0)."""
+    over = {"steps": 6, "log_every": 1, "eval_every": 0, "checkpoint_every": 100, "optim.warmup_steps": 2,
+            "optim.min_lr_ratio": 0.0}
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh()).run()
+    capsys.readouterr()
+    extended = Trainer(_config(tmp_path, corpus, **{**over, "steps": 12}), _one_device_mesh())
+    assert "steps 6 -> 12 at step 6: the schedule had ended there, so a new segment warms up over 2 steps" \
+        in capsys.readouterr().err
+    extended.run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"] - 1: r["lr"] for r in lines if "lr" in r}  # logged at step k: the rate of update k-1
+    peak = 1e-2
+    # warmup: linear from peak / 2 at the segment's step 0 to the peak at its step 2, then a cosine over 4
+    expected = [peak / 2 + (peak - peak / 2) * t / 2 for t in range(2)] + [
+        peak * 0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(4)]
+    np.testing.assert_allclose([lr[t] for t in range(6, 12)], expected, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(lr[5], peak * 0.5 * (1 + np.cos(np.pi * 3 / 4)), rtol=1e-5)  # the first run's
+    segments = json.loads((tmp_path / "run" / "schedule.json").read_text())["segments"]
+    assert segments == [[0, 6], [6, 12, "restart"]]
+
+
 @pytest.mark.slow
 def test_eval_with_fewer_sequences_than_a_batch_on_a_mesh(tmp_path, corpus):
     """8 devices, global batch 8, a held-out set of fewer than 8 sequences: eval pads the batch with

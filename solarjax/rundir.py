@@ -1,16 +1,23 @@
 """A run directory belongs to one job: a lock file in it names the holder and carries a heartbeat.
 
-RUN/run.lock holds {host, pid, started, heartbeat, token} as JSON. It is created with O_EXCL (atomic
-on local and NFS filesystems alike; flock is not relied on, it does not work across NFS clients)
-and refreshed by a daemon thread every HEARTBEAT_S seconds. A second job on the same directory
-stops before touching anything, naming the holder. A lock that outlived its holder does not block
-a rerun: on the same host a holder pid that no longer runs frees it at once; from another host,
-a heartbeat older than STALE_S does. A takeover renames the old lock aside first, so that of two
-processes racing for a stale lock exactly one wins.
+RUN/run.lock holds {host, boot, pidns, pid, started, heartbeat, token} as JSON. It is created with
+O_EXCL (atomic on local and NFS filesystems alike; flock is not relied on, it does not work across
+NFS clients) and refreshed by a daemon thread every HEARTBEAT_S seconds. A second job on the same
+directory stops before touching anything, naming the holder. A lock that outlived its holder does
+not block a rerun: a holder that ran on this host since its last boot, in this PID namespace, is
+gone when its pid no longer runs; one from before a reboot is gone at once; any other (another
+host, or another container that shares the hostname but not the PIDs) is gone when its heartbeat
+is older than STALE_S.
+
+A takeover moves the stale lock aside under a name of its own and checks that what it moved is the
+lock it judged stale (its bytes); if another job took the lock over first, what was moved is that
+job's fresh lock, and it is put back (os.link: only if no lock is there). So of two jobs racing for
+a stale lock exactly one holds it. A job that finds its lock taken (the heartbeat, or `check` at a
+step boundary) is `lost`: the Trainer stops there with one line and writes nothing more.
 
 One process of a job holds the lock (process 0 of a multi-process job; the others learn the
-outcome from it). Within one process a directory's lock is shared: taking it again (a Trainer
-made twice on one run, as a resume test does) returns the lock already held.
+outcome from it, whatever it is). Within one process a directory's lock is shared: taking it again
+(a Trainer made twice on one run, as a resume test does) returns the lock already held.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0  # five minutes without a heartbeat from another host: its holder is gone
 
 
-class RunDirBusyError(SolarjaxError):
+class RunDirError(SolarjaxError):
+    """The run directory cannot be taken for this job (not writable, or held: RunDirBusyError)."""
+
+
+class RunDirBusyError(RunDirError):
     """Another job holds the run directory; the message names it and how to clear a wrong lock."""
 
 
@@ -50,25 +61,47 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.boot, self.pidns = _boot_id(), _pid_namespace()
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
+        self.lost = threading.Event()  # another job holds the lock now
         self._thread = None
         self.held = False
 
     def _record(self, started: float) -> dict:
-        return {"host": self.host, "pid": self.pid, "started": started, "heartbeat": time.time(),
-                "token": self.token}
+        return {"host": self.host, "boot": self.boot, "pidns": self.pidns, "pid": self.pid, "started": started,
+                "heartbeat": time.time(), "token": self.token}
 
-    def _read(self) -> dict | None:
+    def _read(self, path: Path | None = None) -> tuple[bytes | None, dict | None]:
+        """(the file's bytes, its record): (None, None) when it is gone, (bytes, None) when it is not
+        a record (cut short by a crash mid-write, or being written now)."""
         try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else None
-        except (OSError, ValueError):
-            return None  # gone meanwhile, or cut short by a crash mid-write
+            raw = (path or self.path).read_bytes()
+        except OSError:
+            return None, None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            return raw, None
+        return raw, holder if isinstance(holder, dict) else None
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,18 +110,15 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._read()
+                raw, holder = self._read()
+                if raw is None:
+                    continue  # gone meanwhile: try again
                 why = self._stale(holder)
                 if why is None:
                     raise RunDirBusyError(self._busy_message(holder)) from None
                 if why:
                     print(f"warning: {self.path}: taking over the lock: {why}", file=sys.stderr)
-                aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.token}")
-                try:
-                    os.rename(self.path, aside)  # atomic: of two takers, one moves it, the other retries
-                    aside.unlink()
-                except FileNotFoundError:
-                    pass
+                self._move_aside(raw)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._record(started)))
@@ -101,6 +131,22 @@ class RunLock:
             return self
         raise RunDirBusyError(f"{self.path}: could not take the lock (it keeps changing hands)")
 
+    def _move_aside(self, stale: bytes) -> None:
+        """Removes the lock file if it still is the stale lock read as `stale`; a lock that another
+        job created meanwhile is put back where it was (unless a third has made one there since:
+        that one holds, and the job of the one moved learns it at its next check)."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.token}")
+        try:
+            os.rename(self.path, aside)  # atomic: of two takers, one moves any given file
+        except FileNotFoundError:
+            return
+        if self._read(aside)[0] != stale:  # a fresh lock, not the one judged stale: undo
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        aside.unlink()
+
     def _stale(self, holder: dict | None) -> str | None:
         """Why the lock may be taken over ('' for our own process), or None if its holder lives."""
         if holder is None:  # unreadable: a crash between create and write, unless it is being written now
@@ -109,16 +155,21 @@ class RunLock:
             except FileNotFoundError:
                 return ""
             return f"the lock file is unreadable and {age:.0f} s old" if age > 10 else None
-        if holder.get("host") == self.host:
-            pid = holder.get("pid")
-            if pid == self.pid:
-                return ""  # this process again: one job
-            if not isinstance(pid, int) or not _pid_running(pid):
-                return f"its holder, pid {pid} on this host ({self.host}), is no longer running"
-            return None
+        pid = holder.get("pid")
+        if holder.get("host") == self.host and self.boot and holder.get("boot"):
+            if holder["boot"] != self.boot:
+                return f"its holder, pid {pid} on this host ({self.host}), ran before the host last booted"
+            if self.pidns and holder.get("pidns") == self.pidns:  # its pid means what ours does
+                if pid == self.pid:
+                    return ""  # this process again: one job
+                if not isinstance(pid, int) or not _pid_running(pid):
+                    return f"its holder, pid {pid} on this host ({self.host}), is no longer running"
+                return None
+        # Another host, or this one seen from another PID namespace (a container that shares the
+        # hostname): its pid cannot be asked, its heartbeat can.
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > STALE_S:
-            return (f"its holder, pid {holder.get('pid')} on host {holder.get('host')}, last showed a heartbeat "
+            return (f"its holder, pid {pid} on host {holder.get('host')}, last showed a heartbeat "
                     f"{age:.0f} s ago (more than {STALE_S:.0f} s)")
         return None
 
@@ -133,11 +184,25 @@ class RunLock:
         return (f"run directory {self.path.parent} is in use by {who}; wait for it to finish or use another "
                 f"run_dir. If you know that job is gone, remove {self.path} and run again")
 
+    def check(self) -> bool:
+        """Whether this job still holds the lock (reads the file now); sets `lost` when not."""
+        if self.held and not self.lost.is_set():
+            _, holder = self._read()
+            if holder is None or holder.get("token") != self.token:
+                self.lost.set()
+        return self.held and not self.lost.is_set()
+
+    def lost_message(self) -> str:
+        _, holder = self._read()
+        who = "another job" if holder is None else f"pid {holder.get('pid')} on host {holder.get('host')}"
+        return (f"run directory {self.path.parent}: its lock was taken over by {who} while this job ran; "
+                f"this job stops here and writes nothing more")
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            holder = self._read()
-            if holder is None or holder.get("token") != self.token:
-                print(f"warning: {self.path}: the lock was taken over by another job", file=sys.stderr)
+            if not self.check():
+                print(f"warning: {self.path}: the lock was taken over by another job; this job stops at its "
+                      f"next step", file=sys.stderr)
                 return
             tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}")
             try:
@@ -153,7 +218,7 @@ class RunLock:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        holder = self._read()
+        _, holder = self._read()
         if holder is not None and holder.get("token") == self.token:
             try:
                 self.path.unlink()
@@ -176,15 +241,20 @@ def lock_run_dir(run_dir: str | Path) -> RunLock | None:
     multi = jax.distributed.is_initialized() and jax.process_count() > 1
     if not multi or jax.process_index() == 0:
         lock = _HELD.get(key)
-        if lock is None or not lock.held:
+        if lock is None or not lock.check():
             try:
                 lock = _HELD[key] = RunLock(run_dir).acquire()
             except RunDirBusyError as e:
                 error = e
+            except OSError as e:  # permissions, a read-only folder: one line, and every process learns it
+                error = RunDirError(f"run directory {run_dir}: cannot take its lock {LOCK_FILE} "
+                                        f"({e.strerror or e})")
+            except BaseException as e:  # a bug: its traceback, after the others are told
+                error = e
     if multi:
         held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not held and error is None:
-            raise RunDirBusyError(f"run directory {run_dir} is in use by another job (process 0 found its lock)")
+            raise RunDirError(f"run directory {run_dir}: process 0 could not take its lock (its error says why)")
     if error is not None:
         raise error
     return lock

@@ -47,7 +47,7 @@ from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
-from solarjax.rundir import lock_run_dir
+from solarjax.rundir import RunDirBusyError, lock_run_dir
 from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.files import check_output
 from solarjax.topology import peak_tflops_per_device
@@ -459,6 +459,7 @@ class Trainer:
         start = int(self.state["step"])
         metrics_file = self.run_dir / "metrics.jsonl"
         evaluated = False  # whether metrics.jsonl has the eval of step `start`
+        self._check_lock()
         if jax.process_index() == 0 and metrics_file.exists():
             kept = _records_up_to(metrics_file, start)
             metrics_file.write_text("".join(line + "\n" for line in kept))
@@ -502,6 +503,9 @@ class Trainer:
                     if multi and multihost_utils.reached_preemption_sync_point(done):
                         stop["signal"] = "SIGTERM (preemption notice)"
                     at_checkpoint = done % cfg.checkpoint_every == 0 or done == last or stop["signal"]
+                    eval_due = cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps)
+                    if done % cfg.log_every == 0 or at_checkpoint or eval_due:
+                        self._check_lock()  # before anything of this step is written
                     if done % cfg.log_every == 0 or at_checkpoint:
                         jax.block_until_ready(metrics)  # a sync point: only at log steps
                         now = time.perf_counter()
@@ -511,7 +515,7 @@ class Trainer:
                         pending, last_time, last_logged = [], now, done
                     if at_checkpoint:  # before eval and samples, so that neither can cost a checkpoint
                         self.save(done)
-                    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    if eval_due:
                         self._eval_and_sample(done, metrics_file, record, progress)
                     progress.advance(done)
                     if stop["signal"]:
@@ -534,6 +538,17 @@ class Trainer:
         elif done == cfg.steps:
             self._export_final()
         return record
+
+    def _check_lock(self) -> None:
+        """Stops the job, writing nothing more, when another job has taken its run directory's lock
+        (a takeover that judged it stale); every process stops together."""
+        lost = self._lock is not None and not self._lock.check()
+        if jax.process_count() > 1:  # only process 0 holds the lock
+            lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+        if lost:
+            raise RunDirBusyError(self._lock.lost_message() if self._lock is not None else
+                                  f"run directory {self.run_dir}: process 0 found its lock taken over by another "
+                                  f"job; this job stops here and writes nothing more")
 
     def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, progress: Progress,
                          samples: bool = True) -> None:

@@ -80,8 +80,8 @@ def test_a_hostile_chat_template_ends_in_one_line_and_runs_nothing(tmp_path, cap
 
 def _write_lock(run: Path, **fields) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
-              "token": "someone-else", **fields}
+    record = {"host": socket.gethostname(), "boot": rundir._boot_id(), "pidns": rundir._pid_namespace(),
+              "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(), "token": "someone-else", **fields}
     (run / LOCK_FILE).write_text(json.dumps(record))
 
 
@@ -123,6 +123,91 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
     assert later["heartbeat"] > first and later["token"] == lock.token and later["pid"] == os.getpid()
 
 
+def test_a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, capsys):
+    """A container that shares the hostname but not the PIDs: its holder's pid means nothing here
+    (the pid may be free here while the holder runs), so a fresh heartbeat keeps the lock and only
+    a stale one frees it. A holder from before the host's last boot is gone at once."""
+    run = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # no longer running here
+    _write_lock(run, pid=pid, pidns="pid:[1]", heartbeat=time.time() - 60)
+    with pytest.raises(RunDirBusyError, match=f"in use by pid {pid} on host {socket.gethostname()}"):
+        RunLock(run).acquire()
+    _write_lock(run, pid=pid, pidns="pid:[1]", heartbeat=time.time() - rundir.STALE_S - 60)
+    RunLock(run).acquire().release()
+    assert "last showed a heartbeat" in capsys.readouterr().err
+    if rundir._boot_id():
+        _write_lock(run, pid=os.getppid(), boot="an-earlier-boot")  # its pid runs now, but it is another process
+        RunLock(run).acquire().release()
+        assert "ran before the host last booted" in capsys.readouterr().err
+
+
+RACER = """
+import os, sys, time
+from pathlib import Path
+from solarjax import rundir
+run, me, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
+flag = Path(run).parent / "first-holds"
+if slow:  # reads the stale lock, then waits for the other job to take it before moving it aside
+    real = os.rename
+    def rename(a, b):
+        while not flag.exists():
+            time.sleep(0.01)
+        return real(a, b)
+    os.rename = rename
+try:
+    lock = rundir.RunLock(run).acquire()
+except rundir.RunDirBusyError as e:
+    print("busy", e, flush=True)
+    sys.exit(0)
+print("held", lock.token, flush=True)
+flag.touch()
+time.sleep(3)
+print("still", lock.check(), flush=True)
+"""
+
+
+def test_two_jobs_racing_for_a_stale_lock_leave_exactly_one_holder(tmp_path):
+    """Both read the same stale lock; the slower one moves it aside only after the faster one has
+    taken the lock over. It must find that what it moved is the winner's fresh lock, put it back,
+    and refuse: one holder, which still holds at the end."""
+    run = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _write_lock(run, pid=int(dead.stdout))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    slow = subprocess.Popen([sys.executable, "-c", RACER, str(run), "b", "slow"], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    time.sleep(1.0)  # the slow one has read the stale lock and waits at its rename
+    fast = subprocess.Popen([sys.executable, "-c", RACER, str(run), "a", "fast"], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    outs = [p.communicate(timeout=60)[0] for p in (fast, slow)]
+    assert outs[0].startswith("held ") and "still True" in outs[0], outs
+    assert outs[1].startswith("busy ") and f"in use by pid {fast.pid}" in outs[1], outs
+    assert not list(run.glob(f"{LOCK_FILE}.stale-*"))
+
+
+def test_every_process_learns_that_process_0_could_not_take_the_lock(tmp_path, monkeypatch):
+    """A failure other than a busy lock (here a read-only run directory) on process 0 reaches the
+    broadcast, so the other processes stop too instead of waiting for it forever."""
+    told = []
+    monkeypatch.setattr(rundir.jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(rundir.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(rundir.multihost_utils, "broadcast_one_to_all", lambda x: told.append(int(x)) or x)
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(RunLock, "acquire", refuse)
+    monkeypatch.setattr(rundir.jax, "process_index", lambda: 0)
+    with pytest.raises(rundir.RunDirError, match=rf"run directory {tmp_path}: cannot take its lock run.lock "
+                                                 r"\(Permission denied\)"):
+        rundir.lock_run_dir(tmp_path)
+    assert told == [0]
+    monkeypatch.setattr(rundir.jax, "process_index", lambda: 1)  # another process: process 0 says 0
+    monkeypatch.setattr(rundir.multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+    with pytest.raises(rundir.RunDirError, match="process 0 could not take its lock"):
+        rundir.lock_run_dir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
@@ -146,6 +231,36 @@ def _job(tmp_path, corpus, **over) -> list[str]:
 
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+def test_a_job_whose_lock_is_taken_stops_at_the_next_step_writing_nothing_more(tmp_path, corpus):
+    """Another job takes the lock over while this one trains (its lock looked stale to that job):
+    this one stops at the next step boundary with one line; no metrics line, checkpoint or final/
+    after it, and the other job's lock stays."""
+    from solarjax.config import train_config_from_dict
+    from solarjax.trainer import Trainer
+    import jax
+    import solarjax
+    cmd = _job(tmp_path, corpus, steps=8, checkpoint_every=2)
+    cfg = train_config_from_dict(json.loads(Path(cmd[-1]).read_text()))
+    trainer = Trainer(cfg, solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    step, calls = trainer.train_step, []
+
+    def taken_over_during_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            _write_lock(tmp_path / "run", host="node-9", pid=99)
+        return step(*args)
+    trainer.train_step = taken_over_during_step_3
+    with pytest.raises(RunDirBusyError) as e:
+        trainer.run()
+    assert str(e.value) == (f"run directory {tmp_path / 'run'}: its lock was taken over by pid 99 on host node-9 "
+                            f"while this job ran; this job stops here and writes nothing more")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert not (tmp_path / "run" / "final").exists()
+    assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["host"] == "node-9"
 
 
 @pytest.mark.slow

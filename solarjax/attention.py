@@ -12,8 +12,9 @@ iff q - k < window, as HF does). Query head h reads kv head h // G.
               are repeated to the query heads (the kernel has no GQA).
   cudnn       GPU: cuDNN flash attention through jax.nn.dot_product_attention; GQA and the window
               natively, but segments only as a [B, 1, T, S] mask (cuDNN turns it into a bias).
-  auto        splash on TPU; on GPU pallas_gpu, or cudnn when the window is shorter than the
-              sequence; xla elsewhere.
+  auto        splash on TPU; on GPU cudnn where it runs the case (16-bit dtypes, head sizes up to
+              128, packed documents up to 8192 tokens), else pallas_gpu (16-bit, no window shorter
+              than the sequence), else xla; xla elsewhere (`choose`, a pure function of the case).
 
 On CPU the kernels run in Pallas interpret mode (cudnn as jax.nn.dot_product_attention's xla
 implementation, same arguments): slow, but the same kernels and masks, which is how the tests check
@@ -44,25 +45,72 @@ class AttentionError(ConfigError):
     pass
 
 
-def choose(name: str, platform: str, sliding_window: int | None, length: int) -> str:
+# cuDNN's fused attention: 16-bit inputs, head sizes up to 128 in multiples of 8. With packed
+# documents it needs the [B, 1, T, S] segment mask (T * S bytes a row): up to this length only.
+_CUDNN_DTYPES = ("bfloat16", "float16")
+_CUDNN_MASKED_LENGTH = 8192
+
+
+def _unfit(dtype: str, head_dim: int, segments: bool, length: int, sliding_window: int | None) -> dict[str, str]:
+    """{GPU kernel: why it cannot run this case}, for the kernels that cannot."""
+    why = {}
+    if dtype not in _CUDNN_DTYPES:
+        why["cudnn"] = f"cuDNN takes {'/'.join(_CUDNN_DTYPES)} only, not {dtype}"
+        # Seen on an H100: the Triton kernel's float32 blocks exhaust its shared memory.
+        why["pallas_gpu"] = f"the Pallas GPU kernel runs out of shared memory at {dtype}"
+    elif head_dim > 128 or head_dim % 8:
+        why["cudnn"] = f"cuDNN takes head sizes up to 128 in multiples of 8, not {head_dim}"
+    elif segments and length > _CUDNN_MASKED_LENGTH:
+        why["cudnn"] = (f"cuDNN would hold a {length} x {length} segment mask per row (packed documents longer "
+                        f"than {_CUDNN_MASKED_LENGTH} tokens)")
+    window = _window_unfit(sliding_window, length)
+    if window:
+        why.setdefault("pallas_gpu", window)
+    return why
+
+
+def _window_unfit(sliding_window: int | None, length: int) -> str | None:
+    if sliding_window is not None and sliding_window < length:
+        return (f"the Pallas GPU kernel has no sliding window, and model.sliding_window={sliding_window} is "
+                f"shorter than the sequence ({length} tokens)")
+    return None
+
+
+def choose(name: str, platform: str, sliding_window: int | None, length: int, dtype: str = "float32",
+           head_dim: int = 128, segments: bool = True) -> str:
     """The implementation that runs `name` (one of IMPLEMENTATIONS) for sequences of `length` on
-    `platform`, or AttentionError when it cannot do that config."""
-    window_matters = sliding_window is not None and sliding_window < length
+    `platform`, in compute `dtype` with heads of `head_dim`, with packed documents (`segments`) or
+    not; or AttentionError when an explicitly named one cannot do that case. A pure function of
+    its arguments: `auto` is splash on TPU; on GPU cudnn where it runs the case (it was faster than
+    the Pallas kernel on an H100: 5.0 vs 6.2 ms fwd+bwd at 4 x 4096, bf16), else pallas_gpu where
+    that does, else xla (`fallback_note` says why); xla on CPU."""
+    gpu = platform in _NATIVE["pallas_gpu"]
+    why = _unfit(dtype, head_dim, segments, length, sliding_window)
     if name == "auto":
         if platform == "tpu":
             return "splash"
-        if platform in _NATIVE["pallas_gpu"]:
-            return "cudnn" if window_matters else "pallas_gpu"
+        if gpu:
+            return next((k for k in ("cudnn", "pallas_gpu") if k not in why), "xla")
         return "xla"
     if name not in IMPLEMENTATIONS:
         raise AttentionError(f"model.attention must be one of {IMPLEMENTATIONS}, got {name!r}")
     if name != "xla" and platform not in _NATIVE[name] and platform != "cpu":
         raise AttentionError(f"model.attention={name} runs on {'/'.join(_NATIVE[name])}, not on {platform}; "
                              f"use auto or xla")
-    if name == "pallas_gpu" and window_matters:
-        raise AttentionError(f"model.attention=pallas_gpu has no sliding window, and model.sliding_window="
-                             f"{sliding_window} is shorter than the sequence ({length} tokens): use cudnn or xla")
+    if not gpu:  # CPU: the kernels run in interpret mode, any dtype; no mode gives pallas_gpu a window
+        why = {"pallas_gpu": _window_unfit(sliding_window, length)} if _window_unfit(sliding_window, length) else {}
+    if name in why:
+        raise AttentionError(f"model.attention={name} cannot run this model: {why[name]}; use auto or xla")
     return name
+
+
+def fallback_note(name: str, chosen: str, platform: str, sliding_window: int | None, length: int,
+                  dtype: str = "float32", head_dim: int = 128, segments: bool = True) -> str | None:
+    """Why `auto` took xla on a GPU, for the start-up line; None when it took a fused kernel."""
+    if name != "auto" or chosen != "xla" or platform not in _NATIVE["pallas_gpu"]:
+        return None
+    why = _unfit(dtype, head_dim, segments, length, sliding_window)
+    return f"attention: xla, as no fused GPU kernel runs this case ({'; '.join(why.values())})"
 
 
 def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, sliding_window: int | None) -> jax.Array:
@@ -109,7 +157,8 @@ def self_attend(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, sliding_wi
                 implementation: str = "auto") -> jax.Array:
     """Attention of a sequence to itself (training, scoring), by `implementation` (see the module)."""
     where = platform()
-    name = choose(implementation, where, sliding_window, q_BTHE.shape[1])
+    name = choose(implementation, where, sliding_window, q_BTHE.shape[1], jnp.dtype(q_BTHE.dtype).name,
+                  q_BTHE.shape[3])
     if name == "xla":
         return self_attend_xla(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, sliding_window)
     interpret = where not in _NATIVE[name]

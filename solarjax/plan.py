@@ -38,6 +38,7 @@ class RunPlan:
     seq_len: int
     loss_chunk: int | None  # positions per step of the chunked vocabulary loss (None without a mesh)
     flops_per_token: float
+    attention_note: str | None = None  # why `auto` attention fell back to xla on an accelerator
 
     @property
     def attention(self) -> str:
@@ -59,7 +60,9 @@ class RunPlan:
                               f"and updates would take that dtype and most small updates round away (68% of "
                               f"bfloat16 weights unchanged after 10 steps at lr 3e-5); keep param_dtype "
                               f"float32 and set model.dtype: bfloat16 for bfloat16 compute")
-        chosen = attention.choose(model_config.attention, platform, model_config.sliding_window, seq_len)
+        case = (platform, model_config.sliding_window, seq_len, model_config.dtype, model_config.head_dim)
+        chosen = attention.choose(model_config.attention, *case)
+        note = attention.fallback_note(model_config.attention, chosen, *case)
         chunk = None
         if mesh is not None:
             rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -68,7 +71,7 @@ class RunPlan:
                                   + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
             chunk = loss_chunk(cfg, mesh, platform)
         return cls(cfg, model_config, model_config.replace(attention=chosen), objectives_lib.get(cfg.objective),
-                   cfg.objective_options, platform, seq_len, chunk, model_flops_per_token(model_config, seq_len))
+                   cfg.objective_options, platform, seq_len, chunk, model_flops_per_token(model_config, seq_len), note)
 
 
 def planned_model_config(cfg: TrainConfig, saved: ModelConfig | None = None) -> ModelConfig:

@@ -146,6 +146,8 @@ class Trainer:
                   + (f", resumed from its checkpoint of step {resume_step}" if restored is not None else ""),
                   file=sys.stderr)
             print(self._describe_trainable(), file=sys.stderr)
+            if plan.attention_note:
+                print(plan.attention_note, file=sys.stderr)
             if len(self.data.sources) > 1 or self.data.schedule[1:] or cfg.data.named_validation:
                 print(f"mixture: {self.data.describe()}", file=sys.stderr)
             for name, packed in self.data.sources.items():

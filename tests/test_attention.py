@@ -91,15 +91,69 @@ def test_a_kernel_runs_per_shard_under_a_mesh():
     np.testing.assert_allclose(out, reference(q, k, v, seg, 50), atol=2e-5)
 
 
-def test_auto_choice_and_refusals():
+BF16 = {"dtype": "bfloat16", "head_dim": 128}
+
+
+def test_tpu_takes_splash_and_cpu_xla():
     assert attention.choose("auto", "tpu", 4096, 8192) == "splash"
-    assert attention.choose("auto", "gpu", None, 8192) == "pallas_gpu"
-    assert attention.choose("auto", "gpu", 4096, 4096) == "pallas_gpu"  # the window covers the sequence
-    assert attention.choose("auto", "gpu", 4096, 8192) == "cudnn"  # pallas_gpu has no window
-    assert attention.choose("auto", "cpu", 4096, 8192) == "xla"
+    assert attention.choose("auto", "tpu", None, 8192, "float32") == "splash"
+    assert attention.choose("auto", "cpu", 4096, 8192, **BF16) == "xla"
     assert attention.choose("splash", "cpu", 4096, 8192) == "splash"  # interpret mode, for tests
-    with pytest.raises(attention.AttentionError, match="pallas_gpu has no sliding window.*4096.*8192"):
-        attention.choose("pallas_gpu", "gpu", 4096, 8192)
+    assert attention.choose("cudnn", "cpu", None, 128, "float32") == "cudnn"  # interpret mode takes float32
+
+
+def test_gpu_prefers_cudnn_where_it_runs_the_case():
+    """bf16, heads up to 128: cudnn (faster than the Pallas kernel on an H100), window or not."""
+    assert attention.choose("auto", "gpu", None, 4096, **BF16) == "cudnn"
+    assert attention.choose("auto", "gpu", 4096, 8192, **BF16) == "cudnn"
+    assert attention.choose("auto", "gpu", None, 4096, "float16", 64) == "cudnn"
+
+
+def test_gpu_float32_has_no_fused_kernel_and_says_so():
+    """float32 on a GPU: the Pallas kernel exhausts shared memory, cuDNN refuses the dtype: xla,
+    with a start-up note naming both reasons; naming either kernel is refused."""
+    assert attention.choose("auto", "gpu", None, 4096, "float32", 128) == "xla"
+    note = attention.fallback_note("auto", "xla", "gpu", None, 4096, "float32", 128)
+    assert note.startswith("attention: xla") and "cuDNN takes bfloat16/float16 only, not float32" in note \
+        and "runs out of shared memory at float32" in note
+    assert attention.fallback_note("auto", "cudnn", "gpu", None, 4096, **BF16) is None
+    assert attention.fallback_note("auto", "xla", "cpu", None, 4096, "float32", 128) is None
+    with pytest.raises(attention.AttentionError, match="pallas_gpu cannot run this model: the Pallas GPU kernel "
+                                                       "runs out of shared memory at float32"):
+        attention.choose("pallas_gpu", "gpu", None, 4096, "float32", 128)
+    with pytest.raises(attention.AttentionError, match="cudnn cannot run this model: cuDNN takes bfloat16/float16"):
+        attention.choose("cudnn", "gpu", None, 4096, "float32", 128)
+
+
+def test_gpu_head_sizes_cudnn_does_not_take_go_to_pallas():
+    assert attention.choose("auto", "gpu", None, 4096, "bfloat16", 256) == "pallas_gpu"
+    assert attention.choose("auto", "gpu", None, 4096, "bfloat16", 100) == "pallas_gpu"
+    with pytest.raises(attention.AttentionError, match="head sizes up to 128 in multiples of 8, not 256"):
+        attention.choose("cudnn", "gpu", None, 4096, "bfloat16", 256)
+
+
+def test_gpu_long_packed_rows_avoid_the_quadratic_segment_mask():
+    """cuDNN takes packed documents only as a [B, 1, T, S] mask: past 8192 tokens the Pallas
+    kernel (segment ids natively), and unpacked rows keep cudnn."""
+    assert attention.choose("auto", "gpu", None, 16384, **BF16) == "pallas_gpu"
+    assert attention.choose("auto", "gpu", None, 16384, **BF16, segments=False) == "cudnn"
+    assert attention.choose("auto", "gpu", None, 8192, **BF16) == "cudnn"
+
+
+def test_gpu_window_shorter_than_the_sequence():
+    """pallas_gpu has no window: with one shorter than the sequence, cudnn if it can, else xla."""
+    assert attention.choose("auto", "gpu", 4096, 4096, "bfloat16", 256) == "pallas_gpu"  # the window covers it
+    assert attention.choose("auto", "gpu", 4096, 8192, "bfloat16", 256) == "xla"
+    note = attention.fallback_note("auto", "xla", "gpu", 4096, 8192, "bfloat16", 256)
+    assert "not 256" in note and "has no sliding window" in note
+    with pytest.raises(attention.AttentionError, match="pallas_gpu cannot run this model: the Pallas GPU kernel has "
+                                                       "no sliding window.*4096.*8192"):
+        attention.choose("pallas_gpu", "gpu", 4096, 8192, **BF16)
+    with pytest.raises(attention.AttentionError, match="no sliding window"):  # interpret mode has none either
+        attention.choose("pallas_gpu", "cpu", 4096, 8192)
+
+
+def test_kernels_are_refused_on_the_wrong_platform():
     with pytest.raises(attention.AttentionError, match="splash runs on tpu, not on gpu"):
         attention.choose("splash", "gpu", None, 128)
     with pytest.raises(attention.AttentionError, match="cudnn runs on gpu/cuda, not on tpu"):

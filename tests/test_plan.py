@@ -43,7 +43,7 @@ def test_the_plan_resolves_model_attention_chunk_and_flops():
     ({"global_batch": 6}, (1, 4, 1), "global_batch 6 must be a multiple of mesh data x fsdp = 4"),
     ({"microbatches": 4}, (1, 4, 1), "global_batch 8 must be a multiple of mesh data x fsdp = 4 times microbatches 4"),
     ({"model.param_dtype": "bfloat16"}, None, "model.param_dtype bfloat16 is refused for training"),
-    ({"model.attention": "pallas_gpu", "model.sliding_window": 32}, None, "pallas_gpu has no sliding window"),
+    ({"model.attention": "pallas_gpu", "model.sliding_window": 32}, None, "Pallas GPU kernel has no sliding window"),
 ])
 def test_checks_across_sections_name_both_values(over, mesh, message):
     mesh = solarjax.make_mesh(*mesh, jax.devices()[:4]) if mesh else None

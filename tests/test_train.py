@@ -472,7 +472,7 @@ def test_low_precision_parameters_are_refused_for_training(tmp_path, corpus):
 
 def test_an_attention_kernel_that_cannot_do_the_config_is_refused_before_training(tmp_path, corpus):
     over = {"model.attention": "pallas_gpu", "model.sliding_window": 16}  # shorter than seq_len 64
-    with pytest.raises(ConfigError, match=r"pallas_gpu has no sliding window.*16 is shorter than the sequence \(64"):
+    with pytest.raises(ConfigError, match=r"Pallas GPU kernel has no sliding window.*16 is shorter than the sequence \(64"):
         Trainer(_config(tmp_path, corpus, **over), _one_device_mesh())
 
 

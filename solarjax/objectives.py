@@ -72,6 +72,9 @@ class Objective:
     reference: bool = False
     per_token: bool = True  # the loss is a mean token cross entropy, so eval reports a perplexity too
     options: type | None = None  # the class of its config section, named after the objective (DPOConfig)
+    # (ctx, params, batch) -> {"loss": [B] per row, count: [B]}: what a paired comparison of two
+    # models over the same held-out windows needs (recipes); None where rows are not its units.
+    rows: Callable | None = None
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -108,20 +111,36 @@ def marked_BT(batch):
     return same_document_BT(batch) & (_next(batch["loss_mask"]) > 0)
 
 
+def _hidden(ctx: Context, params, batch):
+    """(final hidden states [B, T, D], output projection [D, V]) of the batch's rows."""
+    return Decoder(ctx.config, scan_unroll=ctx.unroll).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], hidden=True)
+
+
 def token_nll_sum(ctx: Context, params, batch, weights_BT):
     """sum of weights * next-token nll, through the chunked loss (exact gradients for a token sum)."""
     tokens_BT = batch["tokens"]
-    x_BTD, head_DV = Decoder(ctx.config, scan_unroll=ctx.unroll).apply(
-        {"params": params}, tokens_BT, batch["positions"], batch["segment_ids"], hidden=True)
+    x_BTD, head_DV = _hidden(ctx, params, batch)
     return loss_lib.cross_entropy_sum(x_BTD, head_DV, _next(tokens_BT), weights_BT.astype(jnp.float32),
                                       ctx.chunk or tokens_BT.shape[1])
+
+
+def token_nll_rows(ctx: Context, params, batch, weights_BT):
+    """Per row: sum of weights * next-token nll, float32 [B], by the chunked log-probabilities."""
+    tokens_BT = batch["tokens"]
+    x_BTD, head_DV = _hidden(ctx, params, batch)
+    logp_BT = loss_lib.token_logprobs(x_BTD, head_DV, _next(tokens_BT), ctx.chunk or tokens_BT.shape[1])
+    w_BT = weights_BT.astype(jnp.float32)
+    return -jnp.where(w_BT != 0, logp_BT * w_BT, 0).sum(1)
 
 
 def token_objective(name: str, layout: str, weights: Callable) -> Objective:
     """Mean next-token cross entropy over the positions weights(batch) marks, in the global batch."""
     return Objective(name, layout, units=lambda batch: weights(batch).sum(),
                      sums=lambda ctx, params, batch, reference=None: {
-                         "loss": token_nll_sum(ctx, params, batch, weights(batch))})
+                         "loss": token_nll_sum(ctx, params, batch, weights(batch))},
+                     rows=lambda ctx, params, batch: {"loss": token_nll_rows(ctx, params, batch, weights(batch)),
+                                                      "tokens": weights(batch).sum(1)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +172,7 @@ def sequence_logps(ctx: Context, params, batch) -> SequenceLogps:
     """Response log-probabilities summed per sequence. Pair k of a row is segments 2k-1 (chosen)
     and 2k (rejected) (data.PackedExamples); a slot with no pair sums to 0 over 0 tokens."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
-    x_BTD, head_DV = Decoder(ctx.config, scan_unroll=ctx.unroll).apply(
-        {"params": params}, tokens_BT, batch["positions"], seg_BT, hidden=True)
+    x_BTD, head_DV = _hidden(ctx, params, batch)
     logp_BT = loss_lib.token_logprobs(x_BTD, head_DV, _next(tokens_BT), ctx.chunk or tokens_BT.shape[1])
     weights_BT = marked_BT(batch)
     # The log-prob of token t+1 sits at position t, in t's segment (the same as t+1's where weighted).

@@ -23,16 +23,15 @@ import numpy as np
 
 from solarjax import checkpoint as ckpt_lib
 from solarjax import hf
-from solarjax import data as data_lib
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
-from solarjax.model import logits, param_count
-from solarjax.sharding import make_mesh
+from solarjax.model import param_count
 from solarjax.plan import RunPlan
 from solarjax.topology import model_flops_per_token
 from solarjax.trainer import Trainer, read_metrics
 from solarjax.rundir import lock_run_dir
 
 DONE_FILE = "done.json"
+WINDOWS_FILE = "window_losses.npz"  # a finished stage's loss per held-out window, for the paired comparison
 # The stages whose losses make SOLAR's claim, by name: (summary key, stage, which eval).
 CLAIM_KEYS = (("base_loss", "base", "final"), ("upscaled_loss_at_init", "upscaled", "at_init"),
               ("upscaled_loss_final", "upscaled", "final"), ("base_continued_loss_final", "control", "final"),
@@ -76,13 +75,18 @@ def _run_stages(recipe: RecipeConfig, mesh) -> dict | None:
             continue
         print(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {_describe(stage, cfg)}", file=sys.stderr)
         start = time.perf_counter()
-        trainer = Trainer(cfg, mesh)
+        trainer = Trainer(cfg, mesh, eval_ends=True)
         trainer.run()
         if int(trainer.state["step"]) < cfg.steps:
             return None
+        _save_window_losses(trainer, stage_dir)
         if jax.process_index() == 0:
             done.write_text(json.dumps({"steps": cfg.steps, "seconds": time.perf_counter() - start}) + "\n")
         del trainer
+    for name in _paired_stages(recipe):  # finished by an earlier version, which kept no window losses
+        cfg = stage_train_config(recipe, recipe.stage(name))
+        if not (Path(cfg.run_dir) / WINDOWS_FILE).is_file():
+            _save_window_losses(Trainer(cfg, mesh), Path(cfg.run_dir))
     if jax.process_index() != 0:
         return None
     summary = summarize(recipe)
@@ -150,7 +154,7 @@ def summarize(recipe: RecipeConfig) -> dict:
     if "upscaled_loss_final" in summary:
         for key, arm in (("equal_tokens", "base_continued_loss_final"),
                          ("equal_flops", "base_continued_equal_flops_loss_final")):
-            if arm in summary:
+            if summary.get(arm) is not None and summary["upscaled_loss_final"] is not None:
                 summary[f"upscaled_ahead_at_{key}"] = summary["upscaled_loss_final"] < summary[arm]
     summary["stages"] = stages
     return summary
@@ -221,50 +225,61 @@ PAIRS = (("upscaled", "control"), ("upscaled", "control_equal_flops"),
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 
-def paired_differences(recipe: RecipeConfig) -> dict:
-    """Each PAIRS arm's final held-out loss minus its control's, scored on every held-out window by
-    both stages' final parameters, with a 95% interval from a paired bootstrap over the windows:
-    {"paired_difference": {"upscaled - control": d}, "paired_interval": {...: [low, high]},
-    "paired_windows": N}. Empty without a held-out set, an lm pair, or in a multi-process job."""
+def _pairs(recipe: RecipeConfig) -> list[tuple[str, str]]:
     names = {s.name: s for s in recipe.stages}
-    pairs = [(a, b) for a, b in PAIRS if a in names and b in names
-             and stage_train_config(recipe, names[a]).objective == stage_train_config(recipe, names[b]).objective == "lm"]
-    if not pairs or jax.process_count() > 1:
-        return {}
-    cfg = stage_train_config(recipe, names[pairs[0][0]])
-    held_out = list(data_lib.load_data(cfg.data).held_out.values())  # every named set's windows together
-    if not held_out:
-        return {}
-    mesh = make_mesh(1, 1, 1, jax.devices()[:1])
-    scores = {}
-    for stage in sorted({s for pair in pairs for s in pair}):
-        config, params = ckpt_lib.load_params(Path(recipe.run_dir) / stage / "final", mesh)
-        per_set = [window_losses(config, params, windows, cfg.global_batch) for windows in held_out]
-        scores[stage] = tuple(np.concatenate(parts) for parts in zip(*per_set))
-    out = {"paired_difference": {}, "paired_interval": {}, "paired_windows": sum(len(w) for w in held_out)}
-    for a, b in pairs:
-        (nll_a, count), (nll_b, _) = scores[a], scores[b]
+    return [(a, b) for a, b in PAIRS if a in names and b in names
+            and stage_train_config(recipe, names[a]).objective == stage_train_config(recipe, names[b]).objective == "lm"]
+
+
+def _paired_stages(recipe: RecipeConfig) -> list[str]:
+    return sorted({s for pair in _pairs(recipe) for s in pair})
+
+
+def _save_window_losses(trainer: Trainer, stage_dir: Path) -> None:
+    """stage_dir/window_losses.npz: the stage's final parameters' loss and tokens on every held-out
+    window (Trainer.window_losses, on the job's mesh; every process takes part, process 0 writes)."""
+    scores = trainer.window_losses()
+    if not scores or jax.process_index() != 0:
+        return
+    tmp = stage_dir / f".{WINDOWS_FILE}.tmp"
+    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **{f"{key}:{name}": value for name, arrays in scores.items() for key, value in arrays.items()})
+    tmp.replace(stage_dir / WINDOWS_FILE)
+
+
+def _window_losses(stage_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, tokens) per held-out window of a stage, every named set's windows in order."""
+    with np.load(stage_dir / WINDOWS_FILE) as saved:
+        sets = [k.split(":", 1)[1] for k in saved.files if k.startswith("loss:")]
+        return (np.concatenate([saved[f"loss:{n}"] for n in sets]).astype(np.float64),
+                np.concatenate([saved[f"tokens:{n}"] for n in sets]).astype(np.float64))
+
+
+def paired_differences(recipe: RecipeConfig) -> dict:
+    """Each PAIRS arm's final held-out loss minus its control's, over the held-out windows both
+    stages were scored on at their last step (window_losses.npz: through each stage's own tokenizer,
+    data and sharded eval step), with a 95% interval from a paired bootstrap over the windows:
+    {"paired_difference": {"upscaled - control": d}, "paired_interval": {...: [low, high]},
+    "paired_windows": N}. Empty without a held-out set or an lm pair; a pair whose stages were
+    scored on different windows is left out, with a note."""
+    scores = {name: _window_losses(Path(stage_train_config(recipe, recipe.stage(name)).run_dir))
+              for name in _paired_stages(recipe)
+              if (Path(stage_train_config(recipe, recipe.stage(name)).run_dir) / WINDOWS_FILE).is_file()}
+    out = {"paired_difference": {}, "paired_interval": {}}
+    for a, b in _pairs(recipe):
+        if a not in scores or b not in scores:
+            continue
+        (nll_a, count), (nll_b, count_b) = scores[a], scores[b]
+        if not np.array_equal(count, count_b):
+            print(f"note: no paired comparison of {a} and {b}: their held-out windows differ "
+                  f"({len(count)} vs {len(count_b)} windows, {count.sum():.0f} vs {count_b.sum():.0f} tokens)",
+                  file=sys.stderr)
+            continue
         difference, interval = paired_bootstrap(nll_a, nll_b, count)
         out["paired_difference"][f"{a} - {b}"] = difference
         out["paired_interval"][f"{a} - {b}"] = interval
-    return out
-
-
-def window_losses(config: ModelConfig, params, windows, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per held-out window: the summed next-token loss where the next token is in the same document
-    (the trainer's eval loss, in float64) and how many tokens it counts."""
-    nll, count = [], []
-    for start in range(0, len(windows), rows):
-        b = data_lib.stack_sequences([windows.sequence(i) for i in range(start, min(start + rows, len(windows)))])
-        z = np.asarray(logits(config, params, b["tokens"], b["positions"], b["segment_ids"]), np.float64)
-        logp = z - z.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        seg = b["segment_ids"]
-        scored = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])
-        picked = np.take_along_axis(logp[:, :-1], b["tokens"][:, 1:, None], -1)[..., 0]
-        nll.append(-(picked * scored).sum(1))
-        count.append(scored.sum(1))
-    return np.concatenate(nll), np.concatenate(count)
+        out["paired_windows"] = len(count)
+    return out if out["paired_difference"] else {}
 
 
 def paired_bootstrap(nll_a: np.ndarray, nll_b: np.ndarray, count: np.ndarray) -> tuple[float, list[float]]:
@@ -292,6 +307,8 @@ def plot_curves(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3 if control else 2, figsize=(15 if control else 10, 4.2))
     base = summary.get("base_loss")
     later = [p["eval_loss"] for s in continued.values() for p in s["eval_curve"] if p["step"] > 0]
+    if not later:  # no held-out set: nothing to draw
+        return
     low, high = min(later + [base or later[0]]), max(later + [base or later[0]])
     pad = (high - low) * 0.08 or 0.01
     color = {name: f"C{i}" for i, name in enumerate(continued)}  # one color per stage in every panel

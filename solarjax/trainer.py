@@ -64,8 +64,10 @@ class CheckpointError(SolarjaxError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, mesh=None):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, mesh=None, eval_ends: bool = False):
+        """eval_ends: evaluate before the first step and after the last whatever eval_every says
+        (a recipe's stages: their comparison needs those losses)."""
+        self.cfg, self.eval_ends, self._rows_step = cfg, eval_ends, None
         self.run_dir = Path(cfg.run_dir)
         self.objective = objectives_lib.get(cfg.objective)  # the config has checked the name
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
@@ -375,26 +377,49 @@ class Trainer:
             result["eval_perplexity"] = math.exp(min(loss, 50.0))
         return {**result, **{f"eval_{k}": v / count for k, v in total.items()}}
 
+    def _every_window(self, val):
+        """This process's rows of every window of a held-out set, in order, a global batch at a
+        time; the last batch's missing rows are padding (segment 0, no loss)."""
+        G, P, p = self.cfg.global_batch, jax.process_count(), jax.process_index()
+        pad = jax.tree.map(np.zeros_like, val.sequence(0))
+        for b in range(-(-len(val) // G)):
+            yield data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad
+                                            for r in range(b * G + p * G // P, b * G + (p + 1) * G // P)])
+
     def _eval_sums(self, val, whole: bool) -> dict[str, float]:
         """The objective's sums and units over one held-out set: its first eval_batches global batches,
         or (whole) every window in order."""
         G = self.cfg.global_batch
-        P, p = jax.process_count(), jax.process_index()
         if len(val) >= G and not whole:
             batches = data_lib.Mixture([data_lib.IMPLICIT_SOURCE], [val], [(0, [1.0])], G, seed=0,
-                                       process_index=p, process_count=P)
+                                       process_index=jax.process_index(), process_count=jax.process_count())
             local = [batches.batch(step) for step in range(min(self.cfg.eval_batches, len(val) // G))]
-        else:  # every window in order; the last batch's missing rows are padding (segment 0, no loss)
-            pad = jax.tree.map(np.zeros_like, val.sequence(0))
-            local = [data_lib.stack_sequences([val.sequence(r) if r < len(val) else pad
-                                               for r in range(b * G + p * G // P, b * G + (p + 1) * G // P)])
-                     for b in range(-(-len(val) // G))]
+        else:
+            local = self._every_window(val)
         sums = {}
         for batch in local:
             for k, v in jax.device_get(self.eval_step(self.state["params"], self._device_batch(batch),
                                                       *self._step_args())).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return sums
+
+    def window_losses(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """Per held-out set (by name): every window's summed loss and units ({"loss": [N], count:
+        [N]}, in window order) under the current parameters, through the sharded eval step on this
+        job's mesh. Collective: every process calls it and gets the whole arrays. None for an
+        objective whose units are not rows (dpo's pairs)."""
+        if self.objective.rows is None:
+            return None
+        if self._rows_step is None:
+            self._rows_step = jax.jit(lambda params, batch: self.objective.rows(self.loss_context, params, batch),
+                                      out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        out = {}
+        with jax.set_mesh(self.mesh):
+            for name, val in self.data.held_out.items():
+                parts = [jax.device_get(self._rows_step(self.state["params"], self._device_batch(batch)))
+                         for batch in self._every_window(val)]
+                out[name] = {k: np.concatenate([part[k] for part in parts])[:len(val)] for k in parts[0]}
+        return out
 
     def samples(self) -> list[dict]:
         """Greedy completions of cfg.sample_prompts by the current parameters (the sampler's API)."""
@@ -493,7 +518,7 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 # Step 0: the loss at init (an up-scaled model's drop). Later: a stop that came between
                 # a step's checkpoint and its eval, which the resumed loop would otherwise skip.
-                if cfg.eval_every and not evaluated and (start % cfg.eval_every == 0 or start == cfg.steps):
+                if not evaluated and self._eval_due(start):
                     self._eval_and_sample(start, metrics_file, record, progress, samples=start > 0)
                 batch = self._device_batch(self.batches.batch(start)) if start < last else None
                 for step in range(start, last):
@@ -505,7 +530,7 @@ class Trainer:
                     if multi and multihost_utils.reached_preemption_sync_point(done):
                         stop["signal"] = "SIGTERM (preemption notice)"
                     at_checkpoint = done % cfg.checkpoint_every == 0 or done == last or stop["signal"]
-                    eval_due = cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps)
+                    eval_due = self._eval_due(done)
                     if done % cfg.log_every == 0 or at_checkpoint or eval_due:
                         self._check_lock()  # before anything of this step is written
                     if done % cfg.log_every == 0 or at_checkpoint:
@@ -540,6 +565,11 @@ class Trainer:
         elif done == cfg.steps:
             self._export_final()
         return record
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(every and (step % every == 0 or step == self.cfg.steps)) or (
+            self.eval_ends and step in (0, self.cfg.steps))
 
     def _check_lock(self) -> None:
         """Stops the job, writing nothing more, when another job has taken its run directory's lock

@@ -20,5 +20,8 @@ cfg = train_config_from_dict(json.loads(open(config_path).read()))
 trainer = Trainer(cfg)
 assert jax.process_count() == n and len(jax.devices()) == 2 * n and len(jax.local_devices()) == 2
 record = trainer.run()
+windows = trainer.window_losses() if cfg.eval_every else {}  # collective: the recipe's paired scoring
 print(json.dumps({"process": i, "loss": record.get("loss"), "step": int(trainer.state["step"]),
-                  "local_rows": len(trainer.batches.rows(0))}), flush=True)
+                  "local_rows": len(trainer.batches.rows(0)),
+                  "windows": {name: {k: v.tolist() for k, v in arrays.items()} for name, arrays in windows.items()}}),
+      flush=True)

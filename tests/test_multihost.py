@@ -53,8 +53,14 @@ def test_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert [r["local_rows"] for r in results] == [2, 2]  # global batch 4, half on each process
+    windows = single.window_losses()  # every held-out window's loss, as the recipe's paired comparison takes them
+    assert set(windows) == {"low", "high"}
     for r in results:
         np.testing.assert_allclose(r["loss"], single_loss, rtol=1e-5)
+        assert r["windows"].keys() == windows.keys()
+        for name, arrays in windows.items():
+            np.testing.assert_allclose(r["windows"][name]["loss"], arrays["loss"], rtol=1e-5)
+            np.testing.assert_array_equal(r["windows"][name]["tokens"], arrays["tokens"])
     assert (tmp_path / "multi" / "run" / "checkpoints" / "3").is_dir()
     # The eval's samples (the sampler on a mesh that spans both processes) equal the single run's.
     def logged(run, key):

@@ -56,9 +56,9 @@ def _direct_eval_loss(params, config, trainer_cfg) -> float:
     return nll.sum() / count.sum()
 
 
-def _window_nll(params, config, trainer_cfg) -> tuple[np.ndarray, np.ndarray]:
+def _window_nll(params, config, trainer_cfg, model_dir=None) -> tuple[np.ndarray, np.ndarray]:
     """Per held-out window, one window at a time: the summed loss and the number of tokens it counts."""
-    val = data_lib.load_data(trainer_cfg.data).validation
+    val = data_lib.load_data(trainer_cfg.data, model_dir=model_dir).validation
     assert len(val) > trainer_cfg.global_batch * trainer_cfg.eval_batches  # so that "every window" is tested
     nll, count = np.zeros(len(val)), np.zeros(len(val))
     for i in range(len(val)):
@@ -179,6 +179,38 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, list]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+@pytest.mark.slow
+def test_a_recipe_on_a_model_with_its_own_tokenizer_and_no_periodic_evals(tmp_path, corpus):  # noqa: F811
+    """A base from an HF directory whose tokenizer has 300 tokens (Mistral's ids would not fit), and
+    eval_every 0: every stage is still evaluated at its ends, and the paired comparison scores the
+    windows the stages were evaluated on, tokenized by the model's own tokenizer, through each
+    stage's eval step. (It tokenized with Mistral's and stopped after training every stage; and
+    with eval_every 0 it ended in a TypeError.)"""
+    from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model
+    hf_dir = save_hf_model(make_hf_model("llama", vocab_size=320, bos_token_id=300, eos_token_id=[301, 304],
+                                         num_hidden_layers=4), tmp_path / "hf")
+    make_bpe_tokenizer(hf_dir)
+    d = _recipe_dict(tmp_path, corpus, eval_every=0, export=None, sample_prompts=[])
+    d.pop("model")
+    d["stages"] = {"base": {"init": {"from": str(hf_dir)}, "steps": 2},
+                   "upscaled": {"init": {"from": "base", "upscale": {"n": 4, "m": 1}}, "steps": 2, **CONTINUED},
+                   "control": {"init": {"from": "base"}, "steps": 2, **CONTINUED}}
+    recipe = recipe_config_from_dict(d)
+    summary = recipe_lib.run_recipe(recipe, _one_device_mesh())
+    assert summary["upscaled_loss_final"] is not None and summary["base_continued_loss_final"] is not None
+    assert "upscaled_ahead_at_equal_tokens" in summary
+    held_out = data_lib.load_data(recipe.stage("control").train.data, model_dir=str(hf_dir)).validation
+    assert summary["paired_windows"] == len(held_out)
+    np.testing.assert_allclose(summary["paired_difference"]["upscaled - control"],
+                               summary["upscaled_loss_final"] - summary["base_continued_loss_final"], atol=2e-6)
+    # The windows' losses are the final parameters' on the model's own tokens, computed here directly.
+    config, params = solarjax.load_model(tmp_path / "run" / "control" / "final")
+    nll, count = _window_nll(params, config, recipe.stage("control").train, model_dir=str(hf_dir))
+    with np.load(tmp_path / "run" / "control" / recipe_lib.WINDOWS_FILE) as saved:
+        np.testing.assert_allclose(saved["loss:"], nll, rtol=2e-5)
+        np.testing.assert_array_equal(saved["tokens:"], count)
 
 
 @pytest.mark.slow

@@ -913,15 +913,16 @@ def _docs(packed) -> int:
 
 
 def load_data(cfg: DataConfig, vocab_size: int | None = None, model_dir: str | None = None,
-              layout: str = "text") -> Data:
+              layout: str = "text", tokenizer: Tokenizer | None = None) -> Data:
     """Tokenizer, token caches and the packed train (and validation) sequences for `cfg`. Without
-    data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer.
+    data.tokenizer, the model directory being trained (`model_dir`, init.from) lends its tokenizer;
+    `tokenizer` (a resumed run's own) overrides both.
     layout: "text" (documents cut into windows), "sft" or "pairs" (records packed whole); without
     sources, records are derived from the built-in corpus (solarjax.corpus.builtin_records).
 
     Each source (cfg.named_sources()) has its own token cache, so adding a source later tokenizes
     only that one. validation_fraction holds out that share of each source (named after it)."""
-    tokenizer = resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
+    tokenizer = tokenizer or resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
     if vocab_size is not None:
         tokenizer.check_fits(vocab_size)
     per = 2 if layout == "pairs" else 1  # documents per unit that is packed and held out whole

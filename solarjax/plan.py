@@ -23,6 +23,7 @@ from solarjax import loss as loss_lib
 from solarjax import objectives as objectives_lib
 from solarjax.config import ConfigError, TrainConfig
 from solarjax.modelconfig import ModelConfig
+from solarjax.rundir import RunDir
 from solarjax.topology import model_flops_per_token
 from solarjax.upscale import UpscaleSpec
 
@@ -101,10 +102,8 @@ def planned_model_config(cfg: TrainConfig, saved: ModelConfig | None = None) -> 
 def saved_model_config(run_dir: str | Path) -> ModelConfig | None:
     """The model config a run directory's checkpoints were saved with, or None for a new run (or
     one stopped before its first checkpoint, which starts again from its config)."""
-    run_dir = Path(run_dir)
-    folder, path = run_dir / "checkpoints", run_dir / ckpt_lib.CONFIG_FILE
-    has_checkpoint = folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
-    return ModelConfig.load(path) if has_checkpoint and path.is_file() else None
+    path = Path(run_dir) / ckpt_lib.CONFIG_FILE
+    return ModelConfig.load(path) if RunDir(run_dir).checkpoint_steps() and path.is_file() else None
 
 
 def loss_chunk(cfg: TrainConfig, mesh, platform: str) -> int:

@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from solarjax.errors import SolarjaxError
+from solarjax.files import atomic_output_dir
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -258,3 +259,59 @@ def lock_run_dir(run_dir: str | Path) -> RunLock | None:
     if error is not None:
         raise error
     return lock
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's records: what a resume must agree with (docs/architecture.md, "A run's records")
+
+CONFIG_RECORD = "config.json"  # the config of the steps taken (its data section: the mixture's weights)
+SCHEDULE_RECORD = "schedule.json"  # {"segments": [[0, steps], [start, steps, "continue"|"restart"], ...]}
+TRAINABLE_RECORD = "trainable.json"  # what the run trains, resolved to layers: a resume must train the same
+STREAMS_RECORD = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the run tokenizes with (a copy), and its fingerprint
+TOKENIZER_RECORD = "fingerprint.json"  # in TOKENIZER_DIR: {"fingerprint", "source", "chat_template"}
+
+
+class RunDir:
+    """A run directory's layout and its records, read and written in one place. Records are small
+    JSON files, each replaced whole (a crash leaves the old one or the new one, never half)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.tokenizer = self.path / TOKENIZER_DIR
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps of the checkpoint folders, newest first, read from the listing alone (damaged
+        ones included: the Trainer's restore tells them apart)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted((int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()), reverse=True)
+
+    def read(self, name: str) -> dict | None:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            raise RunDirError(f"{path}: the run's record is not valid JSON; restore it or start a new run_dir") from None
+
+    def write(self, name: str, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1, default=list) + "\n")
+        os.replace(tmp, self.path / name)
+
+    def tokenizer_record(self) -> dict | None:
+        """{"fingerprint", "source", "chat_template"} of the tokenizer the run started with, or None
+        (a new run, or one from before the record)."""
+        path = self.tokenizer / TOKENIZER_RECORD
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def record_tokenizer(self, tokenizer, chat_template: str | None) -> None:
+        """Copies `tokenizer` into RUN/tokenizer (replacing what was there whole: an earlier
+        tokenizer's files must not stay beside the new one's) with its fingerprint."""
+        with atomic_output_dir(self.tokenizer, overwrite=True) as tmp:
+            tokenizer.save(tmp)
+            (tmp / TOKENIZER_RECORD).write_text(json.dumps({
+                "fingerprint": tokenizer.fingerprint(), "source": str(tokenizer.source),
+                "chat_template": chat_template}) + "\n")

@@ -163,12 +163,17 @@ class Tokenizer:
             [self.directory / SPECIAL_IDS_FILE] if (self.directory / SPECIAL_IDS_FILE).is_file() else [])
 
     def fingerprint(self) -> str:
+        """What decides the ids and the chat rendering, wherever the files lie: the model file's
+        bytes (tokenizer.json or .model, under any name), the configs' bytes, the special ids and
+        the chat template in effect. A copy written by save() has its source's fingerprint, so a
+        run that resumes from its own copy (RUN/tokenizer) reads the same token cache."""
         h = hashlib.sha256()
         for f in self.files:
-            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
-        h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos]).encode())
-        if self._chat_template_override is not None:  # only then: caches made before it keep their names
-            h.update(b"chat_template" + self._chat_template_override.encode())
+            if f.name in (SPECIAL_IDS_FILE, "chat_template.jinja"):  # in the resolved values below
+                continue
+            h.update(("model" if f == self.path else f.name).encode() + hashlib.sha256(f.read_bytes()).digest())
+        h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos,
+                             self.chat_template]).encode())
         return h.hexdigest()
 
     # -- text <-> ids ---------------------------------------------------------------------------

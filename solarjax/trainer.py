@@ -41,13 +41,15 @@ from solarjax import scoring as scoring_lib
 from solarjax import step as step_lib
 from solarjax import tasks as tasks_lib
 from solarjax.config import ConfigError, DataConfig, TrainConfig
-from solarjax.errors import DiskFullError, SolarjaxError, is_disk_full
+from solarjax.errors import DiskFullError, MissingInputError, SolarjaxError, is_disk_full
 from solarjax import objectives as objectives_lib
 from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
-from solarjax.rundir import RunDirBusyError, lock_run_dir
+from solarjax.rundir import (CONFIG_RECORD, SCHEDULE_RECORD, STREAMS_RECORD, TRAINABLE_RECORD, RunDir,
+                             RunDirBusyError, lock_run_dir)
+from solarjax.tokenizer import load_tokenizer, resolve_tokenizer
 from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.files import check_output
 from solarjax.topology import peak_tflops_per_device
@@ -69,6 +71,7 @@ class Trainer:
         (a recipe's stages: their comparison needs those losses)."""
         self.cfg, self.eval_ends, self._rows_step = cfg, eval_ends, None
         self.run_dir = Path(cfg.run_dir)
+        self.records = RunDir(self.run_dir)
         self.objective = objectives_lib.get(cfg.objective)  # the config has checked the name
         check_output(self.run_dir / "final", self._inputs())  # now, not after the run, at the export
         self._lock = lock_run_dir(self.run_dir)  # before anything in the run directory is touched
@@ -82,14 +85,22 @@ class Trainer:
     def _setup(self, mesh) -> None:
         cfg = self.cfg
         ckpt_lib.drop_orbax_leftovers()  # a damaged checkpoint or a full disk: our one line, not orbax's noise
-        # Data first: datasets.map forks its tokenizer workers, which is only safe before JAX has
-        # started its backend threads (the vocab check waits for the model config, below).
         # Everything the run derives from its config, checked across sections, before any data is read
         # (the platform, which needs JAX's backend, comes with the mesh below).
         saved = saved_model_config(self.run_dir)
         RunPlan.resolve(cfg, saved=saved)
-        model_dir = ckpt_lib.tokenizer_dir(cfg.init.source) if cfg.init.source and cfg.data.tokenizer is None else None
-        self.data = data_lib.load_data(cfg.data, model_dir=model_dir, layout=self.objective.layout)
+        self.trainable = step_lib.resolve_trainable(cfg)
+        on_disk = self.records.checkpoint_steps()
+        if on_disk:  # a resume's cheap checks first: a refusal must not wait for the corpus to be tokenized
+            self._check_trainable(on_disk[0])
+            try:  # the resume step is at least the oldest checkpoint's (exactly: after the restore, below)
+                self._check_mixture(on_disk[-1])
+            except ConfigError:  # then the newest's fails too, and it is the step that will most likely resume
+                self._check_mixture(on_disk[0])
+                raise
+        # Data before JAX's backend: datasets.map forks its tokenizer workers, which is only safe
+        # before JAX has started its threads (the vocab check waits for the model config, below).
+        self.data = data_lib.load_data(cfg.data, layout=self.objective.layout, tokenizer=self._tokenizer(bool(on_disk)))
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.plan = plan = RunPlan.resolve(cfg, self.mesh, saved=saved)
         self.model_config = plan.model_config
@@ -97,14 +108,11 @@ class Trainer:
             (self.run_dir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
-        self.trainable = step_lib.resolve_trainable(cfg)
         # The optimizer state's structure does not depend on the schedule, which needs the step.
         resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
                                                                          trainable=self.trainable))
         self.schedule_plan = self._schedule_plan(resume_step)
-        if resume_step and (self.run_dir / "config.json").is_file():  # the config of the steps already taken
-            previous = json.loads((self.run_dir / "config.json").read_text())["data"]
-            data_lib.check_mixture_resume(DataConfig(**previous), cfg.data, resume_step, self.run_dir)
+        self._check_mixture(resume_step)
         first_total, *extensions = self.schedule_plan
         self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions), trainable=self.trainable)
         self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
@@ -137,8 +145,8 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = plan.flops_per_token
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
-        if isinstance(self.batches, data_lib.Mixture) and restored is not None:  # streaming sources read on from there
-            self.batches.seek(_stream_positions(self.run_dir).get(str(resume_step), {}))
+        if restored is not None:  # streaming sources read on from where the checkpoint's step stood
+            self.batches.seek((self.records.read(STREAMS_RECORD) or {}).get(str(resume_step), {}))
         cached = [p for p in self.data.sources.values() if not getattr(p, "streaming", False)]
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
@@ -156,13 +164,13 @@ class Trainer:
                 if isinstance(packed, data_lib.PackedExamples):
                     print(f"{cfg.objective} data{'' if self.data.train else ' ' + name}: {packed.describe()}",
                           file=sys.stderr)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
+            records = self.records
+            records.write(CONFIG_RECORD, cfg.to_dict())
             self.model_config.save(self.run_dir / ckpt_lib.CONFIG_FILE)
-            (self.run_dir / "tokenizer").mkdir(exist_ok=True)
-            self.data.tokenizer.save(self.run_dir / "tokenizer")  # init.from: RUN/checkpoints/STEP finds it here
-            (self.run_dir / SCHEDULE_FILE).write_text(json.dumps({"segments": self.schedule_plan}) + "\n")
-            (self.run_dir / TRAINABLE_FILE).write_text(json.dumps(self._trainable_record()) + "\n")
+            if restored is None or records.tokenizer_record() is None:  # init.from RUN/checkpoints/STEP finds it too
+                records.record_tokenizer(self.data.tokenizer, cfg.data.chat_template)
+            records.write(SCHEDULE_RECORD, {"segments": self.schedule_plan})
+            records.write(TRAINABLE_RECORD, self._trainable_record())
 
     def _trainable_record(self) -> dict:
         t = self.trainable
@@ -194,18 +202,6 @@ class Trainer:
         if not steps:
             return 0, None
         folder = self.run_dir / "checkpoints"
-        saved_file = self.run_dir / TRAINABLE_FILE
-        # Written at the run's start (a run from before it: the state's shapes below still tell most changes).
-        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
-        ours = self._trainable_record()
-        if saved is not None and (saved["layers"], saved["rest"]) != (ours["layers"], ours["rest"]):
-            def what(r):
-                return r["trainable"] + ("" if r["layers"] is None else f" (layers {_ranges(r['layers'])})")
-            raise CheckpointError(
-                f"{self.run_dir} was trained with trainable: {what(saved)}, but the config says trainable: "
-                f"{what(ours)}; a run keeps what it trains (its optimizer state holds those parts' moments), and "
-                f"nothing was moved. Change trainable back to resume, or start a new run_dir from these weights "
-                f"with init.from: {folder / str(steps[0])}")
         target = step_lib.abstract_state(self.model_config, optimizer, self.mesh)
         expected = ckpt_lib.tree_shapes(target)
         for step in steps:
@@ -230,6 +226,58 @@ class Trainer:
         raise CheckpointError(f"{folder}: no checkpoint can be restored (steps {steps} are damaged and were "
                               f"moved to damaged-STEP); remove {self.run_dir} to start over")
 
+    def _check_trainable(self, newest: int) -> None:
+        """A resume trains the parts the run trained (trainable.json, written at its start; a run
+        from before it: the state's shapes still tell most changes)."""
+        saved, ours = self.records.read(TRAINABLE_RECORD), self._trainable_record()
+        if saved is not None and (saved["layers"], saved["rest"]) != (ours["layers"], ours["rest"]):
+            def what(r):
+                return r["trainable"] + ("" if r["layers"] is None else f" (layers {_ranges(r['layers'])})")
+            raise CheckpointError(
+                f"{self.run_dir} was trained with trainable: {what(saved)}, but the config says trainable: "
+                f"{what(ours)}; a run keeps what it trains (its optimizer state holds those parts' moments), and "
+                f"nothing was moved. Change trainable back to resume, or start a new run_dir from these weights "
+                f"with init.from: {self.records.checkpoints / str(newest)}")
+
+    def _check_mixture(self, resume_step: int) -> None:
+        """The weights of the steps already taken are the run's (config.json: their config)."""
+        previous = self.records.read(CONFIG_RECORD) if resume_step else None
+        if previous is not None:
+            data_lib.check_mixture_resume(DataConfig(**previous["data"]), self.cfg.data, resume_step, self.run_dir)
+
+    def _tokenizer(self, resuming: bool):
+        """The tokenizer the run tokenizes with: the config's (data.tokenizer, else init.from's own,
+        else Mistral's); on resume the one the run recorded at its start. A resume whose config now
+        names another tokenizer is refused; one whose tokenizer has moved away (init.from's
+        directory, data.tokenizer, data.chat_template) goes on with the run's copy, RUN/tokenizer."""
+        cfg, init = self.cfg.data, self.cfg.init
+        record = self.records.tokenizer_record() if resuming else None
+
+        def named():
+            model_dir = ckpt_lib.tokenizer_dir(init.source) if init.source and cfg.tokenizer is None else None
+            return resolve_tokenizer(cfg.tokenizer, model_dir, cfg.chat_template)
+        if record is None:
+            return named()
+        given = [cfg.tokenizer or (init.source if init.source else None), cfg.chat_template]
+        gone = next((p for p in given if p and not Path(os.path.expanduser(p)).exists()), None)
+        tokenizer = None
+        if gone is None:
+            try:
+                tokenizer = named()
+            except MissingInputError as e:  # a run checkpoint whose run no longer keeps a tokenizer
+                gone = str(e).split(":")[0]
+        if tokenizer is None:
+            print(f"note: {gone} is not there any more; the run goes on with the tokenizer it recorded at its start, "
+                  f"{self.records.tokenizer}", file=sys.stderr)
+            return load_tokenizer(self.records.tokenizer)
+        if tokenizer.fingerprint() != record["fingerprint"]:
+            raise ConfigError(
+                f"{self.run_dir} was tokenized with {record['source']} (fingerprint {record['fingerprint'][:12]}), "
+                f"but the config now gives {tokenizer.source} ({tokenizer.fingerprint()[:12]}), which tokenizes "
+                f"differently; nothing was changed. Set data.tokenizer: {self.records.tokenizer} to go on with the "
+                f"run's own, or start a new run_dir to train with the other")
+        return tokenizer
+
     def _move_aside(self, folder: Path, step: int, error: Exception) -> None:
         gc.collect()  # orbax's abandoned reads go now, quietly (checkpoint.drop_orbax_leftovers)
         text = (str(error).splitlines() or [""])[0].split(". See full TensorStore details")[0]
@@ -251,10 +299,10 @@ class Trainer:
         """[(0, steps), (start, new steps, mode), ...]: the first run's length and every extension
         of it (optim.schedule). A resume with other `steps` continues the learning-rate curve from
         where it is, or, when the schedule had ended, restarts it (its own warmup and decay)."""
-        path = self.run_dir / SCHEDULE_FILE
-        if not resume_step or not path.is_file():
+        record = self.records.read(SCHEDULE_RECORD) if resume_step else None
+        if record is None:
             return [(0, self.cfg.steps)]
-        plan = [tuple(seg) for seg in json.loads(path.read_text())["segments"]]
+        plan = [tuple(seg) for seg in record["segments"]]
         if self.cfg.steps == plan[-1][1]:
             return plan
         if self.cfg.steps < resume_step:
@@ -440,14 +488,11 @@ class Trainer:
     def save(self, step: int) -> None:
         with self._disk_full_is_one_line(f"the checkpoint of step {step}"):
             self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
-            positions = self.batches.positions(step) if isinstance(self.batches, data_lib.Mixture) else {}
+            positions = self.batches.positions(step)
             if positions and jax.process_index() == 0:  # where streaming sources stand: a resume seeks there
-                path = self.run_dir / STREAMS_FILE
-                record = {k: v for k, v in _stream_positions(self.run_dir).items() if int(k) < step}
+                record = {k: v for k, v in (self.records.read(STREAMS_RECORD) or {}).items() if int(k) < step}
                 record = dict(list(record.items())[-(self.cfg.keep_checkpoints + 2):])
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({**record, str(step): positions}) + "\n")
-                tmp.replace(path)
+                self.records.write(STREAMS_RECORD, {**record, str(step): positions})
 
     def _wait_for_saves(self) -> None:
         with self._disk_full_is_one_line("a checkpoint"):
@@ -553,8 +598,7 @@ class Trainer:
                 self._tensorboard.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            if isinstance(self.batches, data_lib.Mixture):  # no streaming reader thread outlives the run
-                self.batches.close()
+            self.batches.close()  # no streaming reader thread outlives the run
             self._wait_for_saves()
         done = int(self.state["step"])
         if stop["signal"]:
@@ -606,8 +650,7 @@ class Trainer:
                                          f"checkpoint is step {self.checkpoints.latest_step()}")
             record = {"step": step, **values}
         # Cumulative tokens (windows of seq_len, a last window's padding included) drawn from each source.
-        drawn = (self.batches.drawn(record["step"]) if isinstance(self.batches, data_lib.Mixture)
-                 else [record["step"] * self.cfg.global_batch])
+        drawn = self.batches.drawn(record["step"])
         record.update({f"tokens/{name}": int(n) * self.cfg.data.seq_len for name, n in zip(self.data.sources, drawn)})
         record["tokens_per_s"] = tokens_per_s
         record["model_tflops_per_s"] = tokens_per_s * self.flops_per_token / 1e12
@@ -630,11 +673,6 @@ class Trainer:
             self.data.tokenizer.save(final)
 
 
-SCHEDULE_FILE = "schedule.json"
-TRAINABLE_FILE = "trainable.json"  # what the run trains, resolved to layers: a resume must train the same
-STREAMS_FILE = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
-
-
 def _ranges(layers) -> str:
     """[8, 9, 10, 11, 20] -> '8:12,20:21'."""
     out, layers = [], list(layers)
@@ -644,14 +682,6 @@ def _ranges(layers) -> str:
         else:
             out.append([i, i + 1])
     return ",".join(f"{a}:{b}" for a, b in out) or "none"
-
-
-def _stream_positions(run_dir: Path) -> dict:
-    path = run_dir / STREAMS_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:  # a torn write cannot happen (replace), but a record is only a shortcut
-        return {}
 
 
 def _is_eval(record: dict) -> bool:

@@ -198,7 +198,11 @@ def test_new_layers_train_alone_on_a_3d_mesh_with_microbatches(tmp_path, corpus,
 
 
 @pytest.mark.slow
-def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpus):
+def _no_data(*args, **kwargs):
+    raise AssertionError("the data was loaded before a refusal that needs none of it")
+
+
+def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpus, monkeypatch):
     """A run of trainable "1:2" resumed with "0:1" (the same state shapes) or with all (other shapes)
     stops naming both and moves nothing; without trainable.json (a run from before it was written),
     the saved state's shapes still tell 1:2 from all. The same trainable resumes."""
@@ -208,7 +212,8 @@ def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpu
     folder = tmp_path / "run" / "checkpoints"
     before = sorted(p.name for p in folder.iterdir())
     for other, said in (("0:1", "trainable: 0:1 (layers 0:1)"), ("all", "trainable: all;")):
-        with pytest.raises(CheckpointError) as e:
+        with pytest.raises(CheckpointError) as e, monkeypatch.context() as m:
+            m.setattr(solarjax.data, "load_data", _no_data)  # refused before the corpus is tokenized
             Trainer(_train_cfg(tmp_path, corpus, trainable=other), mesh)
         assert f"was trained with trainable: 1:2 (layers 1:2), but the config says {said}" in str(e.value)
         assert f"init.from: {folder / '2'}" in str(e.value) and "nothing was moved" in str(e.value)

@@ -48,6 +48,10 @@ def _mixture(weights, schedule=(), sizes=None, G=8, seed=0, p=0, P=1):
     return Mixture(names, packed, [(0, list(weights)), *schedule], G, seed, p, P)
 
 
+def _no_data(*args, **kwargs):
+    raise AssertionError("the data was loaded before a refusal that needs none of it")
+
+
 def _sources_of(mix, step):
     return np.bincount([s for s, _ in mix.global_rows(step)], minlength=len(mix.names))
 
@@ -297,7 +301,8 @@ SCHEDULED = {"mixture_schedule": [{"step": 4, "weights": {"alpha": 0.0, "digits"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
-def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(tmp_path, domains, capsys, streaming):
+def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(tmp_path, domains, capsys, streaming,
+                                                                                monkeypatch):
     """Weights 0.7/0.3 for steps 0-3, then digits alone: tokens/NAME at each log step follow the
     schedule; a run stopped at step 5, after the switch, and resumed equals a straight run. With
     digits streaming, the resume starts reading the stream where the checkpoint recorded it."""
@@ -318,7 +323,9 @@ def test_a_scheduled_mixture_trains_logs_tokens_per_source_and_resumes_exactly(t
     if not streaming:  # weights edited for steps already taken: refused, naming the step; from step 5 on: fine
         edited = {**scheduled, "mixture_schedule": [{"step": 3, "weights": {"alpha": 0, "digits": 1}}]}
         with pytest.raises(ConfigError, match=r"trained step 3 on the mixture alpha 0\.7, digits 0\.3, and this "
-                                              r"config gives digits 1 there.*entry \{step: 5, weights"):
+                                              r"config gives digits 1 there.*entry \{step: 5, weights"), \
+                monkeypatch.context() as m:
+            m.setattr(data, "load_data", _no_data)  # refused before the corpus is tokenized
             Trainer(_config(tmp_path / "b", domains, data=edited), _mesh())
         later = SCHEDULED["mixture_schedule"] + [{"step": 6, "weights": {"alpha": 1, "digits": 1}}]
         Trainer(_config(tmp_path / "b", domains, data={**scheduled, "mixture_schedule": later}), _mesh())._lock.release()

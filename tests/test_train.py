@@ -247,6 +247,47 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     assert samples[0]["samples"][0]["prompt"] == "alpha beta"
 
 
+def test_a_resume_tokenizes_as_the_run_started_or_refuses(tmp_path, corpus, capsys, monkeypatch):
+    """A run whose tokenizer comes from init.from (an HF directory with its own tokenizer.json, ids
+    that fit a 32000 vocabulary as Mistral's do) is stopped at step 2 of 4, and the directory moves
+    away: the resume takes the tokenizer the run recorded, and step 4's loss equals an uninterrupted
+    run's (it took Mistral's and trained on other ids). A config that names another tokenizer is
+    refused in one line naming both; RUN/tokenizer holds one tokenizer's files."""
+    from hf_models import make_bpe_tokenizer
+    from solarjax.tokenizer import default_tokenizer_path
+    hf_dir = save_hf_model(make_hf_model("llama", vocab_size=32000, bos_token_id=300, eos_token_id=[301, 304]),
+                           tmp_path / "hf")
+    make_bpe_tokenizer(hf_dir)
+
+    def config(name, **over):
+        d = _config(tmp_path / name, corpus, **{"steps": 4, "eval_every": 0, "checkpoint_every": 2, "log_every": 1,
+                                                 **over}).to_dict()
+        d.pop("model")
+        d["init"] = {"from": str(hf_dir)}
+        return train_config_from_dict(d)
+    straight = Trainer(config("straight"), _one_device_mesh()).run()
+    run = tmp_path / "cut" / "run"
+    (run / "tokenizer").mkdir(parents=True)  # a start that stopped before its first checkpoint left Mistral's
+    (run / "tokenizer" / "tokenizer.model").write_bytes(b"left over")
+    Trainer(config("cut"), _one_device_mesh()).run(until=2)
+    assert sorted(p.name for p in (run / "tokenizer").iterdir()) == sorted(
+        ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+         "special_ids.json", "fingerprint.json"])
+    hf_dir.rename(tmp_path / "hf-moved")
+    capsys.readouterr()
+    resumed = Trainer(config("cut"), _one_device_mesh())
+    assert f"note: {hf_dir} is not there any more; the run goes on with the tokenizer it recorded at its start, " \
+        f"{run / 'tokenizer'}" in capsys.readouterr().err
+    assert resumed.run()["loss"] == straight["loss"]
+    with pytest.raises(ConfigError) as e, monkeypatch.context() as m:  # Mistral's named now: refused, no data read
+        m.setattr(solarjax.data, "load_data", lambda *a, **k: pytest.fail("the data was loaded before the refusal"))
+        Trainer(config("cut", **{"data.tokenizer": str(default_tokenizer_path()), "steps": 6}),
+                _one_device_mesh())
+    message = str(e.value)
+    assert message.startswith(f"{run} was tokenized with {hf_dir} (fingerprint ") and "\n" not in message
+    assert f"but the config now gives {default_tokenizer_path()} (" in message
+
+
 @pytest.mark.slow
 def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
     """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and

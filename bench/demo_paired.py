@@ -1,5 +1,6 @@
-"""Is one arm of a recipe really ahead of another? Both stages' final parameters scored on every
-held-out window, with a paired bootstrap over windows: what a recipe's summary.json reports as
+"""Is one arm of a recipe really ahead of another? Both stages' final parameters' loss on every
+held-out window (the window_losses.npz each finished stage keeps: its own tokenizer, windows and
+sharded eval step), with a paired bootstrap over windows: what a recipe's summary.json reports as
 `paired_difference` / `paired_interval` for its PAIRS, here for any two stages.
 
   python bench/demo_paired.py configs/demo.yaml [upscaled control]
@@ -12,26 +13,21 @@ windows (same windows for both arms: paired), and on how many windows the first 
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
-import solarjax
-from solarjax.checkpoint import load_params
 from solarjax.config import load_job
-from solarjax.data import load_data
-from solarjax.recipe import paired_bootstrap, stage_train_config, window_losses
+from solarjax.recipe import WINDOWS_FILE, paired_bootstrap, read_window_losses, stage_train_config
 
 
 def main(path: str, first: str = "upscaled", second: str = "control") -> None:
     recipe = load_job(path)
-    cfg = stage_train_config(recipe, recipe.stages[0])
-    windows = load_data(cfg.data).validation
-    mesh = solarjax.make_mesh(1, 1, 1, jax.devices()[:1])
-    scores = {}
-    for stage in (first, second):
-        config, params = load_params(Path(recipe.run_dir) / stage / "final", mesh)
-        scores[stage] = window_losses(config, params, windows, cfg.global_batch)
-    (a, n), (b, _) = scores[first], scores[second]
+    dirs = [Path(stage_train_config(recipe, recipe.stage(s)).run_dir) for s in (first, second)]
+    missing = [str(d / WINDOWS_FILE) for d in dirs if not (d / WINDOWS_FILE).is_file()]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} missing: run the recipe (python train.py --config {path}) to the end")
+    (a, n), (b, n2) = (read_window_losses(d) for d in dirs)
+    if not np.array_equal(n, n2):
+        sys.exit(f"error: {first} and {second} were scored on different held-out windows")
     diff, (low, high) = paired_bootstrap(a, b, n)
     print(f"held-out: {len(n)} windows, {int(n.sum()):,} scored tokens")
     print(f"{first}: {a.sum() / n.sum():.4f}   {second}: {b.sum() / n.sum():.4f}")

@@ -247,7 +247,7 @@ def _save_window_losses(trainer: Trainer, stage_dir: Path) -> None:
     tmp.replace(stage_dir / WINDOWS_FILE)
 
 
-def _window_losses(stage_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_window_losses(stage_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(loss, tokens) per held-out window of a stage, every named set's windows in order."""
     with np.load(stage_dir / WINDOWS_FILE) as saved:
         sets = [k.split(":", 1)[1] for k in saved.files if k.startswith("loss:")]
@@ -262,7 +262,7 @@ def paired_differences(recipe: RecipeConfig) -> dict:
     {"paired_difference": {"upscaled - control": d}, "paired_interval": {...: [low, high]},
     "paired_windows": N}. Empty without a held-out set or an lm pair; a pair whose stages were
     scored on different windows is left out, with a note."""
-    scores = {name: _window_losses(Path(stage_train_config(recipe, recipe.stage(name)).run_dir))
+    scores = {name: read_window_losses(Path(stage_train_config(recipe, recipe.stage(name)).run_dir))
               for name in _paired_stages(recipe)
               if (Path(stage_train_config(recipe, recipe.stage(name)).run_dir) / WINDOWS_FILE).is_file()}
     out = {"paired_difference": {}, "paired_interval": {}}

@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from solarjax import hf
+from solarjax import compile_cache, hf
 from solarjax import model as model_lib
+from solarjax.config import DataConfig
 from solarjax.modelconfig import ModelConfig
 from solarjax.sharding import mesh_from_flag, param_shardings
 from solarjax.files import atomic_output_dir, check_output
@@ -258,6 +259,7 @@ def load_for_cli(args):
     if args.tokenizer is None and not has_tokenizer(tokenizer_dir(path)):
         raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
                              f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
+    compile_cache.enable(None, DataConfig.cache_dir)  # the sampler's and the scorer's programs, once
     mesh = mesh_from_flag(args.mesh)
     config, params = load_model(path, mesh)
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(path)).check_fits(config.vocab_size, str(path))

@@ -345,6 +345,9 @@ class TrainConfig:
     # What trains: all | new_layers (the layers init.upscale added) | layer ranges of the (grown)
     # model, "8:12,20:24". Embeddings, final norm and head train only under all; the rest is frozen.
     trainable: str = "all"
+    # JAX's persistent compilation cache (solarjax.compile_cache): None: $JAX_COMPILATION_CACHE_DIR,
+    # else data.cache_dir/xla; "": off. Programs compiled once are read back by later stages and restarts.
+    compile_cache_dir: str | None = None
     model_runtime: dict = dataclasses.field(default_factory=dict)  # with init.from: dtype/param_dtype/remat
     # Model fields the YAML may set alongside init.from: how to run, not what the model is.
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
@@ -382,6 +385,8 @@ class TrainConfig:
                                   or (every and self.eval_every and every % self.eval_every)):
             raise ConfigError(f"eval_tasks_every must be null, 0 or a positive multiple of eval_every "
                               f"({self.eval_every}), got {every!r}")
+        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
+            raise ConfigError(f"compile_cache_dir must be a directory (or \"\" for none), got {self.compile_cache_dir!r}")
         if self.model is None and self.init.source is None:
             raise ConfigError("give a model (model.preset or its fields) or init.from")
         from solarjax.upscale import UpscaleError, parse_trainable  # here: upscale imports this module

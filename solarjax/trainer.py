@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from solarjax import checkpoint as ckpt_lib
+from solarjax import compile_cache
 from solarjax import data as data_lib
 from solarjax import sample as sample_lib
 from solarjax import scoring as scoring_lib
@@ -84,6 +85,7 @@ class Trainer:
 
     def _setup(self, mesh) -> None:
         cfg = self.cfg
+        compile_cache.enable(cfg.compile_cache_dir, cfg.data.cache_dir)  # before the first compile
         ckpt_lib.drop_orbax_leftovers()  # a damaged checkpoint or a full disk: our one line, not orbax's noise
         # Everything the run derives from its config, checked across sections, before any data is read
         # (the platform, which needs JAX's backend, comes with the mesh below).

@@ -37,7 +37,14 @@ def eval_summary(result: dict) -> str:
 
 
 class Progress:
-    def __init__(self, name: str, total: int, initial: int, enabled: bool = True, stream=None):
+    """`upcoming`: {kind: steps} of the work besides training steps that the run will do after
+    those steps (eval, tasks, samples, checkpoint), which `spent` times as it happens: the time
+    left is the steps left at the steady step time (`steady`: measured without the first step,
+    whose compile it would count, and without that work) plus each kind's upcoming occurrences at
+    its latest measured duration."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool = True, stream=None,
+                 upcoming: dict[str, list[int]] | None = None):
         self.name, self.total, self.initial = name, total, initial
         self.stream = stream or sys.stderr
         self.enabled = enabled and not _quiet
@@ -45,8 +52,23 @@ class Progress:
         self.started = time.perf_counter()
         self.step = initial
         self.last_eval = None
-        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", file=self.stream,
-                        dynamic_ncols=True) if self.tty else None
+        self.upcoming = upcoming or {}
+        self.durations: dict[str, float] = {}
+        self.steady: float | None = None  # seconds per training step
+        # No tqdm rate or ETA: they would count compiles and evals as steps ("left" in the postfix).
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", file=self.stream, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") if self.tty else None
+
+    def spent(self, kind: str, seconds: float) -> None:
+        """Work of `kind` took `seconds` (its latest duration estimates the next ones)."""
+        self.durations[kind] = seconds
+
+    def left(self, step: int) -> float | None:
+        """Seconds left after `step`, or None before a steady step time is known."""
+        if self.steady is None:
+            return None
+        work = sum(self.durations.get(kind, 0.0) * sum(s > step for s in steps) for kind, steps in self.upcoming.items())
+        return (self.total - step) * self.steady + work
 
     def advance(self, step: int) -> None:
         if self.bar is not None:
@@ -62,13 +84,16 @@ class Progress:
         if self.last_eval is not None:
             fields["eval"] = f"{self.last_eval:.4f}"
         if self.bar is not None:
+            left = self.left(step)
+            if left is not None:  # tqdm's own ETA would count compiles and evals as steps
+                fields["left"] = _clock(left)
             self.bar.set_postfix(fields, refresh=False)
             return
         elapsed = time.perf_counter() - self.started
-        done = step - self.initial
-        left = elapsed / done * (self.total - step) if done > 0 else 0.0
+        left = self.left(step)
         print(f"{self.name}: step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items())
-              + f" | {_clock(elapsed)} elapsed, {_clock(left)} left", file=self.stream, flush=True)
+              + f" | {_clock(elapsed)} elapsed, " + ("? left" if left is None else f"{_clock(left)} left"),
+              file=self.stream, flush=True)
 
     def eval(self, step: int, result: dict) -> None:
         self.last_eval = result["eval_loss"]

@@ -386,15 +386,26 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def evaluate(self, step: int | None = None) -> dict | None:
+    def evaluate(self, step: int | None = None, spent=None) -> dict | None:
         """Held-out loss (with a validation set) and the eval_tasks' metrics, as one record. The
-        tasks are scored at step 0, the last step and multiples of eval_tasks_every (None: every eval)."""
-        every = self.cfg.eval_tasks_every
-        tasks_due = step is None or every is None or step in (0, self.cfg.steps) or (every and step % every == 0)
+        tasks are scored at step 0, the last step and multiples of eval_tasks_every (None: every eval).
+        spent(kind, seconds), if given, learns how long the loss ("eval") and the tasks took."""
         # A stage's numbers at init and at the end are the whole split's; eval_batches 0: every eval's.
         whole = step in (0, self.cfg.steps) or self.cfg.eval_batches == 0
-        result = {**self._eval_loss(whole), **(self._eval_tasks() if tasks_due else {})}
+        began = time.perf_counter()
+        result = self._eval_loss(whole)
+        middle = time.perf_counter()
+        if step is None or self._tasks_due(step):
+            result.update(self._eval_tasks())
+            if spent is not None and self.tasks:
+                spent("tasks", time.perf_counter() - middle)
+        if spent is not None and self.data.held_out:
+            spent("eval", middle - began)
         return result or None
+
+    def _tasks_due(self, step: int) -> bool:
+        every = self.cfg.eval_tasks_every
+        return every is None or step in (0, self.cfg.steps) or bool(every and step % every == 0)
 
     def _eval_tasks(self) -> dict:
         """eval_tasks scored as `python -m solarjax.evaluate` scores them: {TASK_METRIC: value}."""
@@ -557,8 +568,12 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, request_stop)
                         for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
-        progress = Progress(self.run_dir.name, cfg.steps, start, enabled=jax.process_index() == 0)
-        pending, last_time, last_logged = [], time.perf_counter(), start
+        progress = Progress(self.run_dir.name, cfg.steps, start, enabled=jax.process_index() == 0,
+                            upcoming=self._upcoming(start))
+        # Steady training time: without the first step (its compile) and without evals, samples
+        # and saves (`busy`), for tokens/s and the time left.
+        pending, last_time, last_logged, busy = [], time.perf_counter(), start, 0.0
+        steady_time, steady_steps = 0.0, 0
         tokens_per_step = cfg.global_batch * cfg.data.seq_len
         record = {}
         try:
@@ -580,17 +595,28 @@ class Trainer:
                     eval_due = self._eval_due(done)
                     if done % cfg.log_every == 0 or at_checkpoint or eval_due:
                         self._check_lock()  # before anything of this step is written
-                    if done % cfg.log_every == 0 or at_checkpoint:
-                        jax.block_until_ready(metrics)  # a sync point: only at log steps
+                    logged = done % cfg.log_every == 0 or at_checkpoint
+                    if logged or done == start + 1:
+                        jax.block_until_ready(metrics)  # a sync point: only at log steps (and the first)
                         now = time.perf_counter()
-                        rate = (done - last_logged) * tokens_per_step / (now - last_time)
-                        record = self._log(pending, metrics_file, rate)
-                        progress.log(done, record)
-                        pending, last_time, last_logged = [], now, done
+                        if done == start + 1:  # the compile: its own rate, then steady time starts here
+                            rate = tokens_per_step / (now - last_time)
+                            last_time, last_logged, busy = now, done, 0.0
+                        elif done > last_logged:
+                            seconds = now - last_time - busy
+                            steady_time, steady_steps = steady_time + seconds, steady_steps + done - last_logged
+                            rate = (done - last_logged) * tokens_per_step / seconds
+                            progress.steady = steady_time / steady_steps
+                            last_time, last_logged, busy = now, done, 0.0
+                        if logged:
+                            record = self._log(pending, metrics_file, rate)
+                            progress.log(done, record)
+                            pending = []
                     if at_checkpoint:  # before eval and samples, so that neither can cost a checkpoint
-                        self.save(done)
+                        busy += self._timed(progress, "checkpoint", self.save, done)
                     if eval_due:
-                        self._eval_and_sample(done, metrics_file, record, progress)
+                        busy += self._timed(progress, None, self._eval_and_sample, done, metrics_file, record,
+                                            progress)
                     progress.advance(done)
                     if stop["signal"]:
                         break
@@ -628,16 +654,36 @@ class Trainer:
                                   f"run directory {self.run_dir}: process 0 found its lock taken over by another "
                                   f"job; this job stops here and writes nothing more")
 
+    @staticmethod
+    def _timed(progress: Progress, kind: str | None, work, *args) -> float:
+        """Runs work(*args); its seconds, told to `progress` as `kind`'s."""
+        began = time.perf_counter()
+        work(*args)
+        seconds = time.perf_counter() - began
+        if kind is not None:
+            progress.spent(kind, seconds)
+        return seconds
+
+    def _upcoming(self, start: int) -> dict[str, list[int]]:
+        """The steps after `start` at which each kind of work besides training comes (Progress)."""
+        steps = range(start + 1, self.cfg.steps + 1)
+        evals = [s for s in steps if self._eval_due(s)]
+        return {"eval": evals, "tasks": [s for s in evals if self.tasks and self._tasks_due(s)],
+                "samples": evals if self.cfg.sample_prompts else [],
+                "checkpoint": [s for s in steps if s % self.cfg.checkpoint_every == 0 or s == self.cfg.steps]}
+
     def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, progress: Progress,
                          samples: bool = True) -> None:
-        result = self.evaluate(step)
+        result = self.evaluate(step, progress.spent)
         if result:
             self._write(metrics_file, {"step": step, **result})
             record.update(result)
             if "eval_loss" in result:
                 progress.eval(step, result)
+        began = time.perf_counter()
         completions = self.samples() if samples else []
         if completions:
+            progress.spent("samples", time.perf_counter() - began)
             self._write(metrics_file, {"step": step, "samples": completions})
             if jax.process_index() == 0:
                 progress.write("\n".join(f"[step {step}] {s['prompt']!r} -> {s['completion']!r}" for s in completions))

@@ -94,6 +94,52 @@ def test_loss_falls(tmp_path, corpus, capsys):
     assert [s["completion"] for s in logged[0]["samples"]] == expected and all(expected)
 
 
+def test_time_left_counts_steady_steps_and_each_kind_of_work_apart():
+    """Steps left at the steady step time, plus each upcoming eval, task scoring, sample and
+    checkpoint at its latest duration; nothing before a steady time is known."""
+    from solarjax.progress import Progress
+    progress = Progress("run", 100, 0, enabled=False, upcoming={
+        "eval": [50, 100], "tasks": [100], "samples": [50, 100], "checkpoint": [40, 80, 100]})
+    assert progress.left(10) is None
+    progress.steady = 0.5
+    progress.spent("eval", 4.0)
+    progress.spent("tasks", 9.0)
+    progress.spent("checkpoint", 0.25)
+    assert progress.left(10) == pytest.approx(90 * 0.5 + 2 * 4.0 + 9.0 + 3 * 0.25)  # samples: not yet timed
+    progress.spent("samples", 1.0)
+    assert progress.left(60) == pytest.approx(40 * 0.5 + 4.0 + 9.0 + 1.0 + 2 * 0.25)
+
+
+@pytest.mark.slow
+def test_the_first_step_and_evals_do_not_count_as_training_time(tmp_path, corpus, monkeypatch):
+    """Slow evals and a slow first step (a compile) leave the steady step time and tokens/s alone."""
+    trainer = Trainer(_config(tmp_path, corpus, steps=12, log_every=2, eval_every=4, checkpoint_every=100),
+                      _one_device_mesh())
+    step, eval_loss, seen = trainer.train_step, trainer._eval_loss, {}
+
+    def slow_first(*args):
+        if not seen:
+            time.sleep(3.0)
+        seen[len(seen)] = True
+        return step(*args)
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(2.0)
+        return eval_loss(*args, **kwargs)
+    trainer.train_step, trainer._eval_loss = slow_first, slow_eval
+    import solarjax.progress as progress_lib
+    made = []
+    monkeypatch.setattr(progress_lib.Progress, "close", lambda self: made.append(self))
+    monkeypatch.setattr("solarjax.trainer.Progress", progress_lib.Progress)
+    trainer.run()
+    progress = made[0]
+    rates = [json.loads(x)["tokens_per_s"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "tokens_per_s" in x]
+    assert progress.steady < 0.5  # a tiny step: 2 s of eval or 3 s of compile in it would show
+    assert min(rates[1:]) > 4 * 64 / 0.5
+    assert progress.durations["eval"] >= 2.0  # and the time left counts the evals to come at that
+
+
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path, corpus):
     straight = Trainer(_config(tmp_path / "a", corpus), _one_device_mesh())

@@ -98,7 +98,8 @@ class Progress:
     def eval(self, step: int, result: dict) -> None:
         self.last_eval = result["eval_loss"]
         if self.enabled:
-            self.write(f"{self.name}: eval at step {step}: {eval_summary(result)}")
+            same = f" (the same parameters' eval: {result['inherited_from']})" if "inherited_from" in result else ""
+            self.write(f"{self.name}: eval at step {step}: {eval_summary(result)}{same}")
 
     def write(self, text: str) -> None:
         """A message that must not be torn by the bar (printed even when quiet: samples)."""

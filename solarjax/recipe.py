@@ -25,7 +25,7 @@ from solarjax import checkpoint as ckpt_lib
 from solarjax import hf
 from solarjax.config import ModelConfig, RecipeConfig, StageConfig
 from solarjax.model import param_count
-from solarjax.plan import RunPlan
+from solarjax.plan import RunPlan, saved_model_config
 from solarjax.topology import model_flops_per_token
 from solarjax.trainer import Trainer, read_metrics
 from solarjax.rundir import lock_run_dir
@@ -75,7 +75,7 @@ def _run_stages(recipe: RecipeConfig, mesh) -> dict | None:
             continue
         print(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {_describe(stage, cfg)}", file=sys.stderr)
         start = time.perf_counter()
-        trainer = Trainer(cfg, mesh, eval_ends=True)
+        trainer = Trainer(cfg, mesh, eval_ends=True, initial_eval=_inherited_eval(recipe, stage, cfg))
         trainer.run()
         if int(trainer.state["step"]) < cfg.steps:
             return None
@@ -98,6 +98,25 @@ def _run_stages(recipe: RecipeConfig, mesh) -> dict | None:
     if recipe.export is not None:
         export_hf(recipe, root / "hf")
     return summary
+
+
+def _inherited_eval(recipe: RecipeConfig, stage: StageConfig, cfg) -> dict | None:
+    """The eval before a stage's first step when it is the last eval of the stage it continues:
+    the same parameters (no growth), held-out data, tasks, objective and model (dtype and all).
+    The controls of SOLAR's recipe start so from base: scoring base again would give its numbers."""
+    if stage.from_stage is None or cfg.init.upscale:
+        return None
+    parent = stage_train_config(recipe, recipe.stage(stage.from_stage))
+    same = ("data", "eval_tasks", "eval_tasks_limit", "objective")
+    if any(getattr(parent, k) != getattr(cfg, k) for k in same):
+        return None
+    if RunPlan.resolve(parent, saved=saved_model_config(parent.run_dir)).model_config != RunPlan.resolve(cfg).model_config:
+        return None
+    last = [r for r in read_metrics(Path(parent.run_dir) / "metrics.jsonl")
+            if r["step"] == parent.steps and "eval_loss" in r]
+    if not last:
+        return None
+    return {**{k: v for k, v in last[-1].items() if k != "step"}, "inherited_from": f"{stage.from_stage} at step {parent.steps}"}
 
 
 def _describe(stage: StageConfig, cfg) -> str:

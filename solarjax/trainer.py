@@ -67,10 +67,12 @@ class CheckpointError(SolarjaxError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, mesh=None, eval_ends: bool = False):
+    def __init__(self, cfg: TrainConfig, mesh=None, eval_ends: bool = False, initial_eval: dict | None = None):
         """eval_ends: evaluate before the first step and after the last whatever eval_every says
-        (a recipe's stages: their comparison needs those losses)."""
-        self.cfg, self.eval_ends, self._rows_step = cfg, eval_ends, None
+        (a recipe's stages: their comparison needs those losses). initial_eval: the eval of the
+        initial parameters, made already (a recipe's stage that continues an earlier one unchanged
+        has that one's last eval), logged at step 0 instead of computed again."""
+        self.cfg, self.eval_ends, self.initial_eval, self._rows_step = cfg, eval_ends, initial_eval, None
         self.run_dir = Path(cfg.run_dir)
         self.records = RunDir(self.run_dir)
         self.objective = objectives_lib.get(cfg.objective)  # the config has checked the name
@@ -674,7 +676,10 @@ class Trainer:
 
     def _eval_and_sample(self, step: int, metrics_file: Path, record: dict, progress: Progress,
                          samples: bool = True) -> None:
-        result = self.evaluate(step, progress.spent)
+        if step == 0 and self.initial_eval is not None:
+            result = dict(self.initial_eval)
+        else:
+            result = self.evaluate(step, progress.spent)
         if result:
             self._write(metrics_file, {"step": step, **result})
             record.update(result)

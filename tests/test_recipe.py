@@ -74,6 +74,17 @@ def _window_nll(params, config, trainer_cfg, model_dir=None) -> tuple[np.ndarray
     return nll, count
 
 
+def _batch_loss(params, config, b) -> float:
+    """The mean next-token loss of a batch within documents, with numpy."""
+    z = np.asarray(solarjax.logits(config, params, b["tokens"], b["positions"], b["segment_ids"]), np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    seg = b["segment_ids"]
+    scored = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])
+    picked = np.take_along_axis(logp[:, :-1], b["tokens"][:, 1:, None], -1)[..., 0]
+    return float(-(picked * scored).sum() / scored.sum())
+
+
 def _one_device_mesh():
     return solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
@@ -95,10 +106,18 @@ def test_recipe_runs_stages_in_order_from_the_right_parameters(tmp_path, corpus,
     up_cfg = recipe.stage("upscaled").train
     expected = _direct_eval_loss(grown, base_config.replace(num_layers=6), up_cfg)
     np.testing.assert_allclose(summary["upscaled_loss_at_init"], expected, rtol=1e-5)
-    # The controls start from base itself: their first eval is base's last.
+    # The controls start from base itself: their first eval is base's last (logged as such, not
+    # computed again), and their first step's loss is base's final parameters' on their first batch.
     np.testing.assert_allclose(_direct_eval_loss(base_params, base_config, up_cfg), summary["base_loss"], rtol=1e-5)
     assert stages["control"]["eval_loss_at_init"] == stages["control_equal_flops"]["eval_loss_at_init"] \
         == summary["base_loss"]
+    for stage in ("control", "control_equal_flops", "upscaled"):
+        first = read_metrics(run / stage / "metrics.jsonl")[0]
+        assert first["step"] == 0 and first.get("inherited_from") == (None if stage == "upscaled" else "base at step 6")
+    control_cfg = recipe.stage("control").train
+    batch = data_lib.load_data(control_cfg.data).batches(4, control_cfg.data.seed).batch(0)
+    step_1 = next(r for r in read_metrics(run / "control" / "metrics.jsonl") if r["step"] == 1 and "loss" in r)
+    np.testing.assert_allclose(step_1["loss"], _batch_loss(base_params, base_config, batch), rtol=1e-5)
 
     # Equal tokens for the control; equal model FLOPs (6 per multiplying weight + attention) for the other.
     T, tokens_per_step = 64, 4 * 64

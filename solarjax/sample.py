@@ -289,13 +289,12 @@ def main(argv=None) -> int:
         ids = tokenizer.encode_batch(prompts)
     with jax.set_mesh(mesh):
         results = generate(config, params, ids, sampling, tokenizer.eos_ids)
-    for text, r in zip(prompts, results):
-        ids = [t for t in r["token_ids"] if t not in tokenizer.eos_ids]
-        completion = tokenizer.decode(ids)
+    for text, prompt, r in zip(prompts, ids, results):
+        completion = tokenizer.decode_suffix(prompt, [t for t in r["token_ids"] if t not in tokenizer.eos_ids])
         if args.format == "json":
             print(json.dumps({"prompt": text, "completion": completion, **r}))
-        else:
-            print(text + completion + "\n")
+        else:  # a chat reply is its own turn, not a continuation of the user's text
+            print(text + ("\n" if args.chat else "") + completion + "\n")
     return 0
 
 

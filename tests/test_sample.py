@@ -15,7 +15,8 @@ from solarjax.model import Decoder, abstract_params, init_cache
 from solarjax.sample import decode_params
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
-from hf_models import KINDS, make_bpe_tokenizer, make_hf_model, save_hf_model, save_kind, tokenizer_file
+from hf_models import (KINDS, make_bpe_tokenizer, make_chatml_sentencepiece, make_hf_model, save_hf_model, save_kind,
+                       tokenizer_file)
 
 PROMPT_LENGTHS = (5, 11, 8)
 NEW = 12
@@ -185,6 +186,60 @@ def test_cli_json(mistral_vocab_model, capsys):
         assert 1 <= len(r["token_ids"]) <= 5 and isinstance(r["completion"], str)
         assert set(r["timing"]) == {"prefill_s", "decode_s", "decode_tokens_per_s"}
         assert r["timing"]["decode_tokens_per_s"] > 0
+
+
+def _generated(ids):
+    """A stand-in for sample.generate that returns `ids` for every prompt: the CLI's text, not the model, is tested."""
+    def generate(config, params, prompts, sampling, eos_ids):
+        timing = {"prefill_s": 1.0, "decode_s": 1.0, "decode_tokens_per_s": 1.0}
+        return [{"token_ids": list(ids), "timing": timing} for _ in prompts]
+    return generate
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_cli_prints_the_completion_as_it_reads_after_the_prompt(kind, mistral_vocab_model, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The completion is decode(prompt + completion) past decode(prompt), as transformers' text
+    streamers print it: decoded alone, SentencePiece's "▁Paris" loses its space ("...isParis")."""
+    import transformers
+    from solarjax.tokenizer import load_tokenizer
+    path = mistral_vocab_model
+    if kind == "byte-level":
+        path = save_hf_model(make_hf_model("llama", vocab_size=320, num_hidden_layers=1), tmp_path / "bpe")
+        make_bpe_tokenizer(path)
+    tok, theirs = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    prompt, text = "The capital of France is", "The capital of France is Paris."
+    whole = tok.encode(text)
+    assert whole[:len(tok.encode(prompt))] == tok.encode(prompt)
+    monkeypatch.setattr(sample, "generate", _generated(whole[len(tok.encode(prompt)):] + [tok.eos_id]))
+    for fmt in ("text", "json"):
+        assert sample.main(["--hf", str(path), "--prompt", prompt, "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        printed = prompt + json.loads(out)["completion"] if fmt == "json" else out.rstrip("\n")
+        assert printed == text == theirs.decode(whole, skip_special_tokens=True)
+
+
+def test_cli_chat_with_added_tokens_stops_at_im_end(tmp_path, capsys, monkeypatch):
+    """A ChatML fine-tune beside tokenizer.model: the reply ends at <|im_end|> (its EOS, id 32000,
+    an added token), which is not printed, and the reply is printed as its own turn."""
+    from solarjax.tokenizer import load_tokenizer
+    path = save_hf_model(make_hf_model("mistral", vocab_size=32002, hidden_size=32, intermediate_size=64,
+                                       head_dim=8, num_hidden_layers=1), tmp_path / "chatml")
+    make_chatml_sentencepiece(path)
+    tok = load_tokenizer(path)
+    user = [{"role": "user", "content": "The capital of France?"}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True)
+    whole = tok.apply_chat_template(user + [{"role": "assistant", "content": "Paris."}])
+    assert whole[:len(prompt)] == prompt and whole[-3:] == [32000, 28705, 13] and tok.eos_ids == [32000]
+    monkeypatch.setattr(sample, "generate", _generated(whole[len(prompt):-2]))  # through <|im_end|>
+    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == "Paris."
+    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat"]) == 0
+    assert capsys.readouterr().out == "The capital of France?\nParis.\n\n"
+    # Real generation stops at <|im_end|>: the stop ids reach the sampler.
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda *args: seen.append(args[-1]) or _generated([5])(*args))
+    assert sample.main(["--hf", str(path), "--prompt", "x", "--chat"]) == 0 and seen == [[32000]]
 
 
 def test_cli_samples_over_all_local_devices(mistral_vocab_model, capsys, monkeypatch):

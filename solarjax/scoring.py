@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
+from solarjax.sample import Sampling, generate, say_if_past_trained_length
 from solarjax.sharding import global_from_host, host_value, make_mesh
 from solarjax.tasks import Task, TaskError
 
@@ -118,13 +119,15 @@ class Scorer:
         return self.compiled[T, C]
 
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]], desc: str = "") -> list[tuple[float, bool]]:
-        L = self.config.max_position_embeddings
+        L = self.config.position_limit
         rows = []
         for ctx, cont in pairs:
             if len(cont) > L:
                 raise TaskError(f"a continuation of {len(cont)} tokens is longer than the model's {L} positions")
             whole = (ctx + cont)[-(L + 1):]  # left-truncated to the model's length, as the harness does
             rows.append((whole, len(cont)))
+        if rows:
+            say_if_past_trained_length(self.config, max(len(w) - 1 for w, _ in rows), desc or "scoring")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: memory fails early
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         B = self.batch_size
@@ -157,7 +160,6 @@ class Scorer:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], desc: str = "") -> list[list[int]]:
         """Greedy completions (the sampler), longest prompts first, `batch_size` at a time."""
-        from solarjax.sample import Sampling, generate
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int] | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc=desc, unit="req", disable=None, leave=False) as bar:
@@ -261,7 +263,7 @@ def run_task(task: Task, scorer: Scorer, tokenizer, items: list | None = None, l
 
 
 def _run_generative(task, prefixes, scorer, tokenizer, items, max_gen_tokens) -> dict:
-    L = scorer.config.max_position_embeddings
+    L = scorer.config.position_limit
     if max_gen_tokens >= L:
         raise TaskError(f"--max-gen-tokens {max_gen_tokens} must be below the model's {L} positions")
     prompts = []

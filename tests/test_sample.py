@@ -89,6 +89,51 @@ def test_cached_decoding_equals_full_recomputation(decode_layout):
     np.testing.assert_allclose(last[:, 0], full[:, 7], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_scaled_models_sample_as_far_as_their_scaling_allows(kind, tmp_path, capsys):
+    """Qwen2.5's YaRN form (max_position_embeddings = original_max_position_embeddings = 64, factor
+    4), linear factor 4 and dynamic factor 2 over 64: the limit is 256 (dynamic: 128), as vLLM
+    derives it, so a prompt of 100 is sampled, token for token as transformers' generate, with one
+    line saying it passes the trained length; llama3's config holds the scaled length itself."""
+    overrides = dict(max_position_embeddings=64)
+    if kind == "yarn":
+        overrides["rope_parameters"] = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                            rope_theta=10000.0)
+    hf_model, path = save_kind(kind, tmp_path / "hf", **overrides)
+    config, params = solarjax.load_model(path)
+    limit = 128 if kind == "dynamic" else 256
+    assert config.max_position_embeddings == 64 and config.position_limit == limit
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (100, 70)]
+    hf_model.generation_config.eos_token_id = None
+    sample._TOLD_PAST_TRAINED.discard(config)  # said once per model and process: an earlier test may have
+    capsys.readouterr()
+    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))]
+    assert ours == _hf_greedy(hf_model, prompts, NEW, eos=None)
+    sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reaches 112 positions, past the model's max_position_embeddings 64" in err, err
+    with pytest.raises(SamplingError, match=f"prompt 0 has 300 tokens, more than the model's maximum of {limit}"):
+        sample.generate(config, params, [[5] * 300])
+    save_kind("llama3", tmp_path / "llama3")
+    assert solarjax.load_model(tmp_path / "llama3")[0].position_limit == 256  # its max_position_embeddings
+
+
+def test_each_row_gets_the_new_tokens_that_fit(capsys):
+    """max_new_tokens is cut per row, not for the batch by its longest prompt: a prompt 3 short of
+    the model's positions gets 3 tokens, with one line saying so; the short prompt beside it gets
+    all 10, the tokens it gets alone."""
+    config = solarjax.preset("tiny").replace(max_position_embeddings=32)
+    params = solarjax.init_params(config, jax.random.key(4))
+    prompts = [list(range(1, 30)), [1, 7, 9, 4]]
+    out = sample.generate(config, params, prompts, Sampling(max_new_tokens=10), eos_ids=None)
+    alone = sample.generate(config, params, prompts[1:], Sampling(max_new_tokens=10), eos_ids=None)
+    assert [len(r["token_ids"]) for r in out] == [3, 10] and out[1]["token_ids"] == alone[0]["token_ids"]
+    err = capsys.readouterr().err
+    assert "prompt 0 gets 3 of the 10 new tokens asked: it has 29 tokens and the model's positions end at 32" in err
+    assert err.count("\n") == 1
+
+
 def test_top_k_and_top_p_stay_inside_their_sets():
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
     keys = jax.random.split(jax.random.key(1), 500)
@@ -329,7 +374,8 @@ def test_generate_stops_at_any_of_several_eos_ids(mistral_vocab_model):
         tokens, positions, segments = sample.left_pad([[1, 415, 5565]], 16)
         knobs = (np.float32(0), np.int32(0), np.float32(1), np.array(stop + [-1] * 5, np.int32))
         cache, first, rng = sample._prefill(config, 8, params, tokens, positions, segments, jax.random.key(0), *knobs)
-        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), rng, *knobs)
+        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), np.array([8], np.int32),
+                                  rng, *knobs)
         assert int(steps) == len(ids)
     with pytest.raises(SamplingError, match="9 EOS ids given; at most 8"):
         sample.generate(config, params, [[1]], eos_ids=list(range(9)))

@@ -54,14 +54,16 @@ def fewshot_prefixes(task: Task) -> list[str]:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """The harness's split: trailing whitespace of the context joins the continuation; the context
     is encoded alone and with the continuation, and the continuation's tokens are the joint
-    encoding's past the context's. An empty context is the BOS (or EOS) token alone."""
+    encoding's past the context's. An empty context is the BOS (or EOS) token alone; so is one of
+    whitespace only, which the harness would leave with no token to predict the first from (it
+    reads the logits at position -1)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:
         cont = tokenizer.encode(continuation, bos=False, eos=False)
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     # The harness adds no special tokens to a string that already starts with the BOS text.
     bos = False if context.startswith(tokenizer.special_tokens.get("bos_token") or "\0") else None
     whole = tokenizer.encode(context + continuation, bos=bos, eos=False)
@@ -122,6 +124,9 @@ class Scorer:
         L = self.config.position_limit
         rows = []
         for ctx, cont in pairs:
+            if not ctx:  # the first continuation token would be predicted from position -1
+                raise TaskError("a request with no context tokens cannot be scored; give it the BOS token "
+                                "(encode_pair does)")
             if len(cont) > L:
                 raise TaskError(f"a continuation of {len(cont)} tokens is longer than the model's {L} positions")
             whole = (ctx + cont)[-(L + 1):]  # left-truncated to the model's length, as the harness does

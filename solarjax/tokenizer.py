@@ -160,8 +160,8 @@ class Tokenizer:
             names.update({k: self._sp.IdToPiece(i) if i >= 0 else None for k, i in ids.items()})
         names.update({k: _token_text(self.config[k]) for k in names if k in self.config})
         self.special_tokens = {k: v for k, v in names.items() if v is not None}  # the template's bos_token, ...
-        # Without a tokenizer_config.json nothing says otherwise: SentencePiece's own way, a dummy
-        # prefix for every piece of text (what the old code and mistral-common do).
+        # A bare .model (no tokenizer_config.json, like the default) keeps SentencePiece's own way:
+        # a dummy prefix for every piece of text, as mistral-common encodes around control tokens.
         self.legacy = bool(config.get("legacy", False)) if config else True
         self._add_declared_tokens(config, token_map)
         self.bos_id, self.eos_id, self.pad_id = (self.token_id(names[k]) for k in ("bos_token", "eos_token",
@@ -320,8 +320,8 @@ class Tokenizer:
         # How text is split beyond what the tokenizer file does alone; only when there is something,
         # so that caches made before added tokens were read keep their names.
         if self._sp is not None:
-            size = self._sp.GetPieceSize()
-            split = [[i, *dataclasses.astuple(t)] for i, t in self._added.values() if i >= size or t != AddedToken(t.content)]
+            split = [[i, *dataclasses.astuple(t)] for i, t in self._added.values()
+                     if i >= self._sp.GetPieceSize() or t != AddedToken(t.content)]
         else:
             split = [[i, *dataclasses.astuple(t)] for i, t in self._appended]
         if split or (self._sp is not None and not self.legacy):

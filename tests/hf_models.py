@@ -171,8 +171,8 @@ def make_mistral_sentencepiece(path: Path) -> Path:
 
 
 CHATML_TEMPLATE = (  # OpenHermes-2.5-Mistral-7B's template, verbatim
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _added(content: str, special: bool, **flags) -> dict:

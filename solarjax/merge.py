@@ -1,7 +1,8 @@
 """Model merging with mergekit's linear and slerp semantics, streamed tensor by tensor to an HF directory.
 
 Each output tensor is computed from the same tensor of every input (HF directories or solarjax
-checkpoints), in float32, and written in the first model's dtype (or --dtype):
+checkpoints), in float32, and written in the first model's dtype (or --dtype; for a checkpoint,
+the dtype jax-to-hf would write: its HF source's):
 
   linear  sum_i w_i x_i / sum_i w_i  (mergekit's default `normalize: true`, so weights need not sum to 1)
   slerp   the whole tensor, flattened, as one vector: with a = the first model (mergekit's base_model,
@@ -212,6 +213,10 @@ def merge_hf(paths: list[str | Path], out: str | Path, method: str, weights: lis
     models = [open_model(p) for p in paths]
     config = check_same(models)
     first = models[0]
+    if dtype is None and isinstance(first, _CheckpointModel):
+        # jax-to-hf's default: the dtype the checkpoint recorded from its HF source (a bfloat16 model
+        # stays bfloat16), not its float32 training copy.
+        dtype = hf.source_dtype(first.path) or "float32"
 
     specs = hf.weight_specs(config)
     if any(isinstance(m, _CheckpointModel) for m in models):

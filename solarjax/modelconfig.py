@@ -105,6 +105,19 @@ class ModelConfig:
         """rope_scaling as a dict ({} for plain RoPE)."""
         return dict(self.rope_scaling or ())
 
+    @property
+    def position_limit(self) -> int:
+        """How far positions may go (sampling, scoring): what the RoPE scaling implies, as vLLM
+        derives its max_model_len. yarn: original_max_position_embeddings x factor (Qwen2.5 with
+        factor 4: 131072); linear and dynamic: max_position_embeddings x factor; llama3's config
+        already holds the scaled length (Llama 3.1: 131072), so it stays max_position_embeddings."""
+        s = self.rope
+        if s.get("rope_type") == "yarn":
+            return int(s["original_max_position_embeddings"] * s["factor"])
+        if s.get("rope_type") in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * s["factor"])
+        return self.max_position_embeddings
+
     def replace(self, **changes) -> "ModelConfig":
         return build(type(self), {**self.to_dict(), **changes}, "model")
 

@@ -53,9 +53,11 @@ class RunPlan:
         platform = platform or (mesh.devices.flat[0].platform if mesh is not None else "cpu")
         model_config = planned_model_config(cfg, saved)
         seq_len = cfg.data.seq_len
-        if seq_len > model_config.max_position_embeddings:
+        if seq_len > model_config.position_limit:  # max_position_embeddings, or what its RoPE scaling allows
+            scaled = (f" and the {model_config.position_limit} positions its RoPE scaling allows"
+                      if model_config.position_limit != model_config.max_position_embeddings else "")
             raise ConfigError(f"data.seq_len {seq_len} is longer than the model's max_position_embeddings "
-                              f"{model_config.max_position_embeddings}")
+                              f"{model_config.max_position_embeddings}{scaled}")
         if model_config.param_dtype != "float32":  # until there is a float32 master copy (docs/architecture.md)
             raise ConfigError(f"model.param_dtype {model_config.param_dtype} is refused for training: AdamW's moments "
                               f"and updates would take that dtype and most small updates round away (68% of "

@@ -100,10 +100,10 @@ def _prefill(config: ModelConfig, max_new: int, params, tokens_BP, positions_BP,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B, rng, temperature, top_k, top_p,
-            eos_E):
-    """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS) and the number
-    of tokens produced per row before the loop stopped."""
+def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B, caps_B, rng, temperature, top_k,
+            top_p, eos_E):
+    """The decode loop: returns generated tokens [B, max_new] (0 after a row's EOS or its cap of
+    new tokens, caps_B) and the number of tokens produced per row before the loop stopped."""
     model = Decoder(config, decode_layout="layers" not in params)
     B = first_B.shape[0]
     out_BN = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first_B)
@@ -114,14 +114,17 @@ def _decode(config: ModelConfig, max_new: int, params, cache, first_B, lengths_B
 
     def body(state):
         i, cache, out_BN, last_B, done_B, rng = state
-        positions_B1 = (lengths_B + i - 1)[:, None]
+        # A row past its cap runs on masked; its positions stop at the limit (dynamic RoPE's
+        # frequencies follow the batch's largest position).
+        positions_B1 = jnp.minimum(lengths_B + i - 1, config.position_limit - 1)[:, None]
         segments_B1 = jnp.where(done_B, 0, 1)[:, None].astype(jnp.int32)
         logits_B1V, cache = model.apply({"params": params}, last_B[:, None], positions_B1, segments_B1, cache)
         rng, key = jax.random.split(rng)
         next_B = jnp.where(done_B, 0, sample_logits(logits_B1V[:, 0], key, temperature, top_k, top_p))
-        return i + 1, cache, out_BN.at[:, i].set(next_B), next_B, done_B | _is_eos(next_B, eos_E), rng
+        done_B = done_B | _is_eos(next_B, eos_E) | (i + 1 >= caps_B)
+        return i + 1, cache, out_BN.at[:, i].set(next_B), next_B, done_B, rng
 
-    state = (jnp.int32(1), cache, out_BN, first_B, _is_eos(first_B, eos_E), rng)
+    state = (jnp.int32(1), cache, out_BN, first_B, _is_eos(first_B, eos_E) | (caps_B <= 1), rng)
     steps, _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, state)
     return out_BN, steps
 
@@ -156,14 +159,19 @@ def decode_params(config, params) -> dict:
 _decode_params = jax.jit(decode_params, static_argnums=0)
 
 
-def position_limit(config: ModelConfig) -> int:
-    """How far the sampler lets positions go: max_position_embeddings, or factor times that for
-    dynamic RoPE scaling, which exists to run past it (transformers documents `factor` as the
-    length multiple a scaled model handles; its generate sets no limit)."""
-    s = config.rope
-    if s.get("rope_type") == "dynamic":
-        return int(config.max_position_embeddings * s["factor"])
-    return config.max_position_embeddings
+_TOLD_PAST_TRAINED: set = set()  # models already told about, so a loop of requests says it once
+
+
+def say_if_past_trained_length(config: ModelConfig, positions: int, what: str) -> None:
+    """One line (once per model) when `what` reaches `positions` positions, past
+    max_position_embeddings, the length the model was trained for, though within what its RoPE
+    scaling allows (config.position_limit): past that, quality is the scaling's promise."""
+    if positions > config.max_position_embeddings and config not in _TOLD_PAST_TRAINED:
+        _TOLD_PAST_TRAINED.add(config)
+        s = config.rope
+        print(f"note: {what} reaches {positions} positions, past the model's max_position_embeddings "
+              f"{config.max_position_embeddings}; its {s['rope_type']} RoPE scaling (factor {s['factor']:g}) "
+              f"allows {config.position_limit}", file=sys.stderr)
 
 
 def left_pad(prompts: list[list[int]], length: int | None = None):
@@ -188,13 +196,14 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     """Generates for a batch of token-id prompts, stopping a row at any of `eos_ids` (the
     tokenizer's `eos_ids`; None: run to max_new_tokens). Returns, per prompt, {"token_ids":
     generated ids (through the EOS if one came), "timing": {"prefill_s", "decode_s",
-    "decode_tokens_per_s"}}, timed after compilation."""
+    "decode_tokens_per_s"}}, timed after compilation. Each row gets the new tokens that fit the
+    model's positions (config.position_limit) with its prompt, said in one line when fewer than asked."""
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else [int(e) for e in eos_ids]
     if len(eos_ids) > MAX_EOS_IDS:
         raise SamplingError(f"{len(eos_ids)} EOS ids given; at most {MAX_EOS_IDS} are supported")
     if not prompts:
         raise SamplingError("no prompts given")
-    limit = position_limit(config)
+    limit = config.position_limit
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise SamplingError(f"prompt {i} is empty")
@@ -205,9 +214,16 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
         if bad:
             raise SamplingError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    # Positions never pass the model's maximum: the last prompt position + new tokens stays inside.
-    max_new = min(sampling.max_new_tokens, limit - int(lengths.max()))
-    max_new = max(max_new, 1)
+    # Each row's prompt + new tokens fit the model's positions (vLLM's rule), whatever the others' lengths.
+    caps = np.clip(limit - lengths, 1, sampling.max_new_tokens).astype(np.int32)
+    short = np.flatnonzero(caps < sampling.max_new_tokens)
+    if len(short):
+        i = short[0]
+        more = f" (and {len(short) - 1} more prompts)" if len(short) > 1 else ""
+        print(f"note: prompt {i} gets {caps[i]} of the {sampling.max_new_tokens} new tokens asked{more}: it has "
+              f"{lengths[i]} tokens and the model's positions end at {limit}", file=sys.stderr)
+    say_if_past_trained_length(config, int((lengths + caps).max()), "this request")
+    max_new = int(caps.max())
     tokens, positions, segments = left_pad(prompts, _bucket(int(lengths.max())))
     if jax.default_backend() == "cpu" and "layers" in params:
         # The decode layout (decode_params) halves XLA:CPU's time per decoded token
@@ -218,24 +234,24 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     prefill_args = (params, tokens, positions, segments, jax.random.key(sampling.seed), *knobs)
     prefill = _prefill.lower(config, max_new, *prefill_args).compile()
     cache, first, rng = prefill_shapes = jax.eval_shape(lambda: _prefill(config, max_new, *prefill_args))
-    decode = _decode.lower(config, max_new, params, cache, first, lengths, rng, *knobs).compile()
+    decode = _decode.lower(config, max_new, params, cache, first, lengths, caps, rng, *knobs).compile()
     del prefill_shapes
     # Timed after compilation: what a second request of the same shape costs.
     t0 = time.perf_counter()
     cache, first, rng = jax.block_until_ready(prefill(*prefill_args))
     t1 = time.perf_counter()
-    out, steps = jax.block_until_ready(decode(params, cache, first, lengths, rng, *knobs))
+    out, steps = jax.block_until_ready(decode(params, cache, first, lengths, caps, rng, *knobs))
     t2 = time.perf_counter()
     out, steps = host_value(out), host_value(steps)
     prefill_s, decode_s = t1 - t0, t2 - t1
     results, generated = [], 0
-    for row in np.asarray(out):
+    for row, cap in zip(np.asarray(out), caps):
         ids = row.tolist()
         stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
         if stop is not None:
             ids = ids[:stop + 1]
         else:
-            ids = ids[:int(steps)]
+            ids = ids[:min(int(steps), int(cap))]
         generated += len(ids)
         results.append({"token_ids": ids})
     timing = {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": generated / decode_s}
@@ -289,13 +305,12 @@ def main(argv=None) -> int:
         ids = tokenizer.encode_batch(prompts)
     with jax.set_mesh(mesh):
         results = generate(config, params, ids, sampling, tokenizer.eos_ids)
-    for text, r in zip(prompts, results):
-        ids = [t for t in r["token_ids"] if t not in tokenizer.eos_ids]
-        completion = tokenizer.decode(ids)
+    for text, prompt, r in zip(prompts, ids, results):
+        completion = tokenizer.decode_suffix(prompt, [t for t in r["token_ids"] if t not in tokenizer.eos_ids])
         if args.format == "json":
             print(json.dumps({"prompt": text, "completion": completion, **r}))
-        else:
-            print(text + completion + "\n")
+        else:  # a chat reply is its own turn, not a continuation of the user's text
+            print(text + ("\n" if args.chat else "") + completion + "\n")
     return 0
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from solarjax.modelconfig import ModelConfig
 from solarjax.model import Decoder
+from solarjax.sample import Sampling, generate, say_if_past_trained_length
 from solarjax.sharding import global_from_host, host_value, make_mesh
 from solarjax.tasks import Task, TaskError
 
@@ -53,14 +54,16 @@ def fewshot_prefixes(task: Task) -> list[str]:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """The harness's split: trailing whitespace of the context joins the continuation; the context
     is encoded alone and with the continuation, and the continuation's tokens are the joint
-    encoding's past the context's. An empty context is the BOS (or EOS) token alone."""
+    encoding's past the context's. An empty context is the BOS (or EOS) token alone; so is one of
+    whitespace only, which the harness would leave with no token to predict the first from (it
+    reads the logits at position -1)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:
         cont = tokenizer.encode(continuation, bos=False, eos=False)
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     # The harness adds no special tokens to a string that already starts with the BOS text.
     bos = False if context.startswith(tokenizer.special_tokens.get("bos_token") or "\0") else None
     whole = tokenizer.encode(context + continuation, bos=bos, eos=False)
@@ -118,13 +121,18 @@ class Scorer:
         return self.compiled[T, C]
 
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]], desc: str = "") -> list[tuple[float, bool]]:
-        L = self.config.max_position_embeddings
+        L = self.config.position_limit
         rows = []
         for ctx, cont in pairs:
+            if not ctx:  # the first continuation token would be predicted from position -1
+                raise TaskError("a request with no context tokens cannot be scored; give it the BOS token "
+                                "(encode_pair does)")
             if len(cont) > L:
                 raise TaskError(f"a continuation of {len(cont)} tokens is longer than the model's {L} positions")
             whole = (ctx + cont)[-(L + 1):]  # left-truncated to the model's length, as the harness does
             rows.append((whole, len(cont)))
+        if rows:
+            say_if_past_trained_length(self.config, max(len(w) - 1 for w, _ in rows), desc or "scoring")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: memory fails early
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         B = self.batch_size
@@ -157,7 +165,6 @@ class Scorer:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], desc: str = "") -> list[list[int]]:
         """Greedy completions (the sampler), longest prompts first, `batch_size` at a time."""
-        from solarjax.sample import Sampling, generate
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int] | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc=desc, unit="req", disable=None, leave=False) as bar:
@@ -261,7 +268,7 @@ def run_task(task: Task, scorer: Scorer, tokenizer, items: list | None = None, l
 
 
 def _run_generative(task, prefixes, scorer, tokenizer, items, max_gen_tokens) -> dict:
-    L = scorer.config.max_position_embeddings
+    L = scorer.config.position_limit
     if max_gen_tokens >= L:
         raise TaskError(f"--max-gen-tokens {max_gen_tokens} must be below the model's {L} positions")
     prompts = []

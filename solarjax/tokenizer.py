@@ -5,11 +5,22 @@ The default is the real Mistral-7B-v0.1 SentencePiece model (32000 pieces, bos 1
 fallback) that the mistral-common package ships, so it works offline; SOLAR uses it too.
 
 Special tokens are resolved as transformers 5 resolves them: bos/eos/pad token strings from
-tokenizer_config.json, overridden by special_tokens_map.json; whether BOS (EOS) is added from
+tokenizer_config.json, overridden by special_tokens_map.json (which it reads only when
+tokenizer_config.json has no added_tokens_decoder); whether BOS (EOS) is added from
 tokenizer.json's post-processor (transformers 5 leaves it in charge), or tokenizer_config.json's
 add_bos_token (add_eos_token) for a SentencePiece model (default true (false), as Llama/Mistral ship).
 The ids that end generation (`eos_ids`) are the tokenizer's EOS plus generation_config.json's
 eos_token_id (an int or a list, as Llama 3 has), else config.json's.
+
+Added tokens (ChatML's <|im_start|> and <|im_end|> beside a tokenizer.model, say) come from where
+transformers 5 reads them: tokenizer_config.json's added_tokens_decoder when it has one, else
+added_tokens.json; named special tokens (and additional/extra special tokens) that are in neither
+the vocabulary nor those lists are appended after it. Text is split on them before SentencePiece
+runs, as transformers does, honouring each token's lstrip/rstrip/single_word; `normalized` tokens
+are matched on the raw text too, as transformers 5's Llama tokenizer (which has no normalizer) does.
+With `legacy: true` every piece of text between added tokens gets SentencePiece's dummy prefix
+("▁"); otherwise (transformers 5's default) only text at the very start does. A tokenizer.json
+gets the added tokens it lacks appended, as transformers adds them.
 
 SentencePiece stays the engine for .model files: it is what Mistral was trained with, and it
 matches mistral-common. transformers' own conversion of a .model to tokenizer.json merges runs of
@@ -18,10 +29,12 @@ spaces differently ("a  b"), so on such text the two disagree; tests/test_tokeni
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.resources
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -65,6 +78,37 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedToken:
+    """A token matched in the text before the model's tokenizer runs (transformers' AddedToken):
+    `lstrip`/`rstrip` swallow the whitespace beside it, `single_word` matches it only between
+    non-word characters, `special` tokens are dropped by decode(skip_special_tokens=True)."""
+    content: str
+    special: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+
+    @classmethod
+    def parse(cls, value, where: str, special: bool = True) -> "AddedToken":
+        """A string, or the dict tokenizer_config.json writes ({"content": ..., "lstrip": ...})."""
+        if isinstance(value, str):
+            return cls(value, special=special)
+        if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+            raise TokenizerError(f"{where}: {value!r} is not a token (a string or a dict with \"content\")")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"special": special, **{k: bool(v) if k != "content" else v for k, v in value.items()
+                                             if k in fields}})
+
+
+def _is_word(char: str) -> bool:
+    return bool(char) and (char.isalnum() or char == "_")
+
+
 class Tokenizer:
     """`source` is a tokenizer.json, a .model file, or a directory holding either (tokenizer.json
     preferred, as transformers' fast tokenizers do). Configs are read from the file's directory
@@ -104,15 +148,22 @@ class Tokenizer:
         return _read_json(self.directory / name) if self.directory else {}
 
     def _resolve_specials(self):
-        self.config = {**self._config("tokenizer_config.json"), **self._config("special_tokens_map.json")}
-        names = dict.fromkeys(("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                               "mask_token"))
+        config = self._config("tokenizer_config.json")
+        # transformers 5 reads special_tokens_map.json and added_tokens.json only when
+        # tokenizer_config.json has no added_tokens_decoder (older saves).
+        token_map = {} if "added_tokens_decoder" in config else self._config("special_tokens_map.json")
+        self.config = {**config, **token_map}
+        names = dict.fromkeys(NAMED_TOKENS)
         if self._sp is not None:  # a .model names its own control pieces; the configs may override them
             ids = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(),
                    "unk_token": self._sp.unk_id(), "pad_token": self._sp.pad_id()}
             names.update({k: self._sp.IdToPiece(i) if i >= 0 else None for k, i in ids.items()})
         names.update({k: _token_text(self.config[k]) for k in names if k in self.config})
         self.special_tokens = {k: v for k, v in names.items() if v is not None}  # the template's bos_token, ...
+        # A bare .model (no tokenizer_config.json, like the default) keeps SentencePiece's own way:
+        # a dummy prefix for every piece of text, as mistral-common encodes around control tokens.
+        self.legacy = bool(config.get("legacy", False)) if config else True
+        self._add_declared_tokens(config, token_map)
         self.bos_id, self.eos_id, self.pad_id = (self.token_id(names[k]) for k in ("bos_token", "eos_token",
                                                                                     "pad_token"))
         if self._hf is not None:
@@ -130,29 +181,128 @@ class Tokenizer:
                 stop = value if isinstance(value, list) else [value]
                 break
         self.eos_ids = list(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + stop))
-        self._specials = {t: self.token_id(t) for t in self._control_tokens()}
-        self._split = re.compile("(" + "|".join(map(re.escape, self._specials)) + ")") if self._specials else None
+
+    def _declared_tokens(self, config: dict, token_map: dict) -> list[tuple[int | None, AddedToken, str]]:
+        """(declared id or None, token, file) in the order transformers 5 adds them: the added tokens
+        by id, then the special tokens by name (bos_token ..., any other string *_token) and the listed
+        ones (additional_special_tokens, extra_special_tokens), appended when the vocabulary lacks them."""
+        directory = self.directory or self.path.parent
+        configs = str(directory / "tokenizer_config.json") + (" or special_tokens_map.json" if token_map else "")
+        values = [self.config[k] for k in NAMED_TOKENS if self.config.get(k) is not None]
+        values += [v for k, v in self.config.items()
+                   if k.endswith("_token") and k not in NAMED_TOKENS and isinstance(v, (str, dict))]
+        for source in (config, token_map):
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                value = source.get(key) or []
+                values += list(value.values() if isinstance(value, dict) else value)
+        named = [(None, AddedToken.parse(v, configs), configs) for v in values]
+        if "added_tokens_decoder" in config:
+            where, decoder = str(directory / "tokenizer_config.json"), config["added_tokens_decoder"]
+            if not isinstance(decoder, dict) or not all(str(i).isdigit() for i in decoder):
+                raise TokenizerError(f"{where}: added_tokens_decoder must map ids to tokens, got {str(decoder)[:100]}")
+            added = [(int(i), AddedToken.parse(v, where, special=False), where) for i, v in decoder.items()]
+        else:
+            where, ids = str(directory / "added_tokens.json"), self._config("added_tokens.json")
+            if not all(isinstance(t, str) and isinstance(i, int) for t, i in ids.items()):
+                raise TokenizerError(f"{where}: expected {{token: id}}, got {str(ids)[:100]}")
+            specials = {token.content for _, token, _ in named}  # as transformers reads the file
+            added = [(i, AddedToken(t, special=t in specials, normalized=t not in specials), where)
+                     for t, i in ids.items()]
+        return sorted(added, key=lambda a: a[0]) + named
+
+    def _add_declared_tokens(self, config: dict, token_map: dict) -> None:
+        """Builds the added-token table (SentencePiece) or adds what tokenizer.json lacks, checking
+        that each declared id is the one it gets: transformers appends in order whatever id a file
+        declares, so a gap or a renamed piece would silently move a token away from its embedding."""
+        self._added: dict[str, tuple[int, AddedToken]] = {}  # SentencePiece: content -> (id, token)
+        self._appended: list[tuple[int, AddedToken]] = []  # what the configs add past the tokenizer file's ids
+        size = self._sp.GetPieceSize() if self._sp is not None else None
+        for declared, token, where in self._declared_tokens(config, token_map):
+            if self._hf is not None:
+                if self._hf.token_to_id(token.content) is not None:
+                    continue  # tokenizer.json's own entry decides, as in transformers
+                flags = {k: v for k, v in dataclasses.asdict(token).items() if k != "content"}
+                self._hf.add_tokens([tokenizers.AddedToken(token.content, **flags)])
+                got = self._hf.token_to_id(token.content)
+                self._appended.append((got, token))
+            else:
+                if token.content in self._added:
+                    continue
+                got = self._sp.PieceToId(token.content)
+                if self._sp.IdToPiece(got) != token.content:  # not a piece: the next id after the pieces
+                    got = size + len(self._appended)
+                    self._appended.append((got, token))
+                self._added[token.content] = (got, token)
+            if declared is not None and declared != got:
+                raise TokenizerError(
+                    f"{where}: added token {token.content!r} has id {declared}, but it would get id {got} (added "
+                    f"tokens follow the vocabulary of {self.path.name} in id order, without gaps); transformers "
+                    f"also gives it {got}, which is not the embedding the model learned for it")
+        if self._sp is not None:
+            # The .model's control pieces (<s>, </s>) are special tokens to transformers, named or not.
+            for i in range(size):
+                if self._sp.IsControl(i) and self._sp.IdToPiece(i) not in self._added:
+                    self._added[self._sp.IdToPiece(i)] = (i, AddedToken(self._sp.IdToPiece(i)))
+            for text in self.special_tokens.values():  # and the pieces special tokens name (<unk>)
+                piece = self._sp.PieceToId(text)
+                if text not in self._added and self._sp.IdToPiece(piece) == text:
+                    self._added[text] = (piece, AddedToken(text))
+        self._by_id = {i: t for i, t in self._added.values()}
+        # Longest first: at the leftmost match the longest token wins, as in transformers' trie.
+        self._pattern = re.compile("|".join(map(re.escape, sorted(self._added, key=len, reverse=True)))) \
+            if self._added else None
+
+    def _split(self, text: str) -> list[tuple[int, str | int]]:
+        """SentencePiece only: (offset, text or added token id) pieces of `text`, split on the added
+        tokens with their lstrip/rstrip/single_word rules (tokenizers' AddedVocabulary)."""
+        out, start, pos = [], 0, 0
+        while self._pattern is not None and (m := self._pattern.search(text, pos)):
+            a, b = m.span()
+            i, token = self._added[m.group()]
+            if token.single_word and (_is_word(text[a - 1:a]) or _is_word(text[b:b + 1])):
+                pos = a + 1  # inside a word: plain text
+                continue
+            while token.lstrip and a > start and text[a - 1].isspace():
+                a -= 1
+            while token.rstrip and b < len(text) and text[b].isspace():
+                b += 1
+            if a > start:
+                out.append((start, text[start:a]))
+            out.append((a, i))
+            start = pos = b
+        if start < len(text):
+            out.append((start, text[start:]))
+        return out
+
+    @functools.cached_property
+    def _sp_inner(self) -> spm.SentencePieceProcessor:
+        """SentencePiece without its dummy prefix: for text after an added token when not legacy
+        (transformers' Metaspace prepend_scheme "first")."""
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+        if not proto.normalizer_spec.add_dummy_prefix:
+            return self._sp
+        proto.normalizer_spec.add_dummy_prefix = False
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+        return sp
 
     def token_id(self, text: str | None) -> int | None:
         if text is None:
             return None
         if self._hf is not None:
             return self._hf.token_to_id(text)
+        if text in self._added:
+            return self._added[text][0]
         i = self._sp.PieceToId(text)
         return None if i == self._sp.unk_id() and text != self._sp.IdToPiece(i) else i
 
-    def _control_tokens(self) -> list[str]:
-        """SentencePiece only: the strings that stand for control pieces when written in text
-        (transformers parses them; SentencePiece alone would spell them out)."""
-        if self._sp is None:
-            return []
-        names = set(self.special_tokens.values())
-        names |= {self._sp.IdToPiece(i) for i in range(self._sp.GetPieceSize()) if self._sp.IsControl(i)}
-        return sorted((n for n in names if n and self.token_id(n) is not None), key=len, reverse=True)
-
     @property
     def vocab_size(self) -> int:
-        return self._hf.get_vocab_size(with_added_tokens=True) if self._hf is not None else self._sp.GetPieceSize()
+        """Every id the tokenizer can give, added tokens included (transformers' len(tokenizer))."""
+        if self._hf is not None:
+            return self._hf.get_vocab_size(with_added_tokens=True)
+        return self._sp.GetPieceSize() + len(self._appended)
 
     @property
     def files(self) -> list[Path]:
@@ -174,6 +324,13 @@ class Tokenizer:
             h.update(("model" if f == self.path else f.name).encode() + hashlib.sha256(f.read_bytes()).digest())
         h.update(json.dumps([self.bos_id, self.eos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos,
                              self.chat_template]).encode())
+        # How text is split beyond what the tokenizer file does alone (added tokens and their flags).
+        if self._sp is not None:
+            split = [[i, *dataclasses.astuple(t)] for i, t in self._added.values()
+                     if i >= self._sp.GetPieceSize() or t != AddedToken(t.content)]
+        else:
+            split = [[i, *dataclasses.astuple(t)] for i, t in self._appended]
+        h.update(json.dumps(["added tokens", split, self.legacy]).encode())
         return h.hexdigest()
 
     # -- text <-> ids ---------------------------------------------------------------------------
@@ -181,14 +338,12 @@ class Tokenizer:
     def _ids(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
-        if self._split is None or not self._split.search(text):
-            return self._sp.EncodeAsIds(text)
         ids = []
-        for i, part in enumerate(self._split.split(text)):  # odd parts are the control-token strings
-            if i % 2:
-                ids.append(self._specials[part])
-            elif part:
-                ids += self._sp.EncodeAsIds(part)
+        for start, part in self._split(text):
+            if isinstance(part, int):
+                ids.append(part)
+            else:  # legacy: every piece of text gets the dummy prefix; otherwise only one at the start
+                ids += (self._sp if self.legacy or start == 0 else self._sp_inner).EncodeAsIds(part)
         return ids
 
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
@@ -203,10 +358,37 @@ class Tokenizer:
         return [self.encode(t, bos, eos) for t in texts]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, added tokens written out (special ones left out with skip_special_tokens)
+        and ids the tokenizer does not know skipped, as transformers' decode does."""
         ids = [int(i) for i in ids]
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._sp.DecodeIds(ids)
+        # SentencePiece decodes the runs between added tokens. Legacy encoding gave each run a
+        # dummy prefix, which decoding each run drops; otherwise only the text's start had one.
+        sp = self._sp if self.legacy else self._sp_inner
+        parts, run = [], []
+        for i in ids + [None]:
+            token = self._by_id.get(i)
+            if token is None and i is not None:
+                if 0 <= i < self._sp.GetPieceSize():
+                    run.append(i)
+                continue
+            if run:
+                parts.append(sp.DecodeIds(run))
+                run = []
+            if token is not None and not (skip_special_tokens and token.special):
+                parts.append(token.content)
+        text = "".join(parts)
+        return text[1:] if sp is not self._sp and text.startswith(" ") else text
+
+    def decode_suffix(self, prefix, ids, skip_special_tokens: bool = False) -> str:
+        """The text `ids` add after `prefix` (a prompt): decode(prefix + ids) past decode(prefix), as
+        transformers' text streamers do. Decoded alone, a completion loses its leading space (the
+        "▁" of "▁Paris" is SentencePiece's dummy prefix there) and bytes of a character split
+        between prompt and completion would not decode."""
+        head = self.decode(prefix, skip_special_tokens)
+        whole = self.decode(list(prefix) + list(ids), skip_special_tokens)
+        return whole[len(os.path.commonprefix([head, whole])):]
 
     # -- chat -----------------------------------------------------------------------------------
 

@@ -497,8 +497,9 @@ class Trainer:
         results = sample_lib.generate(self.model_config, self.state["params"], ids,
                                       sample_lib.Sampling(max_new_tokens=cfg.sample_tokens), tokenizer.eos_ids)
         stop = set(tokenizer.eos_ids)
-        return [{"prompt": prompt, "completion": tokenizer.decode([t for t in r["token_ids"] if t not in stop])}
-                for prompt, r in zip(cfg.sample_prompts, results)]
+        completions = [tokenizer.decode_suffix(prompt, [t for t in r["token_ids"] if t not in stop])
+                       for prompt, r in zip(ids, results)]  # as it reads after its prompt
+        return [{"prompt": text, "completion": c} for text, c in zip(cfg.sample_prompts, completions)]
 
     def save(self, step: int) -> None:
         with self._disk_full_is_one_line(f"the checkpoint of step {step}"):

@@ -168,3 +168,47 @@ def make_mistral_sentencepiece(path: Path) -> Path:
         "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False, "legacy": True,
         "chat_template": MISTRAL_TEMPLATE}, indent=2))
     return path
+
+
+CHATML_TEMPLATE = (  # OpenHermes-2.5-Mistral-7B's template, verbatim
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _added(content: str, special: bool, **flags) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special, **flags}
+
+
+def make_chatml_sentencepiece(path: Path, layout: str = "decoder", legacy: bool | None = True, **flags) -> Path:
+    """A ChatML fine-tune of Mistral as people ship it: tokenizer.model (32000 pieces), no
+    tokenizer.json, <|im_end|> (32000, special, the EOS) and <|im_start|> (32001) added beside it,
+    generation stopping at 32000. `layout` says where the added tokens are written:
+      decoder     tokenizer_config.json's added_tokens_decoder, plus added_tokens.json and
+                  special_tokens_map.json (what save_pretrained writes since transformers 4.34)
+      legacy      added_tokens.json and special_tokens_map.json only (older saves)
+      named       nowhere but the names: eos_token and additional_special_tokens, which transformers
+                  appends after the vocabulary
+    `flags` (lstrip, rstrip, single_word, ...) go on <|im_end|> (decoder layout only)."""
+    import json
+    import shutil
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tokenizer_file(), path / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+              "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": None, "clean_up_tokenization_spaces": False,
+              "chat_template": CHATML_TEMPLATE}
+    if legacy is not None:
+        config["legacy"] = legacy
+    if layout == "decoder":
+        config["added_tokens_decoder"] = {
+            "0": _added("<unk>", True), "1": _added("<s>", True), "2": _added("</s>", True),
+            "32000": _added("<|im_end|>", True, **flags), "32001": _added("<|im_start|>", False)}
+    if layout == "named":
+        config["additional_special_tokens"] = ["<|im_start|>"]
+    else:
+        (path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000, "<|im_start|>": 32001}))
+        (path / "special_tokens_map.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 32000}))
+    return path

@@ -123,3 +123,17 @@ def test_publish_once(tmp_path):
         os.rename(final.with_name("other"), tmp_path / "late")
     assert publish_once(tmp_path / "late", late) == tmp_path / "late"
     assert sorted(os.listdir(tmp_path)) == ["late", "out"]
+
+    # A writer killed on this host left its temporary: removed at the next publish of that name
+    # (its pid is no process's); another host's is never touched.
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f".out.tmp-{socket.gethostname()}-{dead.stdout.strip()}-0123abcd",
+             tmp_path / ".out.tmp-another-host-1-0123abcd"]
+    for path in stale:
+        path.mkdir()
+    written = len(calls)
+    assert publish_once(final, write) == final and len(calls) == written  # there already: not written again
+    assert sorted(os.listdir(tmp_path)) == [stale[1].name, "late", "out"]

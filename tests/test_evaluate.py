@@ -203,6 +203,49 @@ def test_empty_context_is_the_bos_token(model):
     assert ctx == [model["tok"].bos_id] and cont == model["hf_tok"]("hello world", add_special_tokens=False).input_ids
 
 
+def test_a_context_of_whitespace_without_bos_is_scored_after_the_eos_token(model, tmp_path):
+    """With a tokenizer that adds no BOS, a whitespace-only context moves to the continuation and
+    leaves no token: scored as the harness scores an empty context, after the EOS token (the
+    harness itself would read the logits at position -1 there). Equal to transformers on
+    [EOS] + the continuation's tokens."""
+    import shutil
+    d = shutil.copytree(model["path"], tmp_path / "nobos")
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None}))
+    (d / "special_tokens_map.json").unlink()
+    nobos = load_tokenizer(d)
+    assert nobos.bos_id is None and nobos.encode("x") == nobos.encode("x", bos=False)
+    ctx, cont = scoring.encode_pair(nobos, "  ", "hello world")
+    assert ctx == [nobos.eos_id] and cont == nobos.encode("  hello world", bos=False)
+    scorer = scoring.Scorer(model["config"], model["params"], model["mesh"])
+    (ll, _), = scorer.loglikelihoods([(ctx, cont)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model["hf"](torch.tensor([ctx + cont])).logits[0].double(), -1)
+    assert ll == pytest.approx(float(sum(logp[i, t] for i, t in enumerate(cont))), rel=2e-5, abs=2e-4)
+    with pytest.raises(tasks.TaskError, match="a request with no context tokens cannot be scored"):
+        scorer.loglikelihoods([([], cont)])
+
+
+def test_a_yarn_model_scores_contexts_as_long_as_its_scaling_allows(tmp_path):
+    """Qwen2.5's YaRN form: max_position_embeddings 64 = original_max_position_embeddings, factor 4.
+    A 100-token context is scored whole (the limit is 256, as vLLM derives it), equal to
+    transformers' log-probabilities over the whole sequence; cut at 64 it would not be."""
+    from hf_models import save_kind
+    hf_model, path = save_kind("yarn", tmp_path / "yarn", max_position_embeddings=64, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64, rope_theta=10000.0))
+    mesh = make_mesh()
+    config, params = solarjax.load_model(path, mesh)
+    ids = np.random.RandomState(0).randint(3, config.vocab_size, 105).tolist()
+    ctx, cont = ids[:100], ids[100:]
+    (ll, _), = scoring.Scorer(config, params, mesh).loglikelihoods([(ctx, cont)])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1)
+    assert ll == pytest.approx(float(sum(logp[99 + i, t] for i, t in enumerate(cont))), rel=2e-5, abs=2e-4)
+
+
 def test_hellaswag_preprocessing_and_mmlu_prompt():
     """hellaswag/utils.py: "label: ctx_a Ctx_b" with [title] -> ". ", other [...] dropped, double spaces
     single; mmlu: stripped question, A-D lines, "Answer:", letters as choices."""

@@ -1,8 +1,10 @@
 """HF <-> solarjax conversion: bit-exact round trips, loading back into transformers, and clear errors."""
 
 import json
+import os
 import shutil
 import struct
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import solarjax
 from solarjax import checkpoint, convert, hf
 from solarjax.tensorfile import SafetensorsFile
-from solarjax.errors import ConfigError
+from solarjax.errors import ConfigError, OutputExistsError
+from solarjax.files import atomic_output_dir
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 
@@ -269,6 +272,78 @@ def test_failure_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
         hf.save_hf(config, params, tmp_path / "out", shard_size=20_000)
     assert calls["n"] == 2
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from solarjax import files
+out, kill_at = Path(sys.argv[1]), sys.argv[2]
+rename = Path.rename
+def dying_rename(self, target):  # SIGKILL just as the new output would be renamed into place
+    if kill_at == "placing" and Path(target) == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+Path.rename = dying_rename
+with files.atomic_output_dir(out, overwrite=True) as tmp:
+    (tmp / "weights").write_text("new")
+    if kill_at == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["writing", "placing"])
+def test_overwrite_killed_at_any_point_leaves_an_output_and_no_leftovers(kill_at, tmp_path):
+    """--overwrite moves the old output aside, renames the new one in, then deletes the old (it
+    deleted the old first: a crash before the rename left nothing). A writer killed while writing
+    or while placing leaves hidden folders; the next write to the same output finds the writer
+    dead (this host, no such pid), puts the old output back if it is all there is, and removes the
+    rest. Another host's temporaries and a live process's are left alone."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    others = [tmp_path / f".out.tmp-other-host-{os.getpid()}-0123abcd",
+              tmp_path / f".out.tmp-{socket.gethostname()}-{live.pid}-0123abcd"]
+    for path in others:
+        path.mkdir()
+    try:
+        run = subprocess.run([sys.executable, "-c", _WRITER, str(out), kill_at], capture_output=True, timeout=120)
+        assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
+        left = sorted(p.name.split("-")[0] for p in tmp_path.glob(".out.*") if p not in others)
+        assert left == ([".out.tmp"] if kill_at == "writing" else [".out.old", ".out.tmp"])
+        # The next command on the same output, without --overwrite: the old output is there again.
+        with pytest.raises(OutputExistsError, match="already exists"):
+            with atomic_output_dir(out):
+                pass
+        assert (out / "weights").read_text() == "old"
+        assert sorted(tmp_path.glob(".out.*")) == sorted(others)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "weights").write_text("newer")
+        assert (out / "weights").read_text() == "newer" and sorted(tmp_path.glob(".out.*")) == sorted(others)
+    finally:
+        live.kill()
+
+
+def test_overwrite_whose_rename_fails_keeps_the_old_output(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    rename = Path.rename
+
+    def failing(self, target):
+        if Path(target) == out and ".tmp-" in self.name:
+            raise OSError("no space left")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="no space left"):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and not list(tmp_path.glob(".out.*"))
 
 
 def test_safetensors_reader_matches_reference_library(tiny_hf):

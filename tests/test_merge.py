@@ -201,6 +201,33 @@ def test_solarjax_checkpoints_as_inputs_load_in_transformers(models, tmp_path, c
                                rtol=0, atol=1e-4)
 
 
+def test_a_checkpoint_first_merges_into_the_dtype_jax_to_hf_writes(models, tmp_path, capsys):
+    """A checkpoint of a bfloat16 model records that dtype; jax-to-hf writes it back, and so does a
+    merge with the checkpoint first (before: float32, twice the size)."""
+    a, b = (_bfloat16_copy(p, tmp_path / f"{p.name}-bf16") for p in models[:2])
+    for path in (a, b):
+        assert _run(capsys, "hf-to-jax", "--hf", path, "--out", tmp_path / f"ckpt-{path.name}")[0] == 0
+    ckpt_a, ckpt_b = tmp_path / "ckpt-A-bf16", tmp_path / "ckpt-B-bf16"
+    assert _run(capsys, "jax-to-hf", "--ckpt", ckpt_a, "--out", tmp_path / "exported")[0] == 0
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    expected = _mergekit_linear([a, b], [0.3, 0.7], tmp_path / "mk")  # mergekit reads bfloat16 as float32
+    for second in (ckpt_b, b):
+        code, err = _run(capsys, "merge", "--hf", ckpt_a, "--hf", second, "--method", "linear", "--weights", "0.3,0.7",
+                         "--out", tmp_path / f"merged-{second.name}")
+        assert code == 0, err
+        out = tmp_path / f"merged-{second.name}"
+        assert json.loads((out / "config.json").read_text())["dtype"] == exported["dtype"] == "bfloat16"
+        got = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert {t.dtype for t in got.values()} == {torch.bfloat16}
+        for name, t in got.items():  # rounded once (atol: a weighted sum that cancels to ~1e-9)
+            np.testing.assert_allclose(t.float().numpy(), expected[name], rtol=2**-8, atol=1e-8, err_msg=name)
+    # --dtype still decides.
+    code, err = _run(capsys, "merge", "--hf", ckpt_a, "--hf", ckpt_b, "--method", "linear", "--weights", "0.3,0.7",
+                     "--dtype", "float32", "--out", tmp_path / "f32")
+    assert code == 0, err
+    _assert_same(_hf_tensors(tmp_path / "f32"), expected)
+
+
 def test_streams_one_tensor_at_a_time(tmp_path):
     """Peak memory is a few tensors, not the model: traced numpy allocations during a 3-model merge
     stay under 6 of its largest tensors while the output is over 20 of them."""

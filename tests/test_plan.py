@@ -40,6 +40,9 @@ def test_the_plan_resolves_model_attention_chunk_and_flops():
 
 @pytest.mark.parametrize("over, mesh, message", [
     ({"data.seq_len": 256}, None, "data.seq_len 256 is longer than the model's max_position_embeddings 128"),
+    ({"data.seq_len": 1024, "model.rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 128}}, None,
+     "longer than the model's max_position_embeddings 128 and the 512 positions its RoPE scaling allows"),
     ({"global_batch": 6}, (1, 4, 1), "global_batch 6 must be a multiple of mesh data x fsdp = 4"),
     ({"microbatches": 4}, (1, 4, 1), "global_batch 8 must be a multiple of mesh data x fsdp = 4 times microbatches 4"),
     ({"model.param_dtype": "bfloat16"}, None, "model.param_dtype bfloat16 is refused for training"),
@@ -49,6 +52,12 @@ def test_checks_across_sections_name_both_values(over, mesh, message):
     mesh = solarjax.make_mesh(*mesh, jax.devices()[:4]) if mesh else None
     with pytest.raises(ConfigError, match=message):
         RunPlan.resolve(_cfg(**over), mesh)
+
+
+def test_a_scaled_model_trains_as_long_as_its_rope_scaling_allows():
+    """YaRN factor 4 over 128 positions (vLLM's rule: original x factor) trains at 512."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert RunPlan.resolve(_cfg(**{"data.seq_len": 512, "model.rope_scaling": yarn})).seq_len == 512
 
 
 def test_a_saved_model_wins_and_a_changed_one_is_refused():

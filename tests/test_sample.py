@@ -15,7 +15,8 @@ from solarjax.model import Decoder, abstract_params, init_cache
 from solarjax.sample import decode_params
 from solarjax.sharding import param_shardings
 from solarjax.sample import Sampling, SamplingError
-from hf_models import KINDS, make_bpe_tokenizer, make_hf_model, save_hf_model, save_kind, tokenizer_file
+from hf_models import (KINDS, make_bpe_tokenizer, make_chatml_sentencepiece, make_hf_model, save_hf_model, save_kind,
+                       tokenizer_file)
 
 PROMPT_LENGTHS = (5, 11, 8)
 NEW = 12
@@ -86,6 +87,51 @@ def test_cached_decoding_equals_full_recomputation(decode_layout):
     last, _ = apply({"params": params}, tokens[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache=cache,
                     last_only=True)
     np.testing.assert_allclose(last[:, 0], full[:, 7], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_scaled_models_sample_as_far_as_their_scaling_allows(kind, tmp_path, capsys):
+    """Qwen2.5's YaRN form (max_position_embeddings = original_max_position_embeddings = 64, factor
+    4), linear factor 4 and dynamic factor 2 over 64: the limit is 256 (dynamic: 128), as vLLM
+    derives it, so a prompt of 100 is sampled, token for token as transformers' generate, with one
+    line saying it passes the trained length; llama3's config holds the scaled length itself."""
+    overrides = dict(max_position_embeddings=64)
+    if kind == "yarn":
+        overrides["rope_parameters"] = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                            rope_theta=10000.0)
+    hf_model, path = save_kind(kind, tmp_path / "hf", **overrides)
+    config, params = solarjax.load_model(path)
+    limit = 128 if kind == "dynamic" else 256
+    assert config.max_position_embeddings == 64 and config.position_limit == limit
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, config.vocab_size, n).tolist() for n in (100, 70)]
+    hf_model.generation_config.eos_token_id = None
+    sample._TOLD_PAST_TRAINED.discard(config)  # said once per model and process: an earlier test may have
+    capsys.readouterr()
+    ours = [r["token_ids"] for r in sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))]
+    assert ours == _hf_greedy(hf_model, prompts, NEW, eos=None)
+    sample.generate(config, params, prompts, Sampling(max_new_tokens=NEW))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reaches 112 positions, past the model's max_position_embeddings 64" in err, err
+    with pytest.raises(SamplingError, match=f"prompt 0 has 300 tokens, more than the model's maximum of {limit}"):
+        sample.generate(config, params, [[5] * 300])
+    save_kind("llama3", tmp_path / "llama3")
+    assert solarjax.load_model(tmp_path / "llama3")[0].position_limit == 256  # its max_position_embeddings
+
+
+def test_each_row_gets_the_new_tokens_that_fit(capsys):
+    """max_new_tokens is cut per row, not for the batch by its longest prompt: a prompt 3 short of
+    the model's positions gets 3 tokens, with one line saying so; the short prompt beside it gets
+    all 10, the tokens it gets alone."""
+    config = solarjax.preset("tiny").replace(max_position_embeddings=32)
+    params = solarjax.init_params(config, jax.random.key(4))
+    prompts = [list(range(1, 30)), [1, 7, 9, 4]]
+    out = sample.generate(config, params, prompts, Sampling(max_new_tokens=10), eos_ids=None)
+    alone = sample.generate(config, params, prompts[1:], Sampling(max_new_tokens=10), eos_ids=None)
+    assert [len(r["token_ids"]) for r in out] == [3, 10] and out[1]["token_ids"] == alone[0]["token_ids"]
+    err = capsys.readouterr().err
+    assert "prompt 0 gets 3 of the 10 new tokens asked: it has 29 tokens and the model's positions end at 32" in err
+    assert err.count("\n") == 1
 
 
 def test_top_k_and_top_p_stay_inside_their_sets():
@@ -187,6 +233,60 @@ def test_cli_json(mistral_vocab_model, capsys):
         assert r["timing"]["decode_tokens_per_s"] > 0
 
 
+def _generated(ids):
+    """A stand-in for sample.generate that returns `ids` for every prompt: the CLI's text, not the model, is tested."""
+    def generate(config, params, prompts, sampling, eos_ids):
+        timing = {"prefill_s": 1.0, "decode_s": 1.0, "decode_tokens_per_s": 1.0}
+        return [{"token_ids": list(ids), "timing": timing} for _ in prompts]
+    return generate
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_cli_prints_the_completion_as_it_reads_after_the_prompt(kind, mistral_vocab_model, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The completion is decode(prompt + completion) past decode(prompt), as transformers' text
+    streamers print it: decoded alone, SentencePiece's "▁Paris" loses its space ("...isParis")."""
+    import transformers
+    from solarjax.tokenizer import load_tokenizer
+    path = mistral_vocab_model
+    if kind == "byte-level":
+        path = save_hf_model(make_hf_model("llama", vocab_size=320, num_hidden_layers=1), tmp_path / "bpe")
+        make_bpe_tokenizer(path)
+    tok, theirs = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    prompt, text = "The capital of France is", "The capital of France is Paris."
+    whole = tok.encode(text)
+    assert whole[:len(tok.encode(prompt))] == tok.encode(prompt)
+    monkeypatch.setattr(sample, "generate", _generated(whole[len(tok.encode(prompt)):] + [tok.eos_id]))
+    for fmt in ("text", "json"):
+        assert sample.main(["--hf", str(path), "--prompt", prompt, "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        printed = prompt + json.loads(out)["completion"] if fmt == "json" else out.rstrip("\n")
+        assert printed == text == theirs.decode(whole, skip_special_tokens=True)
+
+
+def test_cli_chat_with_added_tokens_stops_at_im_end(tmp_path, capsys, monkeypatch):
+    """A ChatML fine-tune beside tokenizer.model: the reply ends at <|im_end|> (its EOS, id 32000,
+    an added token), which is not printed, and the reply is printed as its own turn."""
+    from solarjax.tokenizer import load_tokenizer
+    path = save_hf_model(make_hf_model("mistral", vocab_size=32002, hidden_size=32, intermediate_size=64,
+                                       head_dim=8, num_hidden_layers=1), tmp_path / "chatml")
+    make_chatml_sentencepiece(path)
+    tok = load_tokenizer(path)
+    user = [{"role": "user", "content": "The capital of France?"}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True)
+    whole = tok.apply_chat_template(user + [{"role": "assistant", "content": "Paris."}])
+    assert whole[:len(prompt)] == prompt and whole[-3:] == [32000, 28705, 13] and tok.eos_ids == [32000]
+    monkeypatch.setattr(sample, "generate", _generated(whole[len(prompt):-2]))  # through <|im_end|>
+    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == "Paris."
+    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat"]) == 0
+    assert capsys.readouterr().out == "The capital of France?\nParis.\n\n"
+    # Real generation stops at <|im_end|>: the stop ids reach the sampler.
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda *args: seen.append(args[-1]) or _generated([5])(*args))
+    assert sample.main(["--hf", str(path), "--prompt", "x", "--chat"]) == 0 and seen == [[32000]]
+
+
 def test_cli_samples_over_all_local_devices(mistral_vocab_model, capsys, monkeypatch):
     """By default the CLI shards the weights over every local device (FSDP) and samples there;
     the tokens are those of one device."""
@@ -274,7 +374,8 @@ def test_generate_stops_at_any_of_several_eos_ids(mistral_vocab_model):
         tokens, positions, segments = sample.left_pad([[1, 415, 5565]], 16)
         knobs = (np.float32(0), np.int32(0), np.float32(1), np.array(stop + [-1] * 5, np.int32))
         cache, first, rng = sample._prefill(config, 8, params, tokens, positions, segments, jax.random.key(0), *knobs)
-        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), rng, *knobs)
+        _, steps = sample._decode(config, 8, params, cache, first, np.array([3], np.int32), np.array([8], np.int32),
+                                  rng, *knobs)
         assert int(steps) == len(ids)
     with pytest.raises(SamplingError, match="9 EOS ids given; at most 8"):
         sample.generate(config, params, [[1]], eos_ids=list(range(9)))

@@ -17,7 +17,7 @@ from solarjax import data
 from solarjax.config import DataConfig
 from solarjax.corpus import default_corpus_files
 from solarjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer
-from hf_models import (MISTRAL_TEMPLATE, make_bpe_tokenizer, make_mistral_sentencepiece,
+from hf_models import (MISTRAL_TEMPLATE, make_bpe_tokenizer, make_chatml_sentencepiece, make_mistral_sentencepiece,
                        make_mistral_tokenizer_json)
 
 UNICODE = ["", " ", "hello world", "  two leading spaces", "emoji 🤖🎉👩‍👩‍👧 and flags 🇫🇷",
@@ -56,10 +56,11 @@ def test_ids_and_text_equal_transformers(dirs, kind):
         ids = ours.encode(text)
         assert ids == theirs.encode(text), text
         assert ours.encode(text, bos=False) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
         if kind != "sentencepiece":
             assert ours.decode(ids) == theirs.decode(ids), text
-        elif "<unk>" not in text:  # SentencePiece's decoder drops control pieces; transformers can too
-            assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        else:  # special tokens written out, the text after them as SentencePiece decodes it (no space added)
+            assert ours.decode(ids) == "<s>" + ours.decode(ids[1:]) and ours.decode(ids[1:]) == text, text
     assert ours.encode_batch(texts[:3], eos=True) == [theirs.encode(t) + [theirs.eos_token_id] for t in texts[:3]]
 
 
@@ -187,3 +188,134 @@ def test_token_cache_uses_the_model_tokenizer_and_its_settings(dirs, tmp_path):
     assert d2.train.cache.path != cache.path and d2.train.cache.doc(0).tolist()[-1] == 301
     assert data.load_data(cfg, model_dir=str(dirs["bpe"])).train.cache.path == cache.path  # reused
     assert data.load_data(cfg).tokenizer.path == load_tokenizer().path  # no model dir: Mistral's
+
+
+# ---------------------------------------------------------------------------------------------
+# Added tokens beside a tokenizer.model (issue 38): ChatML fine-tunes of Mistral
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime. 🤖"},
+        {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another, in 日本語? <b>&'"}]
+ADDED_TEXT = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>b", "x<|im_start|>",
+              "<|im_end|><|im_start|><|im_end|>", "end.<|im_end|>", "<s>[INST] hi [/INST]</s>", "<|im_end|>\n\n",
+              "<|im_start|>system\nYou are 日本語 🤖<|im_end|>", "<|im_end|b<|im_start", "tabs\t<|im_end|>\tand\nnew"]
+
+
+def _chunks_without_space_runs(text):
+    """Texts where transformers' BPE conversion of a .model and SentencePiece agree: no run of
+    spaces and no piece of text (between added tokens) that starts with a space."""
+    return not re.search(r"  |^ |(<\|im_end\|>|<\|im_start\|>|<s>|</s>) ", text)
+
+
+@pytest.mark.parametrize("layout", ["decoder", "legacy", "named"])
+def test_added_tokens_beside_a_sentencepiece_model_equal_transformers(layout, tmp_path):
+    """<|im_end|> is one id, the EOS that stops generation; text and chat templates are split on
+    the added tokens before SentencePiece, as transformers' AutoTokenizer (its tokenizers-based
+    conversion) and its slow SentencePiece tokenizer do."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    d = make_chatml_sentencepiece(tmp_path / layout, layout)
+    ours, fast = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.vocab_size == len(fast) == 32002 and ours.token_id("<|im_end|>") == 32000
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id)
+    generation = transformers.GenerationConfig.from_pretrained(d)
+    assert ours.eos_ids == [generation.eos_token_id] == [32000]
+    with pytest.raises(TokenizerError, match="has 32002 tokens, more than the vocab of 32000"):
+        ours.check_fits(32000)
+    ours.check_fits(32002)
+    texts = ADDED_TEXT + UNICODE + SPECIAL_TEXT + _corpus_sample(4)
+    # transformers' slow tokenizer: SentencePiece on each piece of text, so equal to ours on runs of
+    # spaces too; it cannot append named tokens, nor split on control pieces that no config names.
+    slow = SentencePieceBackend.from_pretrained(d) if layout == "decoder" else None
+    for text in texts:
+        ids = ours.encode(text)
+        if slow is not None:
+            assert ids[1:] == slow.encode(text, add_special_tokens=False), text
+        # transformers 5 drops the .model's control pieces from its special tokens when the config
+        # lists additional_special_tokens ("named"): it spells "</s>" out there, unlike anywhere else.
+        if _chunks_without_space_runs(text) and not (layout == "named" and "</s>" in text):
+            assert ids == fast.encode(text), text
+            assert ours.encode(text, bos=False) == fast.encode(text, add_special_tokens=False), text
+        # Added tokens written out, each piece of text between them as it was (transformers' decode
+        # keeps the dummy prefix of every piece but the first: "<|im_start|> user"; with legacy false
+        # it equals ours, see below).
+        assert ours.decode(ids[1:]) == text, text
+    assert ours.encode("<|im_end|>", bos=False) == [32000]
+    skipped = ours.decode([32000, 32001, 1], skip_special_tokens=True)
+    assert skipped == fast.decode([32000, 32001, 1], skip_special_tokens=True)
+    assert skipped == ("" if layout == "named" else "<|im_start|>")  # ChatML ships <|im_start|> not special
+    for messages in (CHAT, CHAT[1:2]):
+        for gen in (False, True):
+            want = fast.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == want, (messages, gen)
+    ids = ours.apply_chat_template(CHAT[1:2], add_generation_prompt=True)
+    assert len(ids) == 18 and ids.count(32000) == 1 and ids.count(32001) == 2  # not 9 pieces per "<|im_…|>"
+    text = "<|im_start|>user\nName a prime. 🤖<|im_end|>\n<|im_start|>assistant\n"
+    assert ours.decode(ids) == text == fast.apply_chat_template(CHAT[1:2], add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("flags", [dict(lstrip=True, rstrip=True), dict(single_word=True), dict(normalized=True)])
+@pytest.mark.parametrize("legacy", [True, False, None])
+def test_added_token_flags_and_legacy_equal_transformers(flags, legacy, tmp_path):
+    """lstrip/rstrip swallow the whitespace beside <|im_end|>, single_word matches it only between
+    non-word characters, normalized changes nothing (transformers 5's Llama tokenizer has no
+    normalizer). legacy: false (and no legacy key: transformers 5's default) gives only the text's
+    start SentencePiece's dummy prefix; decode then writes what transformers writes."""
+    d = make_chatml_sentencepiece(tmp_path / "d", legacy=legacy, **flags)
+    ours, fast = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.legacy is bool(legacy)
+    texts = ADDED_TEXT + ["a <|im_end|> b", "a\t<|im_end|>\n b", "a<|im_end|>b", "x <|im_end|>-", "é<|im_end|>",
+                          "_<|im_end|> b", "<|im_end|>", "hello world"]
+    for text in texts:
+        want = fast.encode(text, add_special_tokens=False)
+        if flags.get("rstrip") or not re.search(r"  |^ |(<\|im_end\|>|<\|im_start\|>|<s>|</s>) ", text):
+            assert ours.encode(text, bos=False) == want, text
+        if not legacy:  # the same decoder as transformers': one leading space dropped, nothing per token
+            for skip in (False, True):
+                assert ours.decode(want, skip_special_tokens=skip) == fast.decode(want, skip_special_tokens=skip), text
+
+
+def test_added_token_ids_that_do_not_follow_the_vocabulary_are_refused(tmp_path):
+    """transformers appends added tokens in id order whatever id a file declares: a gap would put
+    <|im_end|> on another embedding row than the model learned, so it is refused, naming the file."""
+    d = make_chatml_sentencepiece(tmp_path / "gap")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["32005"] = config["added_tokens_decoder"].pop("32001")
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|im_start\|>' has id 32005, "
+                                             r"but it would get id 32001"):
+        load_tokenizer(d)
+    config["added_tokens_decoder"]["3"] = config["added_tokens_decoder"].pop("32005")  # renames piece 3: refused
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"'<\|im_start\|>' has id 3, but it would get id 32000"):
+        load_tokenizer(d)
+    (d / "tokenizer_config.json").unlink()
+    (d / "added_tokens.json").write_text(json.dumps({"<|im_end|>": "32000"}))
+    with pytest.raises(TokenizerError, match=r"added_tokens.json: expected \{token: id\}"):
+        load_tokenizer(d)
+
+
+def test_tokens_the_configs_add_to_a_tokenizer_json_equal_transformers(dirs, tmp_path):
+    """transformers appends to tokenizer.json what tokenizer_config.json's added_tokens_decoder,
+    added_tokens.json, a special token's name or additional_special_tokens add; so do we. With an
+    added_tokens_decoder, special_tokens_map.json is not read (transformers 5)."""
+    cases = {
+        "decoder": ({"added_tokens_decoder": {"306": {"content": "<|im_end|>", "special": True},
+                                              "307": {"content": "<|im_start|>", "special": False}},
+                     "eos_token": "<|im_end|>"}, None),
+        "added-json": ({}, {"<|im_end|>": 306}),
+        "named": ({"additional_special_tokens": ["<|x|>"], "mask_token": "<|mask|>"}, None),
+    }
+    for name, (update, added) in cases.items():
+        d = shutil.copytree(dirs["bpe"], tmp_path / name)
+        config = json.loads((d / "tokenizer_config.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**config, **update}))
+        if added:
+            (d / "added_tokens.json").write_text(json.dumps(added))
+        ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+        assert ours.vocab_size == len(theirs) > 306, name
+        assert (ours.eos_id, ours.pad_id) == (theirs.eos_token_id, theirs.pad_token_id), name
+        for text in ["a<|im_start|>b<|im_end|>c<|x|>d <|mask|> e", "plain text", *ADDED_TEXT]:
+            ids = ours.encode(text)
+            assert ids == theirs.encode(text), (name, text)
+            for skip in (False, True):
+                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+        assert load_tokenizer(d).fingerprint() != load_tokenizer(dirs["bpe"]).fingerprint()

@@ -88,10 +88,12 @@ def test_loss_falls(tmp_path, corpus, capsys):
     logged = [r for r in lines if "samples" in r]
     assert [r["step"] for r in logged] == [30] and [s["prompt"] for s in logged[0]["samples"]] == prompts
     tokenizer = trainer.data.tokenizer
-    direct = sample.generate(config, params, tokenizer.encode_batch(prompts), sample.Sampling(max_new_tokens=6),
-                             tokenizer.eos_id)
-    expected = [tokenizer.decode([t for t in r["token_ids"] if t != tokenizer.eos_id]) for r in direct]
-    assert [s["completion"] for s in logged[0]["samples"]] == expected and all(expected)
+    ids = tokenizer.encode_batch(prompts)
+    direct = sample.generate(config, params, ids, sample.Sampling(max_new_tokens=6), tokenizer.eos_id)
+    # The text the completion adds to the prompt: decoded with it, so a first "▁x" keeps its space.
+    expected = [tokenizer.decode(p + [t for t in r["token_ids"] if t != tokenizer.eos_id])[len("<s>"):]
+                for p, r in zip(ids, direct)]
+    assert [p + s["completion"] for p, s in zip(prompts, logged[0]["samples"])] == expected and all(expected)
 
 
 def test_time_left_counts_steady_steps_and_each_kind_of_work_apart():

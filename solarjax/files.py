@@ -19,14 +19,8 @@ from typing import Callable, Iterable, Iterator
 from solarjax.errors import ConfigError, OutputExistsError
 
 
-def _temporary(final: Path, kind: str = "tmp") -> Path:
-    """A hidden sibling of `final` that no other process, on any host, names (pids repeat across
-    hosts): .NAME.tmp-HOST-PID-TAG for what is being written, .NAME.old-HOST-PID-TAG for the output
-    an overwrite moved aside."""
-    return final.parent / f".{final.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs, in this PID namespace."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -36,15 +30,43 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _here() -> str:
+    """Where a pid means this process's kind of pid, as a name part: the host name, and a short hash
+    of the boot and the PID namespace (containers may share a host name but not their pids)."""
+    space = uuid.uuid5(uuid.NAMESPACE_OID, f"{boot_id()}/{pid_namespace()}").hex[:6]
+    return f"{socket.gethostname().replace('-', '_')}_{space}"
+
+
+def _temporary(final: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of `final` that no other process, on any host, names (pids repeat across
+    hosts and containers): .NAME.tmp-HERE-PID-TAG for what is being written, .NAME.old-HERE-PID-TAG
+    for the output an overwrite moved aside."""
+    return final.parent / f".{final.name}.{kind}-{_here()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _dead_writers(final: Path, kind: str) -> list[Path]:
-    """`final`'s siblings named by _temporary(final, kind) whose writer is provably dead: on this
-    host, and no process has its pid. Another host's, or a live process's, are never touched."""
-    prefix = f".{final.name}.{kind}-{socket.gethostname()}-"
+    """`final`'s siblings named by _temporary(final, kind) whose writer is provably dead: here (this
+    host, boot and PID namespace), and no process has its pid. Any other's are never touched."""
+    prefix = f".{final.name}.{kind}-{_here()}-"
     found = []
     for path in final.parent.iterdir():
         if path.name.startswith(prefix):
             pid, _, tag = path.name[len(prefix):].partition("-")
-            if pid.isdigit() and len(tag) == 8 and not _process_alive(int(pid)):
+            if pid.isdigit() and len(tag) == 8 and not process_alive(int(pid)):
                 found.append(path)
     return found
 

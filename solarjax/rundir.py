@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from solarjax.errors import SolarjaxError
-from solarjax.files import atomic_output_dir
+from solarjax.files import atomic_output_dir, boot_id, pid_namespace, process_alive
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -52,35 +52,11 @@ class RunDirBusyError(RunDirError):
     """Another job holds the run directory; the message names it and how to clear a wrong lock."""
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it runs
-        return True
-    return True
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.boot, self.pidns = _boot_id(), _pid_namespace()
+        self.boot, self.pidns = boot_id(), pid_namespace()
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self.lost = threading.Event()  # another job holds the lock now
@@ -163,7 +139,7 @@ class RunLock:
             if self.pidns and holder.get("pidns") == self.pidns:  # its pid means what ours does
                 if pid == self.pid:
                     return ""  # this process again: one job
-                if not isinstance(pid, int) or not _pid_running(pid):
+                if not isinstance(pid, int) or not process_alive(pid):
                     return f"its holder, pid {pid} on this host ({self.host}), is no longer running"
                 return None
         # Another host, or this one seen from another PID namespace (a container that shares the

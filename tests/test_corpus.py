@@ -130,10 +130,13 @@ def test_publish_once(tmp_path):
     import subprocess
     import sys
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [tmp_path / f".out.tmp-{socket.gethostname()}-{dead.stdout.strip()}-0123abcd",
-             tmp_path / ".out.tmp-another-host-1-0123abcd"]
+    from solarjax.files import _here
+    stale = [tmp_path / f".out.tmp-{_here()}-{dead.stdout.strip()}-0123abcd",
+             tmp_path / ".out.tmp-another_host_abc123-1-0123abcd",
+             # this host name in another PID namespace (a container): its pid means nothing here
+             tmp_path / f".out.tmp-{_here()[:-6]}ffffff-{dead.stdout.strip()}-0123abcd"]
     for path in stale:
         path.mkdir()
     written = len(calls)
     assert publish_once(final, write) == final and len(calls) == written  # there already: not written again
-    assert sorted(os.listdir(tmp_path)) == [stale[1].name, "late", "out"]
+    assert sorted(os.listdir(tmp_path)) == sorted([stale[1].name, stale[2].name, "late", "out"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solarjax import rundir, sample, train_cli
+from solarjax import files, rundir, sample, train_cli
 from solarjax.errors import ConfigError, SolarjaxError
 from solarjax.rundir import LOCK_FILE, RunDirBusyError, RunLock
 from hf_models import make_hf_model, save_hf_model, tokenizer_file
@@ -80,7 +80,7 @@ def test_a_hostile_chat_template_ends_in_one_line_and_runs_nothing(tmp_path, cap
 
 def _write_lock(run: Path, **fields) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "boot": rundir._boot_id(), "pidns": rundir._pid_namespace(),
+    record = {"host": socket.gethostname(), "boot": files.boot_id(), "pidns": files.pid_namespace(),
               "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(), "token": "someone-else", **fields}
     (run / LOCK_FILE).write_text(json.dumps(record))
 
@@ -136,7 +136,7 @@ def test_a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, 
     _write_lock(run, pid=pid, pidns="pid:[1]", heartbeat=time.time() - rundir.STALE_S - 60)
     RunLock(run).acquire().release()
     assert "last showed a heartbeat" in capsys.readouterr().err
-    if rundir._boot_id():
+    if files.boot_id():
         _write_lock(run, pid=os.getppid(), boot="an-earlier-boot")  # its pid runs now, but it is another process
         RunLock(run).acquire().release()
         assert "ran before the host last booted" in capsys.readouterr().err

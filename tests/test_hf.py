@@ -307,8 +307,9 @@ def test_overwrite_killed_at_any_point_leaves_an_output_and_no_leftovers(kill_at
     out.mkdir()
     (out / "weights").write_text("old")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    others = [tmp_path / f".out.tmp-other-host-{os.getpid()}-0123abcd",
-              tmp_path / f".out.tmp-{socket.gethostname()}-{live.pid}-0123abcd"]
+    from solarjax.files import _here
+    others = [tmp_path / f".out.tmp-other_host_abc123-{os.getpid()}-0123abcd",
+              tmp_path / f".out.tmp-{_here()}-{live.pid}-0123abcd"]
     for path in others:
         path.mkdir()
     try:

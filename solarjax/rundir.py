@@ -164,7 +164,11 @@ class RunLock:
     def check(self) -> bool:
         """Whether this job still holds the lock (reads the file now); sets `lost` when not."""
         if self.held and not self.lost.is_set():
-            _, holder = self._read()
+            for _ in range(5):  # gone for a moment: a taker that moved it aside is putting it back
+                raw, holder = self._read()
+                if raw is not None:
+                    break
+                time.sleep(0.2)
             if holder is None or holder.get("token") != self.token:
                 self.lost.set()
         return self.held and not self.lost.is_set()
@@ -274,7 +278,7 @@ class RunDir:
     def write(self, name: str, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1, default=list) + "\n")
+        tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
         os.replace(tmp, self.path / name)
 
     def tokenizer_record(self) -> dict | None:

@@ -683,7 +683,7 @@ class Trainer:
             result = self.evaluate(step, progress.spent)
         if result:
             self._write(metrics_file, {"step": step, **result})
-            record.update(result)
+            record.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
             if "eval_loss" in result:
                 progress.eval(step, result)
         began = time.perf_counter()

@@ -896,19 +896,19 @@ class Data:
         first = dict(zip(self.sources, self.schedule[0][1]))
         total = sum(first.values())
         parts = [f"{name} weight {first[name] / total:.3g} (streaming)" if getattr(p, "streaming", False) else
-                 f"{name} weight {first[name] / total:.3g} ({_docs(p):,} documents, {p.n_tokens:,} tokens, "
+                 f"{name} weight {first[name] / total:.3g} ({documents_in(p):,} documents, {p.n_tokens:,} tokens, "
                  f"{len(p):,} windows)" for name, p in self.sources.items()]
         text = f"{len(self.sources)} source{'s' * (len(self.sources) > 1)}: " + "; ".join(parts)
         for step, weights in self.schedule[1:]:
             total = sum(weights)
             text += f"; from step {step}: " + ", ".join(f"{n} {w / total:.3g}" for n, w in zip(self.sources, weights))
         if self.held_out:
-            text += "; held out: " + ", ".join(f"{name or 'validation'} {_docs(p):,} documents, {p.n_tokens:,} tokens"
+            text += "; held out: " + ", ".join(f"{name or 'validation'} {documents_in(p):,} documents, {p.n_tokens:,} tokens"
                                                for name, p in self.held_out.items())
         return text
 
 
-def _docs(packed) -> int:
+def documents_in(packed) -> int:
     return len(packed.doc_ids) if isinstance(packed, PackedSequences) else packed.examples
 
 

@@ -248,6 +248,7 @@ CONFIG_RECORD = "config.json"  # the config of the steps taken (its data section
 SCHEDULE_RECORD = "schedule.json"  # {"segments": [[0, steps], [start, steps, "continue"|"restart"], ...]}
 TRAINABLE_RECORD = "trainable.json"  # what the run trains, resolved to layers: a resume must train the same
 STREAMS_RECORD = "streams.json"  # {step: {source: [window, pass, document, token]}} of streaming sources
+DATA_RECORD = "data.json"  # {source: [documents, tokens]} of the cached sources at the run's latest start
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run tokenizes with (a copy), and its fingerprint
 TOKENIZER_RECORD = "fingerprint.json"  # in TOKENIZER_DIR: {"fingerprint", "source", "chat_template"}
 

@@ -48,8 +48,8 @@ from solarjax.model import abstract_params, init_params, param_count
 from solarjax.optim import make_optimizer, schedule
 from solarjax.plan import RunPlan, saved_model_config
 from solarjax.progress import Progress
-from solarjax.rundir import (CONFIG_RECORD, SCHEDULE_RECORD, STREAMS_RECORD, TRAINABLE_RECORD, RunDir,
-                             RunDirBusyError, lock_run_dir)
+from solarjax.rundir import (CONFIG_RECORD, DATA_RECORD, SCHEDULE_RECORD, STREAMS_RECORD, TRAINABLE_RECORD,
+                             RunDir, RunDirBusyError, lock_run_dir)
 from solarjax.tokenizer import load_tokenizer, resolve_tokenizer
 from solarjax.sharding import batch_sharding, make_mesh
 from solarjax.files import check_output
@@ -175,6 +175,7 @@ class Trainer:
                 records.record_tokenizer(self.data.tokenizer, cfg.data.chat_template)
             records.write(SCHEDULE_RECORD, {"segments": self.schedule_plan})
             records.write(TRAINABLE_RECORD, self._trainable_record())
+            self._note_data_changes(resume_step if restored is not None else 0)
 
     def _trainable_record(self) -> dict:
         t = self.trainable
@@ -248,6 +249,20 @@ class Trainer:
         previous = self.records.read(CONFIG_RECORD) if resume_step else None
         if previous is not None:
             data_lib.check_mixture_resume(DataConfig(**previous["data"]), self.cfg.data, resume_step, self.run_dir)
+
+    def _note_data_changes(self, resume_step: int) -> None:
+        """A resume whose sources now hold other documents (files added, removed or edited) draws
+        other batches from here on than the run would have: said in one line per source, and the
+        sizes recorded anew (data.json: documents and tokens of each cached source)."""
+        now = {name: [data_lib.documents_in(p), int(p.n_tokens)] for name, p in self.data.sources.items()
+               if not getattr(p, "streaming", False)}
+        before = (self.records.read(DATA_RECORD) or {}) if resume_step else {}
+        for name, (docs, tokens) in now.items():
+            if name in before and before[name] != [docs, tokens]:
+                print(f"note: data source {name} has changed since the run last started ({before[name][0]:,} "
+                      f"documents, {before[name][1]:,} tokens; now {docs:,} and {tokens:,}): its batches from "
+                      f"step {resume_step} on are not the ones the run would have drawn", file=sys.stderr)
+        self.records.write(DATA_RECORD, now)
 
     def _tokenizer(self, resuming: bool):
         """The tokenizer the run tokenizes with: the config's (data.tokenizer, else init.from's own,

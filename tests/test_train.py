@@ -336,6 +336,24 @@ def test_a_resume_tokenizes_as_the_run_started_or_refuses(tmp_path, corpus, caps
     assert f"but the config now gives {default_tokenizer_path()} (" in message
 
 
+def test_a_resume_on_changed_data_says_so(tmp_path, corpus, capsys):
+    """Files added to a source between a stop and its resume change the batches from the resume on:
+    one line says which source and from which step (and nothing is said when nothing changed)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    over = {"steps": 4, "eval_every": 0, "checkpoint_every": 2, "data.sources": [str(data)]}
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh()).run(until=2)
+    capsys.readouterr()
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh())._lock.release()
+    assert "has changed since" not in capsys.readouterr().err
+    (data / "zz.txt").write_text("zeta eta theta " * 50)
+    Trainer(_config(tmp_path, corpus, **over), _one_device_mesh())._lock.release()
+    err = capsys.readouterr().err
+    assert "note: data source train has changed since the run last started (" in err
+    assert "its batches from step 2 on are not the ones the run would have drawn" in err
+
+
 @pytest.mark.slow
 def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
     """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import transformers
 import yaml
-
 from bench_small import best_time, models
-from solarjax.topology import model_flops_per_token
+
+from solarjax.train.topology import model_flops_per_token
 
 B, T, LOG_EVERY = 4, 512, 2
 ROOT = Path(__file__).resolve().parent.parent

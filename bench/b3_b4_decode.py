@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import torch
 import transformers
+from bench_small import best_time, models
 
 import solarjax
-from bench_small import best_time, models
-from solarjax import sample
+from solarjax.eval import sample
 
 
 def copy_bandwidth(nbytes=1 << 29, repeats=5) -> float:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from solarjax.tensorfile import SafetensorsFile
+from solarjax.weights.tensorfile import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,10 @@ import numpy as np
 import optax
 
 import solarjax
-from solarjax import corpus, data
-from solarjax.config import DataConfig
-from solarjax.model import Decoder
+from solarjax import data
+from solarjax.data import corpus
+from solarjax.data.config import DataConfig
+from solarjax.model.decoder import Decoder
 
 
 def pipeline_rate(num_proc: int) -> tuple[float, float, float, int]:

@@ -6,7 +6,7 @@ For each preset (a model shape and how it is run: batch, sequence, microbatches,
           random tokens; warm-up steps untimed, then timed steps ending in block_until_ready.
           tokens/s, and MFU = tokens/s x model FLOPs per token (topology.model_flops_per_token: 6 per
           weight that multiplies + PaLM's attention term) / the chip's dense bf16 peak.
-  decode: solarjax.sample.generate (jitted prefill + KV-cache decode loop), greedy, no EOS, bf16
+  decode: solarjax.eval.sample.generate (jitted prefill + KV-cache decode loop), greedy, no EOS, bf16
           weights, a few rows; tokens/s of the decode loop (timed by generate, after compilation).
 
 The JSON (--out) is rewritten after every measurement, so a run cut short by a timeout keeps what
@@ -43,15 +43,16 @@ import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from solarjax import sample  # noqa: E402
-from solarjax.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, preset  # noqa: E402
-from solarjax.model import init_params, param_count  # noqa: E402
-from solarjax.objectives import get as get_objective  # noqa: E402
-from solarjax.optim import make_optimizer, schedule  # noqa: E402
+from solarjax.data.config import DataConfig  # noqa: E402
+from solarjax.eval import sample  # noqa: E402
+from solarjax.model.config import ModelConfig, preset  # noqa: E402
+from solarjax.model.decoder import init_params, param_count  # noqa: E402
 from solarjax.sharding import batch_sharding, make_mesh  # noqa: E402
-from solarjax.topology import PEAK_TFLOPS, model_flops_per_token  # noqa: E402
-from solarjax.plan import RunPlan  # noqa: E402
-from solarjax.step import jit_train_step, new_state, state_shardings  # noqa: E402
+from solarjax.train.config import OptimConfig, TrainConfig
+from solarjax.train.objectives import get as get_objective  # noqa: E402
+from solarjax.train.plan import RunPlan  # noqa: E402
+from solarjax.train.step import new_state, state_shardings  # noqa: E402
+from solarjax.train.topology import PEAK_TFLOPS, model_flops_per_token  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,7 @@ def peak_tflops(kind: str, override: float | None) -> tuple[float, str]:
         raise SystemExit(f"error: no dense bf16 peak is known for device kind {kind!r} (known: "
                          f"{', '.join(PEAK_TFLOPS)}); give --peak-tflops N for it")
     key = max(match, key=len)
-    return float(PEAK_TFLOPS[key]), f"solarjax.topology.PEAK_TFLOPS[{key!r}]"
+    return float(PEAK_TFLOPS[key]), f"solarjax.train.topology.PEAK_TFLOPS[{key!r}]"
 
 
 def _is_oom(e: Exception) -> bool:
@@ -135,10 +136,9 @@ def measure_train(p: Preset, rows: int, peak: float, t0: float) -> dict:
     steps = p.warmup_steps + p.timed_steps
     cfg = TrainConfig(model=config, data=DataConfig(seq_len=T), optim=OptimConfig(), steps=steps, global_batch=rows,
                       microbatches=p.microbatches, eval_every=0)
-    optimizer, lr = make_optimizer(cfg.optim, steps), schedule(cfg.optim, steps)
     plan = RunPlan.resolve(cfg, mesh)  # what the trainer would run: attention and loss chunk for this chip
     chunk = plan.loss_chunk
-    step = jit_train_step(plan.step_config, optimizer, lr, mesh, chunk=chunk, microbatches=p.microbatches)
+    optimizer, lr, step = plan.build_step(mesh)
     shardings = state_shardings(config, optimizer, mesh)
     with jax.set_mesh(mesh):  # the model's sharding hints, as in Trainer.run
         params = init_params(config, jax.random.key(0), mesh)

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 
-from solarjax.config import load_job
-from solarjax.data import load_data
-from solarjax.recipe import stage_train_config
+from solarjax.data.pipeline import load_data
+from solarjax.train.config import load_job
+from solarjax.train.recipe import stage_train_config
 
 
 def main(path: str) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from solarjax.config import load_job
-from solarjax.recipe import WINDOWS_FILE, paired_bootstrap, read_window_losses, stage_train_config
+from solarjax.train.config import load_job
+from solarjax.train.recipe import WINDOWS_FILE, paired_bootstrap, read_window_losses, stage_train_config
 
 
 def main(path: str, first: str = "upscaled", second: str = "control") -> None:

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-
 from bench_small import best_time
-from solarjax.xla_cpu import dense
+
+from solarjax.model.xla_cpu import dense
 
 
 def training_shapes(n=2048):

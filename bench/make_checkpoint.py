@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from solarjax import hf
-from solarjax.config import preset
-from solarjax.tensorfile import TensorInfo, parse_size
+from solarjax.model.config import preset
+from solarjax.weights import hf
+from solarjax.weights.tensorfile import TensorInfo, parse_size
 
 
 def main(argv=None):

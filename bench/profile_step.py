@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import solarjax
-from solarjax.config import OptimConfig, TrainConfig, DataConfig
-from solarjax.optim import make_optimizer, schedule
+from solarjax.data.config import DataConfig
 from solarjax.sharding import make_mesh
-from solarjax.plan import RunPlan
-from solarjax.step import jit_train_step, new_state
+from solarjax.train.config import TrainConfig
+from solarjax.train.plan import RunPlan
+from solarjax.train.step import new_state
 
 
 def main(argv=None):
@@ -43,9 +43,8 @@ def main(argv=None):
     cfg = TrainConfig(model=config, data=DataConfig(seq_len=args.seq), global_batch=args.batch,
                       loss_chunk_tokens=args.loss_chunk_tokens)
     mesh = make_mesh(1, 1, 1)
-    optimizer = make_optimizer(OptimConfig(), 1000)
     plan = RunPlan.resolve(cfg, mesh)
-    step = jit_train_step(plan.step_config, optimizer, schedule(OptimConfig(), 1000), mesh, chunk=plan.loss_chunk)
+    optimizer, _, step = plan.build_step(mesh, 1000)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(tokens),
              "positions": jnp.asarray(np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape))}

@@ -17,14 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from solarjax.config import load_job
+from solarjax.train.config import load_job
 
 CHILD = """
 import json, sys, time
 began = time.perf_counter()
-from solarjax.config import load_job
-from solarjax.recipe import stage_train_config
-from solarjax.trainer import Trainer
+from solarjax.train.config import load_job
+from solarjax.train.recipe import stage_train_config
+from solarjax.train.trainer import Trainer
 import dataclasses
 config, run_dir, cache, stage, prep = sys.argv[1:6]
 recipe = load_job(config, [f"run_dir={prep}"])  # earlier stages' finals: prep's
@@ -56,8 +56,8 @@ def main(config: str = "configs/demo.yaml") -> None:
     root = Path(tempfile.mkdtemp(prefix="startup-"))
     try:
         # A base to start the continued stages from (2 steps; the cache of tokens built here).
-        prep = ("import dataclasses, sys\nfrom solarjax.config import load_job\n"
-                "from solarjax.recipe import stage_train_config\nfrom solarjax.trainer import Trainer\n"
+        prep = ("import dataclasses, sys\nfrom solarjax.train.config import load_job\n"
+                "from solarjax.train.recipe import stage_train_config\nfrom solarjax.train.trainer import Trainer\n"
                 "recipe = load_job(sys.argv[1], [f'run_dir={sys.argv[2]}', f'compile_cache_dir={sys.argv[2]}/xla'])\n"
                 "cfg = stage_train_config(recipe, recipe.stages[0])\n"
                 "Trainer(dataclasses.replace(cfg, steps=2, eval_every=0, eval_tasks=(), sample_prompts=())).run()\n")

@@ -33,13 +33,13 @@ def _only_a_cpu_here() -> bool:
 if "JAX_PLATFORMS" not in os.environ and _only_a_cpu_here():
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-from solarjax.checkpoint import load_model, load_params, save_params  # noqa: E402
 from solarjax.errors import ConfigError  # noqa: E402
-from solarjax.modelconfig import ModelConfig, PRESETS, preset  # noqa: E402
-from solarjax.hf import ConversionError, load_hf, save_hf  # noqa: E402
-from solarjax.model import init_params, logits, param_count  # noqa: E402
+from solarjax.model.config import PRESETS, ModelConfig, preset  # noqa: E402
+from solarjax.model.decoder import init_params, logits, param_count  # noqa: E402
 from solarjax.sharding import make_mesh  # noqa: E402
 from solarjax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from solarjax.weights.checkpoint import load_model, load_params, save_params  # noqa: E402
+from solarjax.weights.hf import ConversionError, load_hf, save_hf  # noqa: E402
 
 __all__ = ["ConfigError", "ConversionError", "ModelConfig", "PRESETS", "init_params", "load_hf", "load_model",
            "load_params", "load_tokenizer", "logits", "make_mesh", "param_count", "preset", "save_hf", "save_params",

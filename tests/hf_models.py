@@ -110,8 +110,10 @@ def make_bpe_tokenizer(path: Path, vocab_size: int = 300, files: int = 3) -> Pat
     post-processor, the Llama 3 chat template; eos <|eot_id|>, generation stopping on
     <|end_of_text|> and <|eot_id|> (generation_config.json), pad in special_tokens_map.json."""
     import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from solarjax.corpus import default_corpus_files
+
+    from solarjax.data.corpus import default_corpus_files
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -140,6 +142,7 @@ def make_mistral_tokenizer_json(path: Path) -> Path:
     post-processor and the Instruct chat template, as mistralai/Mistral-7B-Instruct-v0.1 ships it."""
     import json
     import shutil
+
     from tokenizers import Tokenizer, processors
     sp = path.parent / (path.name + "-sp")
     sp.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Cross-check solarjax.evaluate against lm-evaluation-harness itself (HF backend), on one tiny random
+"""Cross-check solarjax.cli.evaluate against lm-evaluation-harness itself (HF backend), on one tiny random
 model and the tiny local task files of tests/eval_tasks.py. Not part of the pytest suite (lm-eval
 is a heavy install); run by hand where lm-eval is installed:
 
@@ -77,7 +77,7 @@ def main(work: Path) -> int:
     for name in base:
         task_arg = f"{name}={dirs[name]}"
         items = work / f"items_{name}.jsonl"
-        cmd = [sys.executable, "-m", "solarjax.evaluate", "--hf", str(model_dir), "--tasks", task_arg,
+        cmd = [sys.executable, "-m", "solarjax.cli.evaluate", "--hf", str(model_dir), "--tasks", task_arg,
                "--num-fewshot", str(SHOTS[name]), "--format", "json", "--log-items", str(items),
                "--max-gen-tokens", str(GEN_TOKENS)]
         if name == "mmlu":  # the harness's local task is one subject

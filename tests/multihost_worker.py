@@ -13,8 +13,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 config_path, coordinator, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 jax.distributed.initialize(coordinator, n, i)
 
-from solarjax.config import train_config_from_dict  # noqa: E402
-from solarjax.trainer import Trainer  # noqa: E402
+from solarjax.train.config import train_config_from_dict  # noqa: E402
+from solarjax.train.trainer import Trainer  # noqa: E402
 
 cfg = train_config_from_dict(json.loads(open(config_path).read()))
 trainer = Trainer(cfg)

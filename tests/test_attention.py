@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import solarjax
-from solarjax import attention
-from solarjax.config import ConfigError
+from solarjax.errors import ConfigError
+from solarjax.model import attention
 from solarjax.sharding import make_mesh
 
 B, T, H, K, E = 2, 200, 4, 2, 32  # T: not a multiple of any kernel block, so the padding is exercised
@@ -172,7 +172,7 @@ def test_the_decoder_uses_the_configured_kernel():
     positions = np.concatenate([np.arange(30), np.arange(10)])[None].repeat(2, axis=0)
 
     def loss(params, cfg):
-        logits = solarjax.model.Decoder(cfg).apply({"params": params}, tokens, positions, segments)
+        logits = solarjax.model.decoder.Decoder(cfg).apply({"params": params}, tokens, positions, segments)
         return jnp.mean(jax.nn.logsumexp(logits, -1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,9 +3,10 @@ machine (train.py --compile-only --topology ...)."""
 
 import pytest
 
-from solarjax.config import ConfigError
-from solarjax.aot import compile_for_topology
-from solarjax.topology import topology_name
+from solarjax.errors import ConfigError
+from solarjax.train.aot import compile_for_topology
+from solarjax.train.topology import topology_name
+
 from test_train import TINY, _config, corpus  # noqa: F401  (the corpus fixture)
 
 

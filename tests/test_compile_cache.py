@@ -90,8 +90,10 @@ def test_where_a_job_caches():
 def test_a_run_compiles_into_its_compile_cache_dir(tmp_path):
     """compile_cache_dir is where the run's programs go (the train step among them); "" is none."""
     import jax
+
     from solarjax import compile_cache
-    from solarjax.trainer import Trainer
+    from solarjax.train.trainer import Trainer
+
     from test_train import _config, _one_device_mesh
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -4,8 +4,9 @@ import jax
 import pytest
 
 import solarjax
-from solarjax import hf
-from solarjax.config import ConfigError, ModelConfig
+from solarjax.errors import ConfigError
+from solarjax.model.config import ModelConfig
+from solarjax.weights import hf
 
 
 @pytest.mark.parametrize("name, count", [("mistral-7b", 7_241_732_096), ("solar-10.7b", 10_731_524_096)])
@@ -84,7 +85,7 @@ def test_rope_scaling_and_biases_round_trip_through_json_yaml_and_config_json(tm
     assert c.rope == LLAMA3 and c.to_dict()["rope_scaling"] == LLAMA3
     c.save(tmp_path / "c.json")
     assert ModelConfig.load(tmp_path / "c.json") == c and hash(ModelConfig.load(tmp_path / "c.json")) == hash(c)
-    from solarjax.config import train_config_from_dict
+    from solarjax.train.config import train_config_from_dict
     cfg = train_config_from_dict({"model": {"preset": "tiny", "rope_scaling": LLAMA3}})  # as YAML gives it
     assert cfg.model.rope_scaling == c.rope_scaling and cfg.to_dict()["model"]["rope_scaling"] == LLAMA3
     assert hf.config_from_hf(hf.config_to_hf(c, "qwen2")) == c

@@ -7,8 +7,9 @@ import tokenize
 
 import pytest
 
-from solarjax import corpus
-from solarjax.config import ConfigError, DataConfig
+from solarjax.data import corpus
+from solarjax.data.config import DataConfig
+from solarjax.errors import ConfigError
 from solarjax.files import publish_once
 
 MODULE = '''#!/usr/bin/env python
@@ -126,7 +127,6 @@ def test_publish_once(tmp_path):
 
     # A writer killed on this host left its temporary: removed at the next publish of that name
     # (its pid is no process's); another host's is never touched.
-    import socket
     import subprocess
     import sys
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

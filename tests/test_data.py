@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from solarjax import data
-from solarjax.corpus import default_corpus_files
-from solarjax.config import ConfigError, DataConfig, SourceConfig
-from solarjax.data import DataError, PackedSequences
+from solarjax.data import cache as data_cache
+from solarjax.data.config import DataConfig, SourceConfig
+from solarjax.data.corpus import default_corpus_files
+from solarjax.data.packing import PackedSequences
+from solarjax.data.sources import DataError
+from solarjax.errors import ConfigError
 from solarjax.tokenizer import TokenizerError, load_tokenizer
 
 SENTENCE = "Depth up-scaling grows a model."
@@ -130,7 +133,7 @@ def test_cache_is_reused_without_tokenizing(corpus, tmp_path, monkeypatch):
 
     def boom(self, batch):
         raise AssertionError("tokenized again")
-    monkeypatch.setattr(data._Tokenize, "__call__", boom)
+    monkeypatch.setattr(data_cache._Tokenize, "__call__", boom)
     second = data.load_data(cfg).train.cache
     assert second.path == first.path
     np.testing.assert_array_equal(second.tokens, first.tokens)
@@ -145,7 +148,7 @@ def test_parallel_tokenization_equals_serial(corpus, tmp_path):
     import sys
     folder, _ = corpus
     serial = data.load_data(_cfg(tmp_path / "a", [folder], seq_len=16)).train.cache
-    code = ("import sys; from solarjax import data; from solarjax.config import DataConfig; "
+    code = ("import sys; from solarjax import data; from solarjax.train.config import DataConfig; "
             "c = data.load_data(DataConfig(sources=(sys.argv[1],), cache_dir=sys.argv[2], num_proc=2)).train.cache; "
             "print(c.path)")
     run = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "b")], capture_output=True,
@@ -164,7 +167,7 @@ from pathlib import Path
 import numpy as np
 os.getpid = lambda: 7
 from solarjax import data
-from solarjax.config import DataConfig
+from solarjax.data.config import DataConfig
 from solarjax.tokenizer import load_tokenizer
 corpus, cache_dir, barrier, me, hosts = sys.argv[1:]
 save = np.save
@@ -308,6 +311,7 @@ def test_batches_reject_too_little_data(corpus, tmp_path):
 
 def test_tokenizer_from_a_model_directory(tmp_path):
     import shutil
+
     from hf_models import tokenizer_file
     (tmp_path / "hf").mkdir()
     with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model in this directory"):

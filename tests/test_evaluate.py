@@ -1,15 +1,15 @@
-"""solarjax.evaluate, scoring and tasks: per-item log-likelihoods, predictions and metrics equal a
+"""solarjax.cli.evaluate, scoring and tasks: per-item log-likelihoods, predictions and metrics equal a
 reference computed with transformers by lm-evaluation-harness's rules (few-shot draws, _encode_pair,
 acc/acc_norm, mc2, Winogrande's partial scoring); GSM8K extraction; the CLI over every task layout;
 bad task files.
 
 The reference below is written from the harness's task yamls and code, independently of
-solarjax.evaluate. tests/lm_eval_crosscheck.py compares solarjax.evaluate with lm-eval itself
+solarjax.cli.evaluate. tests/lm_eval_crosscheck.py compares solarjax.cli.evaluate with lm-eval itself
 (too heavy an install for CI)."""
 
 import json
-from pathlib import Path
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +17,11 @@ import torch
 import transformers
 
 import solarjax
-from solarjax import evaluate as ev
-from solarjax import scoring, tasks
+from solarjax.cli import evaluate as ev
+from solarjax.eval import scoring, tasks
 from solarjax.sharding import make_mesh
 from solarjax.tokenizer import load_tokenizer
+
 import eval_tasks
 from hf_models import make_bpe_tokenizer, make_hf_model, make_mistral_tokenizer_json, save_hf_model
 
@@ -361,7 +362,7 @@ def test_bad_task_file_is_one_line_naming_file_and_field(tmp_path, capsys, task,
 
 def test_the_readme_task_file_loads():
     """README's evaluate example names configs/tasks/python_basics.jsonl: it exists and is a valid task."""
-    from solarjax.tasks import load_task
+    from solarjax.eval.tasks import load_task
     ROOT = Path(__file__).resolve().parent.parent
     assert "configs/tasks/python_basics.jsonl" in (ROOT / "README.md").read_text()
     (task,) = load_task(str(ROOT / "configs" / "tasks" / "python_basics.jsonl"))

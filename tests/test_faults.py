@@ -13,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solarjax import files, rundir, sample, train_cli
+from solarjax import files
+from solarjax.cli import train as train_cli
 from solarjax.errors import ConfigError, SolarjaxError
-from solarjax.rundir import LOCK_FILE, RunDirBusyError, RunLock
+from solarjax.cli import sample as sample_cli
+from solarjax.eval import sample
+from solarjax.train import rundir
+from solarjax.train.rundir import LOCK_FILE, RunDirBusyError, RunLock
+
 from hf_models import make_hf_model, save_hf_model, tokenizer_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +37,7 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys
 
     def bug(*args, **kwargs):  # a plain ValueError inside solarjax is a bug, not the user's fault
         raise ValueError("an internal invariant broke")
-    monkeypatch.setattr("solarjax.config.load_job", bug)
+    monkeypatch.setattr("solarjax.train.config.load_job", bug)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         train_cli.main(["--config", str(tmp_path / "c.yaml")])
 
@@ -43,8 +48,12 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys
 
 
 def test_every_error_class_meant_for_the_user_is_a_solarjax_error():
-    from solarjax import data, hf, merge, records, tasks, tensorfile, tokenizer, trainer, upscale
+    from solarjax import data, tokenizer
+    from solarjax.data import records
     from solarjax.errors import DiskFullError, MissingInputError, OutputExistsError
+    from solarjax.eval import tasks
+    from solarjax.train import trainer
+    from solarjax.weights import hf, merge, tensorfile, upscale
     classes = [data.DataError, tasks.TaskError, hf.ConversionError, merge.MergeError, records.RecordError,
                sample.SamplingError, tensorfile.TensorFileError, tokenizer.TokenizerError, upscale.UpscaleError,
                trainer.CheckpointError, trainer.NonFiniteLossError, ConfigError, MissingInputError,
@@ -65,14 +74,14 @@ def test_a_hostile_chat_template_ends_in_one_line_and_runs_nothing(tmp_path, cap
               "{{ ''.__class__.__mro__[1].__subclasses__() }}")
     (model / "chat_template.jinja").write_text(attack)
     capsys.readouterr()
-    code = sample.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"])
+    code = sample_cli.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert f"error: {model / 'chat_template.jinja'}: the chat template cannot be rendered (SecurityError" in err
     # A template that fails for an ordinary reason (an undefined filter) is named the same way.
     (model / "chat_template.jinja").write_text("{{ messages | nosuchfilter }}")
-    assert sample.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]) == 2
+    assert sample_cli.main(["--hf", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]) == 2
     assert "chat_template.jinja: the chat template cannot be rendered" in capsys.readouterr().err
 
 
@@ -145,7 +154,7 @@ def test_a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, 
 RACER = """
 import os, sys, time
 from pathlib import Path
-from solarjax import rundir
+from solarjax.train import rundir
 run, me, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
 flag = Path(run).parent / "first-holds"
 if slow:  # reads the stale lock, then waits for the other job to take it before moving it aside
@@ -237,10 +246,11 @@ def test_a_job_whose_lock_is_taken_stops_at_the_next_step_writing_nothing_more(t
     """Another job takes the lock over while this one trains (its lock looked stale to that job):
     this one stops at the next step boundary with one line; no metrics line, checkpoint or final/
     after it, and the other job's lock stays."""
-    from solarjax.config import train_config_from_dict
-    from solarjax.trainer import Trainer
     import jax
+
     import solarjax
+    from solarjax.train.config import train_config_from_dict
+    from solarjax.train.trainer import Trainer
     cmd = _job(tmp_path, corpus, steps=8, checkpoint_every=2)
     cfg = train_config_from_dict(json.loads(Path(cmd[-1]).read_text()))
     trainer = Trainer(cfg, solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
@@ -300,7 +310,8 @@ def test_disk_full_while_saving_ends_in_one_line_and_resumes_exactly(tmp_path, c
     step 4 intact; once space is back the same command resumes from step 4 and ends where a run
     that never failed ends."""
     import orbax.checkpoint as ocp
-    from solarjax.trainer import read_metrics
+
+    from solarjax.train.trainer import read_metrics
     on_all_devices = {"mesh": {"data": 1, "fsdp": -1, "tensor": 1}, "global_batch": 8}  # in-process: 8 devices
     assert train_cli.main(_job(tmp_path / "a", corpus, **on_all_devices)[2:]) == 0
     cmd = _job(tmp_path / "b", corpus, **on_all_devices)[2:]

@@ -8,13 +8,15 @@ import jax
 import numpy as np
 import pytest
 import transformers
+from test_objectives import _cfg as _objective_cfg, models  # noqa: F401  (a fixture: tiny Llamas, SFT and DPO data)
 
 import solarjax
-from solarjax import convert, hf, upscale
+from solarjax.cli import convert
 from solarjax.errors import ConfigError
-from solarjax.upscale import UpscaleError, UpscaleSpec
+from solarjax.weights import hf, upscale
+from solarjax.weights.upscale import UpscaleError, UpscaleSpec
+
 from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
-from test_objectives import _cfg as _objective_cfg, models  # noqa: F401  (a fixture: tiny Llamas, SFT and DPO data)
 
 # (spec, the grown model's base layer per layer, the new layers, zeroed or not)
 SPECS = {
@@ -105,7 +107,7 @@ def test_bad_growth_specs_are_one_line(spec, message):
 
 
 def test_bad_growth_in_the_config_and_the_cli(base8, tmp_path, capsys):
-    from solarjax.config import train_config_from_dict
+    from solarjax.train.config import train_config_from_dict
     with pytest.raises(ConfigError, match=r"^init.upscale: expand=2 is a growth of its own"):
         train_config_from_dict({"model": {"preset": "tiny"}, "init": {"upscale": {"expand": 2, "n": 2, "m": 1}}})
     with pytest.raises(ConfigError, match=r"init.upscale: unknown key 'expnad' \(known: expand, layers, m, n, "
@@ -149,7 +151,7 @@ def _cfg_dict(tmp_path, corpus, **over) -> dict:
 
 
 def _train_cfg(tmp_path, corpus, **over):
-    from solarjax.config import train_config_from_dict
+    from solarjax.train.config import train_config_from_dict
     return train_config_from_dict(_cfg_dict(tmp_path, corpus, **over))
 
 
@@ -164,7 +166,7 @@ def test_new_layers_train_alone_on_a_3d_mesh_with_microbatches(tmp_path, corpus,
     final norm, head, layers 0 and 2) is bit-identical to the grown model at step 0 and every
     tensor of the new layers moved (o_proj and down_proj away from zero too); Adam's moments exist
     for the new layers only, in their parameters' shards; the start-up line counts them."""
-    from solarjax.trainer import Trainer
+    from solarjax.train.trainer import Trainer
     mesh = solarjax.make_mesh(2, 2, 2)
     cfg = _train_cfg(tmp_path, corpus, trainable="new_layers", microbatches=2, **{"init.upscale": {"expand": 1}})
     trainer = Trainer(cfg, mesh)
@@ -206,7 +208,7 @@ def test_resume_with_other_trainable_parts_is_refused_not_damage(tmp_path, corpu
     """A run of trainable "1:2" resumed with "0:1" (the same state shapes) or with all (other shapes)
     stops naming both and moves nothing; without trainable.json (a run from before it was written),
     the saved state's shapes still tell 1:2 from all. The same trainable resumes."""
-    from solarjax.trainer import CheckpointError, Trainer
+    from solarjax.train.trainer import CheckpointError, Trainer
     mesh = solarjax.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     Trainer(_train_cfg(tmp_path, corpus, trainable="1:2"), mesh).run(until=2)
     folder = tmp_path / "run" / "checkpoints"
@@ -248,8 +250,8 @@ def test_bad_trainable_in_the_config_is_one_line(tmp_path, corpus, over, message
     ({"init.upscale": {"expand": 3}}, "expand=3 must divide the base's depth of 2 layers (expand in [1, 2])"),
 ])
 def test_trainable_against_the_model_is_one_line(tmp_path, corpus, over, message):
-    from solarjax.step import resolve_trainable
-    from solarjax.plan import planned_model_config
+    from solarjax.train.plan import planned_model_config
+    from solarjax.train.step import resolve_trainable
     cfg = _train_cfg(tmp_path, corpus, **over)
     with pytest.raises(ConfigError) as e:
         planned_model_config(cfg)
@@ -268,8 +270,9 @@ def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, c
     import sys
     from pathlib import Path
 
+    from solarjax.train.trainer import Trainer, read_metrics
+
     from killing import sigkill_after_checkpoint
-    from solarjax.trainer import Trainer, read_metrics
     steps = 20
     over = {"trainable": "new_layers", "init.upscale": {"expand": 1}, "steps": steps, "global_batch": 2}
     config = tmp_path / "killed.yaml"
@@ -310,7 +313,7 @@ def test_a_run_with_frozen_parts_killed_with_sigkill_resumes_exactly(tmp_path, c
 def test_new_layers_train_alone_under_every_objective(tmp_path, objective, models):  # noqa: F811
     """sft and dpo (whose reference is the grown model at step 0) on an expanded HF model: only
     the new layers move (lm: test_new_layers_train_alone_on_a_3d_mesh_with_microbatches)."""
-    from solarjax.trainer import Trainer
+    from solarjax.train.trainer import Trainer
     sources = models["sft"] if objective == "sft" else [models["more_pairs"]]
     cfg = _objective_cfg(tmp_path, models, objective, sources, trainable="new_layers", steps=2,
                          **{"init.upscale": {"expand": 1}, "data.seq_len": 64})
@@ -338,8 +341,8 @@ def test_llama_pro_recipe_runs_its_stages_tiny(tmp_path, corpus):
     pro_all trains everything; the arms see equal tokens."""
     from pathlib import Path
 
-    from solarjax import recipe as recipe_lib
-    from solarjax.config import load_job
+    from solarjax.train import recipe as recipe_lib
+    from solarjax.train.config import load_job
     steps = {"base": 4, "pro_new": 2, "pro_all": 2, "upscaled": 4, "control": 4}
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{corpus}]", "data.seq_len=64",
                  "data.validation_fraction=0.1", f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1",

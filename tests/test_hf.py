@@ -14,10 +14,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import solarjax
-from solarjax import checkpoint, convert, hf
-from solarjax.tensorfile import SafetensorsFile
+from solarjax.cli import convert
 from solarjax.errors import ConfigError, OutputExistsError
 from solarjax.files import atomic_output_dir
+from solarjax.weights import checkpoint, hf
+from solarjax.weights.tensorfile import SafetensorsFile
+
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 
@@ -300,7 +302,6 @@ def test_overwrite_killed_at_any_point_leaves_an_output_and_no_leftovers(kill_at
     dead (this host, no such pid), puts the old output back if it is all there is, and removes the
     rest. Another host's temporaries and a live process's are left alone."""
     import signal
-    import socket
     import subprocess
     import sys
     out = tmp_path / "out"
@@ -375,7 +376,7 @@ def test_convert_weights_script_runs_as_a_program(tiny_hf, tmp_path):
 
 def test_tensor_over_2gib_is_written_whole(tmp_path):
     """One write() stops at 2,147,479,552 bytes on Linux; the writer must loop until all is written."""
-    from solarjax.tensorfile import SafetensorsWriter, TensorInfo
+    from solarjax.weights.tensorfile import SafetensorsWriter, TensorInfo
     n = 2_200_000_000
     big = np.zeros(n, np.uint8)  # calloc'd: untouched pages cost no memory, even while written
     marks = [0, 2_147_479_552 - 4096, 2**31, n - 4096]  # the start, where write() stops, 2 GiB, the end
@@ -416,7 +417,7 @@ def test_output_never_overlaps_the_input_even_with_overwrite(command, relation, 
 
 def test_writers_refuse_outputs_that_overlap_their_inputs(tiny_hf):
     """The library calls refuse too, not only the CLI; the tokenizer directory counts as an input."""
-    from solarjax.upscale import UpscaleSpec, upscale_hf
+    from solarjax.weights.upscale import UpscaleSpec, upscale_hf
     config, params = solarjax.load_hf(tiny_hf)
     before = _snapshot(tiny_hf)
     with pytest.raises(ConfigError, match=f"output {tiny_hf} is the input {tiny_hf}"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from solarjax.loss import chunk_length, cross_entropy_sum
 from solarjax.sharding import make_mesh
+from solarjax.train.loss import chunk_length, cross_entropy_sum
 
 B, T, D, V = 4, 16, 8, 40
 

@@ -16,7 +16,9 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
 import solarjax
-from solarjax import convert, merge
+from solarjax.cli import convert
+from solarjax.weights import merge
+
 from hf_models import hf_logits, make_hf_model, save_hf_model, tokenizer_file
 
 NEAR_PARALLEL = "model.layers.0.self_attn.q_proj.weight"  # cos 0.99975: mergekit lerps

@@ -16,11 +16,14 @@ import pytest
 
 import solarjax
 from solarjax import data
-from solarjax.config import ConfigError, DataConfig, SourceConfig, load_train_config, recipe_config_from_dict, train_config_from_dict
-from solarjax.data import Mixture, seats
-from solarjax.errors import SolarjaxError
-from solarjax.step import loss_and_count
-from solarjax.trainer import Trainer, _TensorBoard, read_metrics
+from solarjax.data import cache as data_cache
+from solarjax.data.config import DataConfig, SourceConfig
+from solarjax.data.mixture import Mixture, seats
+from solarjax.errors import ConfigError, SolarjaxError
+from solarjax.train.config import load_train_config, recipe_config_from_dict, train_config_from_dict
+from solarjax.train.step import loss_and_count
+from solarjax.train.trainer import Trainer, _TensorBoard, read_metrics
+
 from killing import sigkill_after_checkpoint
 from test_train import TINY
 
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class _Windows:
     """A stand-in for PackedSequences: window i is the row [source, i, ...]."""
+    streaming = False
 
     def __init__(self, source: int, n: int, seq_len: int = 4):
         self.source, self.n, self.seq_len = source, n, seq_len
@@ -226,8 +230,8 @@ def test_each_source_has_its_own_cache_and_text_field(tmp_path, domains, monkeyp
     assert list(first.sources) == ["alpha", "digits"] and first.train is None
     assert first.sources["alpha"].cache.path != first.sources["digits"].cache.path
     calls = []
-    original = data._Tokenize.__call__
-    monkeypatch.setattr(data._Tokenize, "__call__", lambda self, batch: calls.append(self.field) or original(self, batch))
+    original = data_cache._Tokenize.__call__
+    monkeypatch.setattr(data_cache._Tokenize, "__call__", lambda self, batch: calls.append(self.field) or original(self, batch))
     more = DataConfig(**{**cfg.to_dict(), "sources": [*cfg.to_dict()["sources"], {
         "name": "records", "path": str(domains / "digits.jsonl"), "weight": 0.1, "text_field": "body"}]})
     second = data.load_data(more)
@@ -514,8 +518,8 @@ def test_a_mixture_run_killed_with_sigkill_resumes_bit_identical(tmp_path, domai
 def test_recipe_summary_and_table_give_per_source_losses(tmp_path):
     """summary.json's stages carry each held-out set's loss before the first step and after the
     last; the table prints them as `init -> end`, so forgetting is a number."""
-    from solarjax import recipe as recipe_lib
-    from solarjax import checkpoint as ckpt_lib
+    from solarjax.train import recipe as recipe_lib
+    from solarjax.weights import checkpoint as ckpt_lib
     rec = recipe_config_from_dict({"run_dir": str(tmp_path), "model": {"preset": "tiny"}, "steps": 4,
                                    "stages": {"base": {}}})
     stage = tmp_path / "base"

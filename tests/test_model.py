@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import solarjax
-from solarjax import model as model_lib
-from solarjax import sample
-from solarjax import xla_cpu
 from solarjax.errors import SolarjaxError
+from solarjax.eval import sample
+from solarjax.model import decoder as model_lib, xla_cpu
+
 from hf_models import KINDS, hf_logits, make_hf_model, save_hf_model, save_kind
 
 PARITY_CASES = {

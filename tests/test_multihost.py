@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import solarjax
-from solarjax.trainer import Trainer
+from solarjax.train.trainer import Trainer
+
 import eval_tasks
 from test_train import _config, corpus  # noqa: F401  (the corpus fixture)
 

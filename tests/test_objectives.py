@@ -19,11 +19,14 @@ import transformers
 
 import solarjax
 from solarjax import data as data_lib
-from solarjax import records
-from solarjax.config import ConfigError, DataConfig, train_config_from_dict
-from solarjax.trainer import Trainer, read_metrics
-from killing import sigkill_after_checkpoint
+from solarjax.data import records
+from solarjax.data.config import DataConfig
+from solarjax.errors import ConfigError
+from solarjax.train.config import train_config_from_dict
+from solarjax.train.trainer import Trainer, read_metrics
+
 from hf_models import make_bpe_tokenizer, make_hf_model, save_hf_model
+from killing import sigkill_after_checkpoint
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 # (record as stored, the conversation it means); the three SFT layouts, one file format each.
@@ -338,7 +341,8 @@ def test_data_chat_template_replaces_the_models_and_travels_with_the_export(mode
 
 
 def test_a_recipe_stage_sets_its_own_objective_and_reference():
-    from solarjax.config import load_job, recipe_config_from_dict
+    from solarjax.train.config import load_job, recipe_config_from_dict
+
     from test_train import ROOT
     demo = load_job(ROOT / "configs" / "instruct_demo.yaml")
     sft, dpo = (demo.stage(n).train for n in ("sft", "dpo"))
@@ -359,8 +363,9 @@ def test_each_objective_with_options_has_its_section():
     """The section named after the objective is of its options class: what `cfg.objective_options`
     and the YAML's sections rely on."""
     import dataclasses
-    from solarjax.config import TrainConfig
-    from solarjax.objectives import OBJECTIVES
+
+    from solarjax.train.config import TrainConfig
+    from solarjax.train.objectives import OBJECTIVES
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name, objective in OBJECTIVES.items():
         if objective.options is not None:
@@ -376,10 +381,11 @@ def test_dpo_microbatches_give_the_whole_batch_mean(models):
     """Pairs averaged over the whole batch, not per group: 4 rows holding unequal numbers of pairs
     in 2 groups on 2 devices give the loss, rewards and step of the batch at once."""
     import jax.numpy as jnp
-    from solarjax.config import OptimConfig
-    from solarjax.objectives import OBJECTIVES, DPOConfig, real_pairs_BP
-    from solarjax.optim import make_optimizer, schedule
-    from solarjax.step import jit_train_step, new_state
+
+    from solarjax.train.config import OptimConfig
+    from solarjax.train.objectives import OBJECTIVES, DPOConfig, real_pairs_BP
+    from solarjax.train.optim import make_optimizer, schedule
+    from solarjax.train.step import jit_train_step, new_state
     d = data_lib.load_data(DataConfig(sources=(str(models["more_pairs"]),), seq_len=128, num_proc=1,
                                       cache_dir=str(models["root"] / "cache")), model_dir=models["policy"], layout="pairs")
     batch = data_lib.stack_sequences([d.train.sequence(i) for i in range(4)])

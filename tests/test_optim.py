@@ -10,10 +10,10 @@ import optax
 import pytest
 
 import solarjax
-from solarjax.config import OptimConfig
-from solarjax.optim import Trainable, make_optimizer, schedule
-from solarjax.step import jit_train_step, loss_and_count, new_state
 from solarjax.errors import ConfigError
+from solarjax.train.config import OptimConfig
+from solarjax.train.optim import Trainable, make_optimizer, schedule
+from solarjax.train.step import jit_train_step, loss_and_count, new_state
 
 
 def test_schedule_corners():

@@ -4,8 +4,9 @@ import jax
 import pytest
 
 import solarjax
-from solarjax.config import ConfigError, train_config_from_dict
-from solarjax.plan import RunPlan
+from solarjax.errors import ConfigError
+from solarjax.train.config import train_config_from_dict
+from solarjax.train.plan import RunPlan
 
 TINY = {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "max_position_embeddings": 128}

@@ -30,7 +30,8 @@ def test_the_readme_table_is_what_the_recorded_demo_printed():
     """README.md's and docs/demo.md's demo table are format_table of the recorded run's summary.json
     (docs/demo_summary.json), and the text quotes that run's paired differences and intervals."""
     import json
-    from solarjax.recipe import format_table
+
+    from solarjax.train.recipe import format_table
     root = README.parent
     summary = json.loads((root / "docs" / "demo_summary.json").read_text())
     table = format_table(summary)

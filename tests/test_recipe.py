@@ -20,9 +20,11 @@ import transformers
 
 import solarjax
 from solarjax import data as data_lib
-from solarjax import recipe as recipe_lib
-from solarjax.config import ConfigError, load_job, recipe_config_from_dict
-from solarjax.trainer import read_metrics
+from solarjax.errors import ConfigError
+from solarjax.train import recipe as recipe_lib
+from solarjax.train.config import load_job, recipe_config_from_dict
+from solarjax.train.trainer import read_metrics
+
 from killing import sigkill_after_checkpoint
 from test_train import TINY, corpus  # noqa: F401  (the corpus fixture)
 

@@ -10,13 +10,21 @@ import pytest
 import torch
 
 import solarjax
-from solarjax import sample
-from solarjax.model import Decoder, abstract_params, init_cache
-from solarjax.sample import decode_params
+from solarjax.cli import sample as sample_cli
+from solarjax.eval import sample
+from solarjax.eval.sample import Sampling, SamplingError, decode_params
+from solarjax.model.decoder import Decoder, abstract_params, init_cache
 from solarjax.sharding import param_shardings
-from solarjax.sample import Sampling, SamplingError
-from hf_models import (KINDS, make_bpe_tokenizer, make_chatml_sentencepiece, make_hf_model, save_hf_model, save_kind,
-                       tokenizer_file)
+
+from hf_models import (
+    KINDS,
+    make_bpe_tokenizer,
+    make_chatml_sentencepiece,
+    make_hf_model,
+    save_hf_model,
+    save_kind,
+    tokenizer_file,
+)
 
 PROMPT_LENGTHS = (5, 11, 8)
 NEW = 12
@@ -221,7 +229,7 @@ def mistral_vocab_model(tmp_path_factory):
 
 
 def test_cli_json(mistral_vocab_model, capsys):
-    code = sample.main(["--hf", str(mistral_vocab_model), "--prompt", "The capital of France is",
+    code = sample_cli.main(["--hf", str(mistral_vocab_model), "--prompt", "The capital of France is",
                         "--prompt", "Hi", "--max-new-tokens", "5", "--format", "json"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -247,6 +255,7 @@ def test_cli_prints_the_completion_as_it_reads_after_the_prompt(kind, mistral_vo
     """The completion is decode(prompt + completion) past decode(prompt), as transformers' text
     streamers print it: decoded alone, SentencePiece's "▁Paris" loses its space ("...isParis")."""
     import transformers
+
     from solarjax.tokenizer import load_tokenizer
     path = mistral_vocab_model
     if kind == "byte-level":
@@ -258,7 +267,7 @@ def test_cli_prints_the_completion_as_it_reads_after_the_prompt(kind, mistral_vo
     assert whole[:len(tok.encode(prompt))] == tok.encode(prompt)
     monkeypatch.setattr(sample, "generate", _generated(whole[len(tok.encode(prompt)):] + [tok.eos_id]))
     for fmt in ("text", "json"):
-        assert sample.main(["--hf", str(path), "--prompt", prompt, "--format", fmt]) == 0
+        assert sample_cli.main(["--hf", str(path), "--prompt", prompt, "--format", fmt]) == 0
         out = capsys.readouterr().out
         printed = prompt + json.loads(out)["completion"] if fmt == "json" else out.rstrip("\n")
         assert printed == text == theirs.decode(whole, skip_special_tokens=True)
@@ -277,14 +286,14 @@ def test_cli_chat_with_added_tokens_stops_at_im_end(tmp_path, capsys, monkeypatc
     whole = tok.apply_chat_template(user + [{"role": "assistant", "content": "Paris."}])
     assert whole[:len(prompt)] == prompt and whole[-3:] == [32000, 28705, 13] and tok.eos_ids == [32000]
     monkeypatch.setattr(sample, "generate", _generated(whole[len(prompt):-2]))  # through <|im_end|>
-    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat", "--format", "json"]) == 0
+    assert sample_cli.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["completion"] == "Paris."
-    assert sample.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat"]) == 0
+    assert sample_cli.main(["--hf", str(path), "--prompt", "The capital of France?", "--chat"]) == 0
     assert capsys.readouterr().out == "The capital of France?\nParis.\n\n"
     # Real generation stops at <|im_end|>: the stop ids reach the sampler.
     seen = []
     monkeypatch.setattr(sample, "generate", lambda *args: seen.append(args[-1]) or _generated([5])(*args))
-    assert sample.main(["--hf", str(path), "--prompt", "x", "--chat"]) == 0 and seen == [[32000]]
+    assert sample_cli.main(["--hf", str(path), "--prompt", "x", "--chat"]) == 0 and seen == [[32000]]
 
 
 def test_cli_samples_over_all_local_devices(mistral_vocab_model, capsys, monkeypatch):
@@ -300,17 +309,17 @@ def test_cli_samples_over_all_local_devices(mistral_vocab_model, capsys, monkeyp
     runs = {}
     for mesh in ("1,-1,1", "1,1,1"):
         args = ["--hf", str(mistral_vocab_model), "--prompt", "Paris is", "--max-new-tokens", "6", "--format", "json"]
-        assert sample.main(args + (["--mesh", mesh] if mesh != "1,-1,1" else [])) == 0
+        assert sample_cli.main(args + (["--mesh", mesh] if mesh != "1,-1,1" else [])) == 0
         runs[mesh] = json.loads(capsys.readouterr().out)["token_ids"]
     assert seen == [len(jax.devices()), 1]
     assert runs["1,-1,1"] == runs["1,1,1"]
-    assert sample.main(["--hf", str(mistral_vocab_model), "--prompt", "x", "--mesh", "2,2"]) == 2
+    assert sample_cli.main(["--hf", str(mistral_vocab_model), "--prompt", "x", "--mesh", "2,2"]) == 2
     assert "--mesh must be three integers data,fsdp,tensor, got '2,2'" in capsys.readouterr().err
 
 
 def test_cli_errors(mistral_vocab_model, tmp_path, capsys):
     def run(*args):
-        code = sample.main([str(a) for a in args])
+        code = sample_cli.main([str(a) for a in args])
         return code, capsys.readouterr().err
     code, err = run("--hf", mistral_vocab_model, "--prompt", "  ")
     assert code == 2 and "prompt 0 is empty" in err
@@ -347,7 +356,7 @@ def test_cli_uses_the_model_tokenizer_and_stops_on_its_eos_ids(tmp_path, capsys)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [301, greedy[k]]}))
 
     def run(*args):
-        code = sample.main(["--hf", str(path), "--max-new-tokens", "10", "--format", "json", *args])
+        code = sample_cli.main(["--hf", str(path), "--max-new-tokens", "10", "--format", "json", *args])
         out, err = capsys.readouterr()
         assert code == 0, err
         return [json.loads(line) for line in out.splitlines()]

@@ -7,8 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 import solarjax
 from solarjax import sharding
-from solarjax.model import abstract_params
 from solarjax.errors import ConfigError
+from solarjax.model.decoder import abstract_params
 
 
 def test_mesh_has_eight_devices():

@@ -14,11 +14,16 @@ import pytest
 import transformers
 
 from solarjax import data
-from solarjax.config import DataConfig
-from solarjax.corpus import default_corpus_files
-from solarjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer
-from hf_models import (MISTRAL_TEMPLATE, make_bpe_tokenizer, make_chatml_sentencepiece, make_mistral_sentencepiece,
-                       make_mistral_tokenizer_json)
+from solarjax.data.config import DataConfig
+from solarjax.data.corpus import default_corpus_files
+from solarjax.tokenizer import TokenizerError, load_tokenizer, resolve_tokenizer
+
+from hf_models import (
+    make_bpe_tokenizer,
+    make_chatml_sentencepiece,
+    make_mistral_sentencepiece,
+    make_mistral_tokenizer_json,
+)
 
 UNICODE = ["", " ", "hello world", "  two leading spaces", "emoji 🤖🎉👩‍👩‍👧 and flags 🇫🇷",
            "深度学习 和 日本語のテキスト", "한국어 텍스트", "e\u0301 n\u0303 combining marks, and precomposed \u00e9",
@@ -171,7 +176,7 @@ def test_token_cache_uses_the_model_tokenizer_and_its_settings(dirs, tmp_path):
     assert theirs.decode(cache.doc(0), skip_special_tokens=True) == docs[0]
     # datasets.map workers (num_proc=2) reload the tokenizer from its files: the same ids. In a
     # fresh interpreter, since datasets forks, which JAX's threads make unsafe in this one.
-    code = ("import sys; from solarjax import data; from solarjax.config import DataConfig; "
+    code = ("import sys; from solarjax import data; from solarjax.train.config import DataConfig; "
             "c = data.load_data(DataConfig(sources=(sys.argv[1],), cache_dir=sys.argv[2], num_proc=2), "
             "model_dir=sys.argv[3]).train.cache; print(c.path)")
     run = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "par"), str(dirs["bpe"])],

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import solarjax
-from solarjax import sample
-from solarjax.config import ConfigError, RecipeConfig, load_job, load_train_config, train_config_from_dict
-from solarjax.trainer import CheckpointError, NonFiniteLossError, Trainer
+from solarjax.errors import ConfigError
+from solarjax.eval import sample
+from solarjax.train.config import RecipeConfig, load_job, load_train_config, train_config_from_dict
+from solarjax.train.trainer import CheckpointError, NonFiniteLossError, Trainer
+
 from hf_models import hf_logits, make_hf_model, save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +101,7 @@ def test_loss_falls(tmp_path, corpus, capsys):
 def test_time_left_counts_steady_steps_and_each_kind_of_work_apart():
     """Steps left at the steady step time, plus each upcoming eval, task scoring, sample and
     checkpoint at its latest duration; nothing before a steady time is known."""
-    from solarjax.progress import Progress
+    from solarjax.train.progress import Progress
     progress = Progress("run", 100, 0, enabled=False, upcoming={
         "eval": [50, 100], "tasks": [100], "samples": [50, 100], "checkpoint": [40, 80, 100]})
     assert progress.left(10) is None
@@ -129,10 +131,10 @@ def test_the_first_step_and_evals_do_not_count_as_training_time(tmp_path, corpus
         time.sleep(2.0)
         return eval_loss(*args, **kwargs)
     trainer.train_step, trainer._eval_loss = slow_first, slow_eval
-    import solarjax.progress as progress_lib
+    import solarjax.train.progress as progress_lib
     made = []
     monkeypatch.setattr(progress_lib.Progress, "close", lambda self: made.append(self))
-    monkeypatch.setattr("solarjax.trainer.Progress", progress_lib.Progress)
+    monkeypatch.setattr("solarjax.train.trainer.Progress", progress_lib.Progress)
     trainer.run()
     progress = made[0]
     rates = [json.loads(x)["tokens_per_s"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -186,7 +188,7 @@ def test_init_from_hf_with_depth_upscaling(tmp_path, corpus):
     cfg = train_config_from_dict(d)
     trainer = Trainer(cfg, _one_device_mesh())
     assert trainer.model_config.num_layers == 6 and trainer.model_config.remat == "full"
-    _, grown = solarjax.load_model(hf_dir, upscale=solarjax.upscale.UpscaleSpec(n=4, m=1))
+    _, grown = solarjax.load_model(hf_dir, upscale=solarjax.weights.upscale.UpscaleSpec(n=4, m=1))
     for a, b in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(grown)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(trainer.run()["loss"])
@@ -271,6 +273,7 @@ def test_init_from_hf_trains_with_the_model_tokenizer(tmp_path, corpus):
     """No data.tokenizer: the init.from model's own tokenizer.json (ids not 1/2) tokenizes the
     data, samples and the final export, which keeps its tokenizer files and special ids."""
     import transformers
+
     from hf_models import make_bpe_tokenizer
     hf_dir = save_hf_model(make_hf_model("llama", vocab_size=320, bos_token_id=300, eos_token_id=[301, 304],
                                          pad_token_id=305), tmp_path / "hf")
@@ -301,8 +304,9 @@ def test_a_resume_tokenizes_as_the_run_started_or_refuses(tmp_path, corpus, caps
     away: the resume takes the tokenizer the run recorded, and step 4's loss equals an uninterrupted
     run's (it took Mistral's and trained on other ids). A config that names another tokenizer is
     refused in one line naming both; RUN/tokenizer holds one tokenizer's files."""
-    from hf_models import make_bpe_tokenizer
     from solarjax.tokenizer import default_tokenizer_path
+
+    from hf_models import make_bpe_tokenizer
     hf_dir = save_hf_model(make_hf_model("llama", vocab_size=32000, bos_token_id=300, eos_token_id=[301, 304]),
                            tmp_path / "hf")
     make_bpe_tokenizer(hf_dir)
@@ -359,6 +363,7 @@ def test_init_from_a_qwen2_hf_dir_trains_and_exports_as_qwen2(tmp_path, corpus):
     """Qwen2 (q/k/v biases, tied embeddings, its own tokenizer): two steps move the biases too, and
     final/ exports as a Qwen2 that transformers runs to our logits."""
     import transformers
+
     from hf_models import make_bpe_tokenizer
     hf_dir = save_hf_model(make_hf_model("qwen2", vocab_size=320, tie_word_embeddings=True), tmp_path / "hf")
     make_bpe_tokenizer(hf_dir)
@@ -586,10 +591,10 @@ def test_an_attention_kernel_that_cannot_do_the_config_is_refused_before_trainin
 @pytest.mark.slow
 def test_eval_tasks_are_scored_at_each_eval_into_metrics(tmp_path, corpus):
     """eval_tasks: the first and last evals carry the task's metrics, and the last ones are what
-    solarjax.evaluate gives for the final parameters."""
-    from solarjax.checkpoint import load_params
-    from solarjax.scoring import evaluate
-    from solarjax.tasks import load_task
+    solarjax.cli.evaluate gives for the final parameters."""
+    from solarjax.eval.scoring import evaluate
+    from solarjax.eval.tasks import load_task
+    from solarjax.weights.checkpoint import load_params
 
     task = tmp_path / "pets.jsonl"
     task.write_text("".join(json.dumps({"context": f"the {a} says", "choices": [" meow", " woof", " moo"], "gold": i % 3})

@@ -11,8 +11,10 @@ import transformers
 from safetensors.torch import load_file
 
 import solarjax
-from solarjax import convert, hf, upscale
-from solarjax.upscale import UpscaleError, UpscaleSpec
+from solarjax.cli import convert
+from solarjax.weights import hf, upscale
+from solarjax.weights.upscale import UpscaleError, UpscaleSpec
+
 from hf_models import hf_logits, make_hf_model, save_hf_model, save_kind, tokenizer_file
 
 

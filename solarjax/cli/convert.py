@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from solarjax import checkpoint, hf, merge, upscale
 from solarjax.errors import cli
-from solarjax.sharding import mesh_from_flag
 from solarjax.files import check_output
-from solarjax.tensorfile import parse_size
+from solarjax.sharding import mesh_from_flag
+from solarjax.weights import checkpoint, hf, merge, upscale
+from solarjax.weights.tensorfile import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:

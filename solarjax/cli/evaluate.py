@@ -31,14 +31,13 @@ import time
 
 import jax
 
-from solarjax.checkpoint import add_model_arguments, load_for_cli
+from solarjax.cli.model_args import add_model_arguments, load_for_cli
 from solarjax.errors import cli
-from solarjax.scoring import FEWSHOT_SEED, evaluate
-from solarjax.tasks import NAMES, TaskError, load_task
-
+from solarjax.eval.scoring import FEWSHOT_SEED, evaluate
+from solarjax.eval.tasks import NAMES, TaskError, load_task
 
 # ---------------------------------------------------------------------------------------------
-# CLI: what is scored comes from solarjax.tasks, how from solarjax.scoring
+# CLI: what is scored comes from solarjax.eval.tasks, how from solarjax.eval.scoring
 
 
 def _parser():

@@ -39,17 +39,19 @@ def _parser():
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import jax
-    from solarjax.config import RecipeConfig, load_job
-    from solarjax.progress import set_quiet
+
+    from solarjax.train.config import RecipeConfig, load_job
+    from solarjax.train.progress import set_quiet
     set_quiet(args.quiet)
     cfg = load_job(args.config, args.overrides)
     if args.compile_only:
         import json
-        from solarjax.aot import compile_for_topology
+
+        from solarjax.train.aot import compile_for_topology
         if not args.topology:
             raise ConfigError("--compile-only needs --topology (e.g. v5p-128)")
         if isinstance(cfg, RecipeConfig):
-            from solarjax.recipe import stage_train_config
+            from solarjax.train.recipe import stage_train_config
             names = [s.name for s in cfg.stages]
             if args.stage is not None and args.stage not in names:
                 raise ConfigError(f"--stage {args.stage!r} is not a stage of {args.config} ({', '.join(names)})")
@@ -62,9 +64,9 @@ def main(argv=None) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed == "auto":
         jax.distributed.initialize()
-    from solarjax.trainer import Trainer
+    from solarjax.train.trainer import Trainer
     if isinstance(cfg, RecipeConfig):
-        from solarjax.recipe import run_recipe
+        from solarjax.train.recipe import run_recipe
         run_recipe(cfg)
         return 0
     record = Trainer(cfg).run()

@@ -22,8 +22,8 @@ mask would be a guess.
 
 from __future__ import annotations
 
-from solarjax.tokenizer import Tokenizer
 from solarjax.errors import SolarjaxError
+from solarjax.tokenizer import Tokenizer
 
 # map statuses, counted in the token cache's meta.json
 OK, EMPTY, NO_TARGET = 0, 1, 2

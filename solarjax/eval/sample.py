@@ -1,12 +1,5 @@
 """Sampling with a KV cache: one jitted prefill, then a jitted lax.while_loop that decodes every token,
-so Python runs once per request, not once per token.
-
-  python -m solarjax.sample (--ckpt DIR | --hf DIR) --prompt TEXT [--prompt TEXT ...] [--prompts-file F]
-      [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--format text|json]
-
-The model directory's own tokenizer is used (tokenizer.json or tokenizer.model), and generation stops
-at any of its EOS ids (generation_config.json may list several). --chat sends each prompt as a user
-message through the model's chat template.
+so Python runs once per request, not once per token (the command is solarjax.cli.sample).
 
 Prompts of different lengths are left-padded to one bucketed length; padding has segment 0, so no
 real token attends to it, and each prompt's positions start at 0. The cache holds prompt + output,
@@ -17,24 +10,20 @@ as in transformers' generate.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.modelconfig import ModelConfig
-from solarjax.model import Decoder, abstract_params, init_cache
-from solarjax.checkpoint import add_model_arguments, load_for_cli
+from solarjax.errors import SolarjaxError
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import Decoder, abstract_params, init_cache
 from solarjax.sharding import constrain, host_value
-from solarjax.errors import SolarjaxError, cli
 
 
 class SamplingError(SolarjaxError):
@@ -258,61 +247,3 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], sampling: Sa
     for r in results:
         r["timing"] = timing
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m solarjax.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the "
-                   "model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 is off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 is off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return p
-
-
-@cli
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        try:
-            prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
-                        if line.strip()]
-        except OSError as e:
-            raise SamplingError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
-    if not prompts:
-        raise SamplingError("give at least one --prompt or a --prompts-file")
-    for i, text in enumerate(prompts):
-        if not text.strip():
-            raise SamplingError(f"prompt {i} is empty")
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    path, mesh, config, params, tokenizer = load_for_cli(args)
-    if args.chat:
-        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-               for p in prompts]
-    else:
-        ids = tokenizer.encode_batch(prompts)
-    with jax.set_mesh(mesh):
-        results = generate(config, params, ids, sampling, tokenizer.eos_ids)
-    for text, prompt, r in zip(prompts, ids, results):
-        completion = tokenizer.decode_suffix(prompt, [t for t in r["token_ids"] if t not in tokenizer.eos_ids])
-        if args.format == "json":
-            print(json.dumps({"prompt": text, "completion": completion, **r}))
-        else:  # a chat reply is its own turn, not a continuation of the user's text
-            print(text + ("\n" if args.chat else "") + completion + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

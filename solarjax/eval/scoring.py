@@ -1,7 +1,7 @@
-"""Scoring Tasks (solarjax.tasks) as lm-evaluation-harness does it: few-shot contexts and the
+"""Scoring Tasks (solarjax.eval.tasks) as lm-evaluation-harness does it: few-shot contexts and the
 harness's token split, log-likelihoods of continuations in padded batches on the mesh, greedy
 generation for GSM8K, the metrics (acc, acc_norm, mc2, exact match), and `evaluate`, which runs
-tasks and reports MMLU's subjects together. The rules are listed in solarjax.evaluate (the CLI's
+tasks and reports MMLU's subjects together. The rules are listed in solarjax.cli.evaluate (the CLI's
 help) and docs/architecture.md, "Evaluation"; the Trainer's eval_tasks call `evaluate` too.
 """
 
@@ -19,11 +19,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from solarjax.modelconfig import ModelConfig
-from solarjax.model import Decoder
-from solarjax.sample import Sampling, generate, say_if_past_trained_length
+from solarjax.eval.sample import Sampling, generate, say_if_past_trained_length
+from solarjax.eval.tasks import Task, TaskError
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import Decoder
 from solarjax.sharding import global_from_host, host_value, make_mesh
-from solarjax.tasks import Task, TaskError
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 FEWSHOT_DELIMITER = "\n\n"

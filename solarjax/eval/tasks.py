@@ -1,7 +1,7 @@
 """The evaluation tasks: SOLAR's H6 (ARC, HellaSwag, MMLU, TruthfulQA mc2, Winogrande, GSM8K) with
 each record turned into a document as lm-evaluation-harness does it, a generic multiple-choice
 jsonl, and a built-in task that runs offline; and their data, from local copies in the hub layout,
-the hub, or files. `load_task` makes the Tasks that solarjax.scoring scores.
+the hub, or files. `load_task` makes the Tasks that solarjax.eval.scoring scores.
 
 It is one module because a task is its record parser, its TaskSpec and how its splits are found,
 which change together when a task is added.
@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from solarjax.corpus import default_corpus_files
+from solarjax.data.corpus import default_corpus_files
 from solarjax.errors import SolarjaxError
 
 

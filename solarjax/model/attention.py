@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax.errors import ConfigError
-from solarjax.modelconfig import ATTENTION as IMPLEMENTATIONS
+from solarjax.model.config import ATTENTION as IMPLEMENTATIONS
 from solarjax.sharding import logical_to_spec, platform
 
 _NATIVE = {"splash": ("tpu",), "pallas_gpu": ("gpu", "cuda"), "cudnn": ("gpu", "cuda")}
@@ -228,8 +228,10 @@ def _block(T: int) -> int:
 
 
 def _splash_kernel(T: int, G: int, sliding_window: int | None, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+        splash_attention_mask as sm,
+    )
     if sliding_window is None or sliding_window >= T:
         one = sm.CausalMask((T, T))
     else:

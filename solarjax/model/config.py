@@ -15,7 +15,7 @@ from solarjax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # see solarjax.attention
+ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # see solarjax.model.attention
 # RoPE scaling types and their keys, as transformers' modeling_rope_utils reads them
 # (model.rope_frequencies computes each): (required, optional). partial_rotary_factor is not supported.
 ROPE_SCALING_KEYS = {
@@ -49,7 +49,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; softmax, norms' statistics and logits stay float32
     param_dtype: str = "float32"
     remat: str = "none"  # activation checkpointing of each block, see REMAT_POLICIES
-    attention: str = "auto"  # which implementation computes attention in training, see solarjax.attention
+    attention: str = "auto"  # which implementation computes attention in training, see solarjax.model.attention
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.attention import attend, attention_mask, self_attend
-from solarjax import xla_cpu
-from solarjax.modelconfig import ModelConfig
-from solarjax.sharding import constrain, param_shardings
 from solarjax.errors import SolarjaxError
+from solarjax.model import xla_cpu
+from solarjax.model.attention import attend, attention_mask, self_attend
+from solarjax.model.config import ModelConfig
+from solarjax.sharding import constrain, param_shardings
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -57,7 +57,7 @@ def _sizes(cfg: ModelConfig) -> dict[str, int]:
 
 def _weight(module: nn.Module, name: str, letters: str, decode_order: str | None = None) -> jax.Array:
     """The weight with axes `letters` (as the einsum names them), in the compute dtype; stored in
-    `decode_order` instead in the decode layout (solarjax.xla_cpu)."""
+    `decode_order` instead in the decode layout (solarjax.model.xla_cpu)."""
     letters = decode_order if module.decode_layout else letters
     sizes = _sizes(module.config)
     value = _param(module, name, tuple(sizes[c] for c in letters), tuple(AXES[c] for c in letters))
@@ -236,7 +236,7 @@ class Decoder(nn.Module):
     config: ModelConfig
     # The decode layout (sample.decode_params): layers as separate modules layers_0..layers_{L-1},
     # because XLA:CPU copies each layer's slice of a stacked weight on every scan step, and
-    # projection weights stored [out, in] (solarjax.xla_cpu). The sampler uses it on CPU.
+    # projection weights stored [out, in] (solarjax.model.xla_cpu). The sampler uses it on CPU.
     decode_layout: bool = False
     scan_unroll: int = 1  # layers per scan iteration; only compile_for_topology's FLOP count changes it
 
@@ -252,7 +252,7 @@ class Decoder(nn.Module):
           filled slot of their segment.
         last_only: logits of the last position only ([B, 1, V]), as a sampler's prefill needs.
         hidden: instead of logits, (final normed hidden states [B, T, D], output projection [D, V]),
-          both in the compute dtype, for a loss that never holds all the logits (solarjax.loss).
+          both in the compute dtype, for a loss that never holds all the logits (solarjax.train.loss).
         """
         cfg = self.config
         B, T = tokens_BT.shape

@@ -11,14 +11,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from solarjax.config import ConfigError, TrainConfig
-from solarjax.model import param_count
-from solarjax.modelconfig import ModelConfig
-from solarjax.optim import make_optimizer, schedule
+from solarjax.errors import ConfigError
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import param_count
 from solarjax.sharding import batch_sharding, make_mesh
-from solarjax.plan import RunPlan
-from solarjax.step import abstract_state, jit_train_step, resolve_trainable
-from solarjax.topology import HBM_GIB, topology_name
+from solarjax.train.config import TrainConfig
+from solarjax.train.plan import RunPlan
+from solarjax.train.step import abstract_state
+from solarjax.train.topology import HBM_GIB, topology_name
 
 
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
@@ -37,15 +37,12 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     plan = RunPlan.resolve(cfg, mesh, platform="tpu")
     model_config = plan.step_config
-    trainable = resolve_trainable(cfg)
-    optimizer = make_optimizer(cfg.optim, cfg.steps, trainable=trainable)
     objective = plan.objective
     batch = {k: jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
              for k in objective.batch_keys}
 
     def compile_step(config: ModelConfig, unroll: int, chunk: int, microbatches: int):
-        step = jit_train_step(config, optimizer, schedule(cfg.optim, cfg.steps), mesh, unroll, chunk, microbatches,
-                              objective, plan.options, trainable)
+        optimizer, _, step = plan.build_step(mesh, config=config, unroll=unroll, chunk=chunk, microbatches=microbatches)
         state = abstract_state(config, optimizer, mesh)
         reference = (state["params"],) if objective.reference else ()  # a frozen copy, sharded like the policy
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the sharding hints, as in Trainer.run

@@ -4,11 +4,11 @@ An objective is a batch layout (which rows solarjax.data builds), its units (tar
 pairs, counted from the batch alone) and `sums(ctx, params, batch, reference)`: the loss and its
 metrics summed over the units. The train step divides by the whole global batch's units, so the
 loss is the mean over all of them however the rows are split (devices, microbatches, eval batches).
-The jitted step and its sharding (solarjax.step), checkpoints, resume, eval, samples and recipes
-(solarjax.trainer, solarjax.recipe) are the same for all objectives.
+The jitted step and its sharding (solarjax.train.step), checkpoints, resume, eval, samples and recipes
+(solarjax.train.trainer, solarjax.train.recipe) are the same for all objectives.
 
 - lm:  next-token cross entropy over every position whose next token is in the same document.
-- sft: the same over the tokens the record's mask marks (the assistant turns, solarjax.records):
+- sft: the same over the tokens the record's mask marks (the assistant turns, solarjax.data.records):
        the mean over all of them in the global batch. Both go through loss.cross_entropy_sum, whose
        gradients are exact for a weighted token sum times a scalar.
 - dpo: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), averaged over the pairs, with
@@ -34,10 +34,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from solarjax import loss as loss_lib
 from solarjax.errors import ConfigError
-from solarjax.modelconfig import ModelConfig
-from solarjax.model import Decoder
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import Decoder
+from solarjax.train import loss as loss_lib
 
 
 @dataclasses.dataclass(frozen=True)

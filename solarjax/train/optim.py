@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from solarjax.config import OptimConfig
 from solarjax.errors import ConfigError
+from solarjax.train.config import OptimConfig
 
 
 def schedule(cfg: OptimConfig, total_steps: int, extensions: tuple[tuple, ...] = ()) -> optax.Schedule:

@@ -1,7 +1,7 @@
 """The run plan: everything a training run derives from its config, resolved once, with every
 cross-field check, before any data is read or parameter made.
 
-The Trainer, `--compile-only` (solarjax.aot) and recipes (match_flops) take a RunPlan; none
+The Trainer, `--compile-only` (solarjax.train.aot) and recipes (match_flops) take a RunPlan; none
 derives these again:
 - the model: the preset or model fields, or init.from's saved config (or, on resume, the run's
   own), with the config's runtime keys (dtype, remat, attention) and growth applied;
@@ -17,15 +17,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from solarjax import attention
-from solarjax import checkpoint as ckpt_lib
-from solarjax import loss as loss_lib
-from solarjax import objectives as objectives_lib
-from solarjax.config import ConfigError, TrainConfig
-from solarjax.modelconfig import ModelConfig
-from solarjax.rundir import RunDir
-from solarjax.topology import model_flops_per_token
-from solarjax.upscale import UpscaleSpec
+from solarjax.errors import ConfigError
+from solarjax.model import attention
+from solarjax.model.config import ModelConfig
+from solarjax.train import loss as loss_lib, objectives as objectives_lib
+from solarjax.train.config import TrainConfig
+from solarjax.train.rundir import RunDir
+from solarjax.train.topology import model_flops_per_token
+from solarjax.weights import checkpoint as ckpt_lib
+from solarjax.train.optim import Trainable, make_optimizer, schedule
+from solarjax.train.step import jit_train_step, resolve_trainable
+from solarjax.weights.upscale import UpscaleSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,24 @@ class RunPlan:
     loss_chunk: int | None  # positions per step of the chunked vocabulary loss (None without a mesh)
     flops_per_token: float
     attention_note: str | None = None  # why `auto` attention fell back to xla on an accelerator
+    trainable: Trainable | None = None  # which parameters train (None: all), resolved from the configs alone
+
+    def optimizer(self, total_steps: int | None = None, extensions: tuple = ()):
+        """The optax chain of this run (its state's structure does not depend on the schedule)."""
+        return make_optimizer(self.cfg.optim, total_steps or self.cfg.steps, extensions, trainable=self.trainable)
+
+    def build_step(self, mesh, total_steps: int | None = None, extensions: tuple = (), *, config=None,
+                   unroll: int = 1, chunk: int | None = None, microbatches: int | None = None):
+        """(optimizer, learning-rate schedule, jitted train step) of this run on `mesh`: the one place
+        that assembles them, for the Trainer, --compile-only and the benchmarks. `extensions`: a
+        resumed run's schedule segments (optim.schedule); `config`, `unroll`, `chunk` and
+        `microbatches` only for --compile-only's FLOP-counting variants."""
+        total = total_steps or self.cfg.steps
+        optimizer, lr = self.optimizer(total, extensions), schedule(self.cfg.optim, total, extensions)
+        step = jit_train_step(config or self.step_config, optimizer, lr, mesh, unroll,
+                              self.loss_chunk if chunk is None else chunk, microbatches or self.cfg.microbatches,
+                              self.objective, self.options, self.trainable)
+        return optimizer, lr, step
 
     @property
     def attention(self) -> str:
@@ -74,7 +94,8 @@ class RunPlan:
                                   + (f" times microbatches {cfg.microbatches}" if cfg.microbatches > 1 else ""))
             chunk = loss_chunk(cfg, mesh, platform)
         return cls(cfg, model_config, model_config.replace(attention=chosen), objectives_lib.get(cfg.objective),
-                   cfg.objective_options, platform, seq_len, chunk, model_flops_per_token(model_config, seq_len), note)
+                   cfg.objective_options, platform, seq_len, chunk, model_flops_per_token(model_config, seq_len), note,
+                   resolve_trainable(cfg))
 
 
 def planned_model_config(cfg: TrainConfig, saved: ModelConfig | None = None) -> ModelConfig:

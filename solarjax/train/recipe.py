@@ -21,14 +21,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from solarjax import checkpoint as ckpt_lib
-from solarjax import hf
-from solarjax.config import ModelConfig, RecipeConfig, StageConfig
-from solarjax.model import param_count
-from solarjax.plan import RunPlan, saved_model_config
-from solarjax.topology import model_flops_per_token
-from solarjax.trainer import Trainer, read_metrics
-from solarjax.rundir import lock_run_dir
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import param_count
+from solarjax.train.config import RecipeConfig, StageConfig
+from solarjax.train.plan import RunPlan, saved_model_config
+from solarjax.train.rundir import lock_run_dir
+from solarjax.train.topology import model_flops_per_token
+from solarjax.train.trainer import Trainer, read_metrics
+from solarjax.weights import checkpoint as ckpt_lib, hf
 
 DONE_FILE = "done.json"
 WINDOWS_FILE = "window_losses.npz"  # a finished stage's loss per held-out window, for the paired comparison

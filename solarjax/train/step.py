@@ -1,8 +1,8 @@
 """The train step: one pure function (state, batch) -> (state, metrics), jitted once with the
 state's shardings and donated state buffers, and what it is built from: the state (parameters,
 optimizer state, step) and its shardings, the abstract state an ahead-of-time compile lowers
-against, and the parts of the model the optimizer trains. The Trainer (solarjax.trainer) runs it
-in its loop; `--compile-only` (solarjax.aot) and the benchmarks compile it without a Trainer.
+against, and the parts of the model the optimizer trains. The Trainer (solarjax.train.trainer) runs it
+in its loop; `--compile-only` (solarjax.train.aot) and the benchmarks compile it without a Trainer.
 """
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from solarjax import checkpoint as ckpt_lib
-from solarjax import objectives as objectives_lib
-from solarjax.config import ConfigError, ModelConfig, TrainConfig
-from solarjax.model import abstract_params
-from solarjax.optim import Trainable
+from solarjax.errors import ConfigError
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import abstract_params
 from solarjax.sharding import batch_sharding, param_shardings
-from solarjax.upscale import UpscaleSpec, parse_trainable
+from solarjax.train import objectives as objectives_lib
+from solarjax.train.config import TrainConfig
+from solarjax.train.optim import Trainable
+from solarjax.weights import checkpoint as ckpt_lib
+from solarjax.weights.upscale import UpscaleSpec, parse_trainable
 
 
 def loss_and_count(config: ModelConfig, params, batch, unroll: int = 1, chunk: int | None = None):
     """Mean next-token cross entropy over positions whose next token is in the same document (the
     lm objective), and their count. chunk: positions per step of the chunked vocabulary loss
-    (solarjax.loss; must divide the sequence length); None: one chunk, the whole sequence."""
+    (solarjax.train.loss; must divide the sequence length); None: one chunk, the whole sequence."""
     lm = objectives_lib.get("lm")
     loss, metrics = lm.mean(objectives_lib.Context(config, chunk, unroll), params, batch)
     return loss, metrics[lm.count]

@@ -1,5 +1,5 @@
 """What a job costs and where it runs: model FLOPs per token, the accelerators' peak FLOP/s and
-HBM, and TPU slice names. The trainer reads these for its MFU figures; solarjax.aot, above the
+HBM, and TPU slice names. The trainer reads these for its MFU figures; solarjax.train.aot, above the
 trainer, compiles for a slice.
 """
 
@@ -10,8 +10,8 @@ import math
 import jax
 
 from solarjax.errors import ConfigError
-from solarjax.modelconfig import ModelConfig
-from solarjax.model import param_count
+from solarjax.model.config import ModelConfig
+from solarjax.model.decoder import param_count
 
 # Dense bf16 peak per device (TFLOP/s), for MFU; matched against jax's device_kind.
 PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,

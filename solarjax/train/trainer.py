@@ -1,4 +1,4 @@
-"""Continued pretraining: a plain loop around the train step (solarjax.step), with its periodic
+"""Continued pretraining: a plain loop around the train step (solarjax.train.step), with its periodic
 hooks: eval, checkpoints, logging, samples, and the export of final/.
 
 A run directory holds everything needed to resume: config.json, model_config.json,
@@ -9,7 +9,7 @@ replayed. SIGTERM or Ctrl-C saves a checkpoint at the next step boundary before 
 
 It is one module because its hooks share that run directory, and resume depends on all of them
 agreeing on it (checkpoints, metrics.jsonl, schedule.json, trainable.json, streams.json,
-TensorBoard's purge step); the step itself, which needs none of it, is solarjax.step.
+TensorBoard's purge step); the step itself, which needs none of it, is solarjax.train.step.
 """
 
 from __future__ import annotations
@@ -34,27 +34,31 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from solarjax import checkpoint as ckpt_lib
-from solarjax import compile_cache
-from solarjax import data as data_lib
-from solarjax import sample as sample_lib
-from solarjax import scoring as scoring_lib
-from solarjax import step as step_lib
-from solarjax import tasks as tasks_lib
-from solarjax.config import ConfigError, DataConfig, TrainConfig
-from solarjax.errors import DiskFullError, MissingInputError, SolarjaxError, is_disk_full
-from solarjax import objectives as objectives_lib
-from solarjax.model import abstract_params, init_params, param_count
-from solarjax.optim import make_optimizer, schedule
-from solarjax.plan import RunPlan, saved_model_config
-from solarjax.progress import Progress
-from solarjax.rundir import (CONFIG_RECORD, DATA_RECORD, SCHEDULE_RECORD, STREAMS_RECORD, TRAINABLE_RECORD,
-                             RunDir, RunDirBusyError, lock_run_dir)
-from solarjax.tokenizer import load_tokenizer, resolve_tokenizer
-from solarjax.sharding import batch_sharding, make_mesh
+from solarjax import compile_cache, data as data_lib
+from solarjax.data.config import DataConfig
+from solarjax.errors import ConfigError, DiskFullError, MissingInputError, SolarjaxError, is_disk_full
+from solarjax.eval import sample as sample_lib, scoring as scoring_lib, tasks as tasks_lib
 from solarjax.files import check_output
-from solarjax.topology import peak_tflops_per_device
-from solarjax.upscale import UpscaleSpec, grow
+from solarjax.model.decoder import abstract_params, init_params, param_count
+from solarjax.sharding import batch_sharding, make_mesh
+from solarjax.tokenizer import load_tokenizer, resolve_tokenizer
+from solarjax.train import objectives as objectives_lib, step as step_lib
+from solarjax.train.config import TrainConfig
+from solarjax.train.plan import RunPlan, saved_model_config
+from solarjax.train.progress import Progress
+from solarjax.train.rundir import (
+    CONFIG_RECORD,
+    DATA_RECORD,
+    SCHEDULE_RECORD,
+    STREAMS_RECORD,
+    TRAINABLE_RECORD,
+    RunDir,
+    RunDirBusyError,
+    lock_run_dir,
+)
+from solarjax.train.topology import peak_tflops_per_device
+from solarjax.weights import checkpoint as ckpt_lib
+from solarjax.weights.upscale import UpscaleSpec, grow
 
 
 class NonFiniteLossError(SolarjaxError, FloatingPointError):
@@ -92,8 +96,7 @@ class Trainer:
         # Everything the run derives from its config, checked across sections, before any data is read
         # (the platform, which needs JAX's backend, comes with the mesh below).
         saved = saved_model_config(self.run_dir)
-        RunPlan.resolve(cfg, saved=saved)
-        self.trainable = step_lib.resolve_trainable(cfg)
+        self.trainable = RunPlan.resolve(cfg, saved=saved).trainable
         on_disk = self.records.checkpoint_steps()
         if on_disk:  # a resume's cheap checks first: a refusal must not wait for the corpus to be tokenized
             self._check_trainable(on_disk[0])
@@ -113,13 +116,11 @@ class Trainer:
             item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: what a checkpoint holds, unread
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
         # The optimizer state's structure does not depend on the schedule, which needs the step.
-        resume_step, restored = self._restore_newest_good(make_optimizer(cfg.optim, cfg.steps,
-                                                                         trainable=self.trainable))
+        resume_step, restored = self._restore_newest_good(plan.optimizer())
         self.schedule_plan = self._schedule_plan(resume_step)
         self._check_mixture(resume_step)
         first_total, *extensions = self.schedule_plan
-        self.optimizer = make_optimizer(cfg.optim, first_total[1], tuple(extensions), trainable=self.trainable)
-        self.schedule = schedule(cfg.optim, first_total[1], tuple(extensions))
+        self.optimizer, self.schedule, self.train_step = plan.build_step(self.mesh, first_total[1], tuple(extensions))
         initial = None
         if restored is not None:
             self.state = restored
@@ -141,17 +142,13 @@ class Trainer:
         self.batches = self.data.batches(cfg.global_batch, cfg.data.seed, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_step = step_lib.jit_train_step(plan.step_config, self.optimizer, self.schedule, self.mesh,
-                                                  chunk=plan.loss_chunk, microbatches=cfg.microbatches,
-                                                  objective=plan.objective, options=plan.options,
-                                                  trainable=self.trainable)
         self.loss_context = objectives_lib.Context(plan.step_config, plan.loss_chunk, 1, plan.options)
         self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
         self.flops_per_token = plan.flops_per_token
         self.peak_tflops = peak_tflops_per_device()  # None where unknown (CPUs): no MFU then
         if restored is not None:  # streaming sources read on from where the checkpoint's step stood
             self.batches.seek((self.records.read(STREAMS_RECORD) or {}).get(str(resume_step), {}))
-        cached = [p for p in self.data.sources.values() if not getattr(p, "streaming", False)]
+        cached = [p for p in self.data.sources.values() if not p.streaming]
         if jax.process_index() == 0:
             print(f"model: {self.model_config.num_layers} layers, {param_count(self.model_config):,} parameters; "
                   f"data: {sum(p.n_tokens for p in cached):,} tokens in {sum(len(p) for p in cached):,} sequences"
@@ -255,7 +252,7 @@ class Trainer:
         other batches from here on than the run would have: said in one line per source, and the
         sizes recorded anew (data.json: documents and tokens of each cached source)."""
         now = {name: [data_lib.documents_in(p), int(p.n_tokens)] for name, p in self.data.sources.items()
-               if not getattr(p, "streaming", False)}
+               if not p.streaming}
         before = (self.records.read(DATA_RECORD) or {}) if resume_step else {}
         for name, (docs, tokens) in now.items():
             if name in before and before[name] != [docs, tokens]:

@@ -23,15 +23,14 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from solarjax import compile_cache, hf
-from solarjax import model as model_lib
-from solarjax.config import DataConfig
-from solarjax.modelconfig import ModelConfig
-from solarjax.sharding import mesh_from_flag, param_shardings
-from solarjax.files import atomic_output_dir, check_output
-from solarjax.upscale import UpscaleSpec, grow, zero_layers
 from solarjax.errors import MissingInputError, debugging, is_disk_full
-from solarjax.tokenizer import TokenizerError, default_tokenizer_path, has_tokenizer, load_tokenizer
+from solarjax.files import atomic_output_dir, check_output
+from solarjax.model import decoder as model_lib
+from solarjax.model.config import ModelConfig
+from solarjax.sharding import param_shardings
+from solarjax.tokenizer import has_tokenizer
+from solarjax.weights import hf
+from solarjax.weights.upscale import UpscaleSpec, grow, zero_layers
 
 CONFIG_FILE = "model_config.json"
 
@@ -234,33 +233,3 @@ def load_model(path: str | Path, mesh=None, upscale: UpscaleSpec | None = None) 
         return config, params
     raise MissingInputError(f"{path}: neither a Hugging Face model directory (config.json), a solarjax "
                             f"checkpoint ({CONFIG_FILE} + params/) nor a run's checkpoints/STEP")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model arguments every command that runs a model takes (sample, evaluate)
-
-
-def add_model_arguments(p, mesh_help: str = "data,fsdp,tensor over this machine's devices (-1: the rest); "
-                        "the default shards the weights over all of them") -> None:
-    """--ckpt | --hf (one required), --tokenizer, --mesh."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="solarjax checkpoint directory (a run's final/, or RUN/checkpoints/STEP)")
-    src.add_argument("--hf", help="Hugging Face model directory")
-    p.add_argument("--mesh", default="1,-1,1", help=mesh_help)
-    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a directory with one; default: the "
-                   "model directory's own (a directory without one is refused: none is assumed)")
-
-
-def load_for_cli(args):
-    """(path, mesh, config, params, tokenizer) from add_model_arguments' flags. A model directory
-    without a tokenizer and no --tokenizer is refused before any weight is read: Llama 2's 32000
-    ids are not Mistral's, so none is guessed."""
-    path = Path(args.ckpt or args.hf)
-    if args.tokenizer is None and not has_tokenizer(tokenizer_dir(path)):
-        raise TokenizerError(f"{path} has no tokenizer.json or tokenizer.model; give --tokenizer (a tokenizer "
-                             f"file or a directory with one; Mistral's: {default_tokenizer_path()})")
-    compile_cache.enable(None, DataConfig.cache_dir)  # the sampler's and the scorer's programs, once
-    mesh = mesh_from_flag(args.mesh)
-    config, params = load_model(path, mesh)
-    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(path)).check_fits(config.vocab_size, str(path))
-    return path, mesh, config, params, tokenizer

@@ -26,14 +26,13 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 from tqdm.auto import tqdm
 
-from solarjax import model as model_lib
-from solarjax.errors import ConfigError
-from solarjax.modelconfig import ROPE_SCALING_KEYS, ModelConfig
-from solarjax.sharding import param_shardings
+from solarjax.errors import ConfigError, SolarjaxError
 from solarjax.files import atomic_output_dir
-from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorFileError, TensorInfo, plan_shards
+from solarjax.model import decoder as model_lib
+from solarjax.model.config import ROPE_SCALING_KEYS, ModelConfig
+from solarjax.sharding import param_shardings
 from solarjax.tokenizer import SPECIAL_IDS_FILE, TOKENIZER_FILES, has_tokenizer, load_tokenizer
-from solarjax.errors import SolarjaxError
+from solarjax.weights.tensorfile import SafetensorsFile, SafetensorsWriter, TensorFileError, TensorInfo, plan_shards
 
 ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_ARCHITECTURES = {v: k for k, v in ARCHITECTURES.items()}
@@ -353,7 +352,7 @@ def load_hf(path: str | Path, mesh=None, param_dtype: str = "float32",
 
     With a mesh, each device's shard is read straight from the memory-mapped files into its place,
     so no host ever holds a whole stacked layer leaf; without one, params land on the default device.
-    layer_map (from solarjax.upscale) builds a deeper model whose layer i is base layer layer_map[i].
+    layer_map (from solarjax.weights.upscale) builds a deeper model whose layer i is base layer layer_map[i].
     """
     ckpt = HFCheckpoint(path)
     config = config_from_hf(ckpt.hf_config, str(Path(path) / "config.json"), param_dtype)

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from solarjax import checkpoint, hf
-from solarjax.modelconfig import ModelConfig
-from solarjax.files import check_output
-from solarjax.tensorfile import SafetensorsWriter, TensorInfo
 from solarjax.errors import SolarjaxError
+from solarjax.files import check_output
+from solarjax.model.config import ModelConfig
+from solarjax.weights import checkpoint, hf
+from solarjax.weights.tensorfile import SafetensorsWriter, TensorInfo
 
 DOT_THRESHOLD = 0.9995  # mergekit's: directions closer than this are treated as parallel
 EPS = 1e-8  # mergekit's: a tensor with a norm at or below this is not normalised

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax import hf
-from solarjax import model as model_lib
-from solarjax.modelconfig import ModelConfig
 from solarjax.errors import ConfigError
-from solarjax.sharding import param_shardings
 from solarjax.files import check_output
-from solarjax.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo
+from solarjax.model import decoder as model_lib
+from solarjax.model.config import ModelConfig
+from solarjax.sharding import param_shardings
+from solarjax.weights import hf
+from solarjax.weights.tensorfile import SafetensorsFile, SafetensorsWriter, TensorInfo
 
 
 class UpscaleError(ConfigError):

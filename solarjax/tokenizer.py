@@ -25,6 +25,9 @@ gets the added tokens it lacks appended, as transformers adds them.
 SentencePiece stays the engine for .model files: it is what Mistral was trained with, and it
 matches mistral-common. transformers' own conversion of a .model to tokenizer.json merges runs of
 spaces differently ("a  b"), so on such text the two disagree; tests/test_tokenizer.py says where.
+
+One module, at 500 lines: the special ids, the added tokens and the chat template are resolved
+from the same files, in the order transformers reads them, and each decides what the others mean.
 """
 
 from __future__ import annotations

@@ -176,12 +176,27 @@ class _DropDiskFull(logging.Filter):
         return not (is_disk_full(error) or "RESOURCE_EXHAUSTED" in record.getMessage())
 
 
+class _DropAbandonedReads(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for one of orbax's own reads: a read that a
+    failed restore abandoned, logged with its traceback whenever the task is garbage-collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 def drop_orbax_leftovers() -> None:
     """Silences what orbax leaves behind when a read or write fails, once per process; the error
     itself still reaches the caller, which reports it in one line (Trainer). A failed restore
     abandons pending reads: each is garbage-collected later printing a TensorStore spec of ~40
     lines (sys.unraisablehook), and TensorStore's threads complete them into a closed event loop,
-    each printing 'Event loop is closed' (sys.excepthook). A full disk during a background save
+    each printing 'Event loop is closed' (sys.excepthook), and asyncio may log an abandoned read's
+    exception with its traceback when its task is collected (the 'asyncio' logger; seen once in
+    CI, timing-dependent). A full disk during a background save
     is logged by orbax's threads as several tracebacks (the 'absl' logger). Exactly those are
     dropped; everything else reaches the hooks and loggers as before. SOLARJAX_DEBUG=1 keeps all."""
     if debugging():
@@ -205,6 +220,9 @@ def drop_orbax_leftovers() -> None:
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _DropDiskFull) for f in absl.filters):
         absl.addFilter(_DropDiskFull())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedReads())
 
 
 def load_model(path: str | Path, mesh=None, upscale: UpscaleSpec | None = None) -> tuple[ModelConfig, dict]:

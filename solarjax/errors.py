@@ -37,6 +37,14 @@ class DiskFullError(SolarjaxError, OSError):
     """A write failed for lack of space; earlier files are intact. The message names the path."""
 
 
+def require_positive_ints(obj, names, prefix: str = "") -> None:
+    """ConfigError naming the first of `obj`'s fields `names` that is not an int >= 1 (bools are not)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{prefix}{name} must be a positive integer, got {value!r}")
+
+
 def debugging() -> bool:
     return os.environ.get("SOLARJAX_DEBUG", "") not in ("", "0")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from solarjax.errors import ConfigError
+from solarjax.errors import ConfigError, require_positive_ints
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -52,11 +52,8 @@ class ModelConfig:
     attention: str = "auto"  # which implementation computes attention in training, see solarjax.model.attention
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "num_kv_heads", "max_position_embeddings"), "model.")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads {self.num_heads} must be a multiple of "
                               f"model.num_kv_heads {self.num_kv_heads}")

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from solarjax.data.config import DataConfig
-from solarjax.errors import ConfigError
+from solarjax.errors import ConfigError, require_positive_ints
 from solarjax.model.config import ModelConfig, build, preset
 from solarjax.train.objectives import OBJECTIVES, DPOConfig
 from solarjax.weights.upscale import UpscaleError, UpscaleSpec, parse_trainable
@@ -121,11 +121,8 @@ class TrainConfig:
     RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "log_every", "sample_tokens", "checkpoint_every",
-                     "keep_checkpoints", "microbatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("steps", "global_batch", "log_every", "sample_tokens", "checkpoint_every",
+                                     "keep_checkpoints", "microbatches"))
         if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
             raise ConfigError(f"eval_batches must be 0 (every held-out window) or a positive integer, "
                               f"got {self.eval_batches!r}")

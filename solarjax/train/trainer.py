@@ -1,15 +1,15 @@
 """Continued pretraining: a plain loop around the train step (solarjax.train.step), with its periodic
 hooks: eval, checkpoints, logging, samples, and the export of final/.
 
-A run directory holds everything needed to resume: config.json, model_config.json,
-checkpoints/<step>/ (orbax: params, optimizer state, step), metrics.jsonl, and final/ (a solarjax
-parameter checkpoint with the tokenizer, for sampling and jax-to-hf). Running the same command
+A run directory holds everything needed to resume: checkpoints/<step>/ (orbax: params, optimizer
+state, step), the run's records (train/rundir.py: config, tokenizer, schedule, trainable parts,
+streams, data), metrics.jsonl, and final/ (a solarjax parameter checkpoint with the tokenizer, for
+sampling and jax-to-hf). Running the same command
 again continues from the latest checkpoint: batch k is a pure function of (seed, k), so nothing is
 replayed. SIGTERM or Ctrl-C saves a checkpoint at the next step boundary before exiting.
 
 It is one module because its hooks share that run directory, and resume depends on all of them
-agreeing on it (checkpoints, metrics.jsonl, schedule.json, trainable.json, streams.json,
-TensorBoard's purge step); the step itself, which needs none of it, is solarjax.train.step.
+agreeing on it (checkpoints, metrics.jsonl, the records, TensorBoard's purge step); the step itself, which needs none of it, is solarjax.train.step.
 """
 
 from __future__ import annotations
